@@ -1,0 +1,1 @@
+"""egd's built-in drivers (installed as ``egd.drivers``): one module per resource manager."""

@@ -1,0 +1,91 @@
+"""The HTTP site: TCP_NODELAY on every connection and the configurable base URL.
+
+Requests outside the base URL get the same JSON 404 as unknown paths inside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from egd.api.errors import error_response
+
+access_log = Logger(namespace="egd.access")
+
+
+class NoDelayHTTPChannel(HTTPChannel):
+    """An HTTP channel that disables Nagle's algorithm: small replies must not wait 40 ms for an ACK."""
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted hook
+        """Set TCP_NODELAY, then carry on as usual."""
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().connectionMade()
+
+
+@implementer(IResource)
+class JSONNotFound:
+    """A JSON 404 for any path."""
+
+    isLeaf = True
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> Any:  # noqa: N802 - IResource
+        """Every child is also not found."""
+        return self
+
+    def putChild(self, path: bytes, child: Any) -> None:  # noqa: N802 - IResource
+        """No children."""
+
+    def render(self, request: Any) -> bytes:
+        """The 404 body."""
+        return error_response(request, 404, "Not Found", "")
+
+
+class BaseURLResource(Resource):
+    """Routes ``/<base...>/`` to the application and everything else to a JSON 404."""
+
+    def __init__(self, segments: list[bytes], app: Any) -> None:
+        super().__init__()
+        self._segments = segments
+        self._app = app
+
+    def getChild(self, path: bytes, request: Any) -> Any:  # noqa: N802 - Twisted hook
+        """Descend one segment of the base URL, or reach the application."""
+        if path != self._segments[0]:
+            return JSONNotFound()
+        if len(self._segments) == 1:
+            return self._app
+        return BaseURLResource(self._segments[1:], self._app)
+
+    def render(self, request: Any) -> bytes:
+        """The base URL itself without its trailing part."""
+        return error_response(request, 404, "Not Found", "")
+
+
+class GatewaySite(Site):
+    """A Site whose access log goes through twisted.logger at debug level (clients poll often)."""
+
+    def log(self, request: Any) -> None:
+        """One structured line per request."""
+        access_log.debug("{client} {method} {uri} {status} {size}", client=request.getClientAddress().host
+                         if hasattr(request.getClientAddress(), "host") else "-",
+                         method=request.method.decode("ascii", "replace"),
+                         uri=request.uri.decode("utf-8", "replace"), status=request.code,
+                         size=request.sentLength)
+
+
+def make_site(app_resource: Any, base_url: str) -> Site:
+    """The Site serving ``app_resource`` under ``base_url``."""
+    segments = [s.encode() for s in base_url.strip("/").split("/") if s]
+    root = app_resource if not segments else BaseURLResource(segments, app_resource)
+    site = GatewaySite(root)
+    site.protocol = NoDelayHTTPChannel
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,188 @@
+"""The kernel WebSocket ``/api/kernels/{id}/channels`` on Autobahn.
+
+Speaks the legacy JSON protocol (what Jupyter Server's gateway client uses) and
+``v1.kernel.websocket.jupyter.org`` when the client offers it. Each connection is a client of the kernel's
+:class:`egd.kernels.hub.ClientHub`; its TCP send buffer is watched (a push producer) so that a slow client
+pauses the kernel's iopub instead of growing egd's memory or losing messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web.resource import IResource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from egd.config import ServerConfig
+from egd.kernels import wire
+from egd.kernels.kernel import Kernel
+
+log = Logger()
+
+_MAX_BAD_MESSAGES = 100
+
+
+@implementer(IPushProducer)
+class _SendBufferWatch:
+    """Told by the TCP transport when the client's send buffer is full or drained."""
+
+    def __init__(self, connection: KernelWebSocket) -> None:
+        self._connection = connection
+
+    def pauseProducing(self) -> None:  # noqa: N802 - Twisted interface
+        """The client's buffer is full."""
+        self._connection.kernel.hub.mark_slow(self._connection)
+
+    def resumeProducing(self) -> None:  # noqa: N802 - Twisted interface
+        """The client's buffer drained."""
+        self._connection.kernel.hub.mark_fast(self._connection)
+
+    def stopProducing(self) -> None:  # noqa: N802 - Twisted interface
+        """The connection is going away."""
+        self._connection.kernel.hub.mark_fast(self._connection)
+
+
+class KernelWebSocket(WebSocketServerProtocol):
+    """One client connection to one kernel."""
+
+    kernel: Kernel
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session_key = ""
+        self._v1 = False
+        self._attached = False
+        self._bad_messages = 0
+
+    def onConnect(self, request: Any) -> str | None:  # noqa: N802 - Autobahn hook
+        """Choose the protocol and the session; refuse if the kernel is gone meanwhile."""
+        if self.kernel.state.value in ("terminating", "terminated", "dead"):
+            raise ConnectionDeny(404, f"Kernel does not exist: {self.kernel.id}")
+        session = (request.params.get("session_id") or [""])[0]
+        self.session_key = session if session else f"anonymous-{id(self)}"
+        if wire.V1_SUBPROTOCOL in request.protocols:
+            self._v1 = True
+            return wire.V1_SUBPROTOCOL
+        return None
+
+    def onOpen(self) -> None:  # noqa: N802 - Autobahn hook
+        """Join the kernel's clients (which replays what this session missed)."""
+        self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(_SendBufferWatch(self), True)
+        self._attached = True
+        log.info("kernel {kernel_id}: client connected (session {session}, {protocol} protocol, {n} connected)",
+                 kernel_id=self.kernel.id, session=self.session_key, protocol="v1" if self._v1 else "legacy",
+                 n=len(self.kernel.hub) + 1)
+        self.kernel.attach(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803 - Autobahn hook
+        """Parse a client message once and hand it to the kernel (synchronous: Autobahn drops coroutines)."""
+        try:
+            if self._v1:
+                channel, message = wire.from_v1(payload)
+            elif isBinary:
+                channel, message = wire.from_legacy_binary(payload)
+            else:
+                channel, message = wire.from_legacy_text(payload)
+        except wire.WireError as exc:
+            self._bad_messages += 1
+            log.warn("kernel {kernel_id}: ignored a message from session {session}: {why}",
+                     kernel_id=self.kernel.id, session=self.session_key, why=str(exc))
+            if self._bad_messages >= _MAX_BAD_MESSAGES:
+                self.sendClose(1008, "too many invalid messages")
+            return
+        self.kernel.send_from_client(self, channel, message)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802,N803
+        """Leave the kernel's clients; the session's messages are buffered for a reconnect."""
+        if self._attached:
+            self._attached = False
+            self.kernel.detach(self)
+            log.info("kernel {kernel_id}: client disconnected (session {session}, code {code})",
+                     kernel_id=self.kernel.id, session=self.session_key, code=code)
+
+    # KernelClient ----------------------------------------------------------------------------------------
+
+    def deliver(self, channel: str, message: wire.RawMessage) -> None:
+        """Send a kernel message in this client's protocol."""
+        if self.state != self.STATE_OPEN:
+            return
+        if self._v1:
+            self.sendMessage(wire.to_v1(message, channel), True)
+        else:
+            payload, binary = wire.to_legacy(message, channel)
+            self.sendMessage(payload, binary)
+
+    def disconnect(self, code: int, reason: str) -> None:
+        """Close this connection (kernel gone, or replaced by a newer connection of the session)."""
+        if self._attached:
+            self._attached = False
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code, reason)
+
+
+def make_factory(config: ServerConfig, reactor: Any) -> WebSocketServerFactory:
+    """The Autobahn factory with explicit limits (Autobahn's defaults are unbounded)."""
+    factory = WebSocketServerFactory(reactor=reactor)
+    factory.protocol = KernelWebSocket
+    factory.setProtocolOptions(
+        maxMessagePayloadSize=config.ws_max_message_size,
+        maxFramePayloadSize=config.ws_max_message_size,
+        autoPingInterval=config.ws_ping_interval or 0,
+        autoPingTimeout=config.ws_ping_timeout,
+        openHandshakeTimeout=config.ws_handshake_timeout,
+        closeHandshakeTimeout=5,
+        tcpNoDelay=True,
+        perMessageCompressionAccept=lambda offers: None,
+    )
+    return factory
+
+
+@implementer(IResource)
+class KernelChannelsResource:
+    """Hands a request's connection over to a :class:`KernelWebSocket` for ``kernel``."""
+
+    isLeaf = True
+
+    def __init__(self, factory: WebSocketServerFactory, kernel: Kernel) -> None:
+        self._factory = factory
+        self._kernel = kernel
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> Any:  # noqa: N802 - IResource
+        """No children."""
+        raise NotImplementedError
+
+    def putChild(self, path: bytes, child: Any) -> None:  # noqa: N802 - IResource
+        """No children."""
+        raise NotImplementedError
+
+    def render(self, request: Any) -> Any:
+        """Take the transport away from twisted.web and replay the handshake into Autobahn."""
+        channel = request.channel
+        transport = channel.transport
+        if transport is None:
+            request.setResponseCode(426)
+            return b""
+        protocol = self._factory.buildProtocol(transport.getPeer())
+        protocol.kernel = self._kernel
+        channel.setTimeout(None)  # the HTTP channel's idle timer must not fire on a long-lived WebSocket
+        channel.transport = None
+        transport.unregisterProducer()  # twisted.web's channel was the producer; the WebSocket is now
+        wrapped = getattr(transport, "wrappedProtocol", None)
+        if wrapped is not None:
+            transport.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        resume = getattr(transport, "resumeProducing", None)
+        if resume is not None:
+            resume()  # twisted.web paused reading while it served the upgrade request
+        head = [request.method + b" " + request.uri + b" HTTP/1.1"]
+        head += [name + b": " + b",".join(values) for name, values in request.requestHeaders.getAllRawHeaders()]
+        protocol.dataReceived(b"\r\n".join(head) + b"\r\n\r\n" + request.content.read())
+        return NOT_DONE_YET

@@ -1,0 +1,139 @@
+"""The ``egd`` command: run the gateway, check a config file, list kernelspecs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from egd import __version__
+from egd.config import ENV_OVERRIDES, ConfigError, load_config, with_overrides
+
+_COMMANDS = ("run", "check-config", "kernelspecs")
+
+_EPILOG = """\
+With no command, egd runs the gateway. With no config file, it serves local kernels of every kernelspec
+jupyter_client finds on 127.0.0.1:8888. Point Jupyter Server at it with
+    jupyter server --gateway-url=http://127.0.0.1:8888
+
+Environment overrides: {env}
+""".format(env=", ".join(f"{k} ({v})" for k, v in ENV_OVERRIDES.items()))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egd", description="egd: a kernel gateway that runs Jupyter kernels where your cluster says.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"egd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser("run", help="run the gateway (the default command)",
+                              description="Run the gateway in the foreground until SIGTERM or Ctrl-C.")
+    run.add_argument("--config", metavar="FILE", help="YAML config file (default: embedded defaults)")
+    run.add_argument("--ip", help="address to listen on (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port to listen on (default 8888; 0 picks a free one)")
+    run.add_argument("--base-url", help="URL path egd is served under (default /)")
+    run.add_argument("--log-level", choices=["debug", "info", "warn", "error"], help="log level (default info)")
+    check = commands.add_parser("check-config", help="validate a config file and exit",
+                                description="Report every problem in a config file; exit 0 if there is none.")
+    check.add_argument("file", metavar="FILE")
+    specs = commands.add_parser("kernelspecs", help="list the kernelspecs egd would offer, and their drivers")
+    specs.add_argument("--config", metavar="FILE", help="YAML config file")
+    specs.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"egd: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_config(path: str) -> int:
+    from egd.registry import check_driver_names
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    problems = check_driver_names(config)
+    if problems:
+        print(str(ConfigError(problems, path)), file=sys.stderr)
+        return 1
+    print(f"{path}: OK (drivers: {', '.join(config.drivers)}; listening on {config.server.ip}:{config.server.port})")
+    return 0
+
+
+def _kernelspecs(args: argparse.Namespace) -> int:
+    from twisted.python.threadpool import ThreadPool
+
+    from egd.kernels.specs import KernelSpecStore
+
+    config = load_config(args.config)
+    specs = KernelSpecStore(config.kernels, None, ThreadPool()).read_all_blocking()
+    if args.json:
+        print(json.dumps({name: {"display_name": s.display_name, "driver": s.driver, "language": s.language,
+                                 "resource_dir": s.resource_dir} for name, s in specs.items()}, indent=2))
+        return 0
+    if not specs:
+        print("no kernelspecs found (install ipykernel, or add kernels.kernelspec_dirs)")
+        return 1
+    width = max(len(n) for n in specs)
+    for name, spec in specs.items():
+        missing = "" if spec.driver in config.drivers else "  (driver not configured)"
+        default = " *" if name == config.kernels.default_kernel_name else ""
+        print(f"{name:<{width}}  {spec.driver:<6}  {spec.display_name}{default}{missing}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+    from twisted.logger import Logger
+
+    from egd.logs import start_logging
+    from egd.server import Gateway
+
+    config = load_config(args.config)
+    config = with_overrides(config, ip=args.ip, port=args.port, base_url=args.base_url)
+    level = args.log_level or config.logging.level
+    start_logging(level, config.logging.format)
+    log = Logger(namespace="egd")
+    try:
+        gateway = Gateway(config, reactor)
+    except ValueError as exc:
+        return _fail(str(exc))
+    outcome: dict[str, Any] = {"code": 0}
+
+    def started(_: Any) -> None:
+        log.info("egd {version} ready ({source}; drivers: {drivers})", version=__version__,
+                 source=config.source, drivers=", ".join(config.drivers))
+
+    def failed(failure: Any) -> None:
+        log.critical("egd could not start: {why}", why=failure.getErrorMessage())
+        outcome["code"] = 1
+        reactor.stop()
+
+    def start() -> None:
+        gateway.startService().addCallbacks(started, failed)
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", gateway.stopService)
+    reactor.run()
+    return int(outcome["code"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``egd`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0] not in _COMMANDS and args_list[0] not in ("-h", "--help", "--version")):
+        args_list.insert(0, "run")
+    args = _parser().parse_args(args_list)
+    try:
+        if args.command == "check-config":
+            return _check_config(args.file)
+        if args.command == "kernelspecs":
+            return _kernelspecs(args)
+        return _run(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1

@@ -1,0 +1,335 @@
+"""egd's configuration: YAML in, frozen objects out, every problem reported at once with its path.
+
+The file is optional: with no file, every key has the embedded default documented in ``conf/egd.yaml``.
+A few keys can be overridden from the environment (see ``ENV_OVERRIDES``); the environment wins over the
+file, so a systemd drop-in or a container can change the address without editing YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import yaml
+
+#: Environment variable -> dotted config key. Values are parsed like the YAML scalar they replace.
+ENV_OVERRIDES: dict[str, str] = {
+    "EGD_IP": "server.ip",
+    "EGD_PORT": "server.port",
+    "EGD_BASE_URL": "server.base_url",
+    "EGD_LOG_LEVEL": "logging.level",
+    "EGD_LOG_FORMAT": "logging.format",
+    "EGD_DEFAULT_KERNEL_NAME": "kernels.default_kernel_name",
+    "EGD_LAUNCH_TIMEOUT": "kernels.launch_timeout",
+}
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PORT_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every ``path: what is wrong`` found."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how egd listens."""
+
+    ip: str = "127.0.0.1"
+    port: int = 8888
+    base_url: str = "/"
+    ws_ping_interval: float = 30.0
+    ws_ping_timeout: float = 60.0
+    ws_max_message_size: int = 64 * 1024 * 1024
+    ws_handshake_timeout: float = 30.0
+    replay_buffer_messages: int = 10_000
+    replay_buffer_bytes: int = 64 * 1024 * 1024
+    replay_buffer_seconds: float = 300.0
+    list_kernels: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What egd logs and in which shape."""
+
+    level: str = "info"
+    format: str = "text"
+
+
+DEFAULT_INHERITED_ENVS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    """Kernel policy shared by every driver."""
+
+    default_kernel_name: str = "python3"
+    kernelspec_dirs: tuple[str, ...] = ()
+    allowed_kernelspecs: tuple[str, ...] = ()
+    launch_timeout: float = 60.0
+    max_launch_timeout: float = 300.0
+    shutdown_wait: float = 5.0
+    restart_limit: int = 5
+    stable_start_seconds: float = 10.0
+    heartbeat_interval: float = 3.0
+    heartbeat_misses: int = 3
+    client_envs: tuple[str, ...] = ()
+    inherited_envs: tuple[str, ...] = DEFAULT_INHERITED_ENVS
+    working_dir: str | None = None
+    port_range: tuple[int, int] | None = None
+    runtime_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one egd process."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"local": {}})
+    source: str = "embedded defaults"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Field checkers: each takes (value, path, problems) and returns the converted value (or None on error).
+# ---------------------------------------------------------------------------------------------------------
+
+Checker = Callable[[Any, str, list[str]], Any]
+
+
+def _number(minimum: float, maximum: float | None = None, integer: bool = False) -> Checker:
+    def check(value: Any, path: str, problems: list[str]) -> Any:
+        kind = "a whole number" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            problems.append(f"{path}: must be {kind}, got {type(value).__name__}")
+            return None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            problems.append(f"{path}: must be {bounds}, got {value}")
+            return None
+        return value if integer else float(value)
+
+    return check
+
+
+def _boolean(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, bool):
+        problems.append(f"{path}: must be true or false, got {value!r}")
+        return None
+    return value
+
+
+def _choice(*choices: str) -> Checker:
+    def check(value: Any, path: str, problems: list[str]) -> Any:
+        if not isinstance(value, str) or value.lower() not in choices:
+            problems.append(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
+            return None
+        return value.lower()
+
+    return check
+
+
+def _string(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str) or not value:
+        problems.append(f"{path}: must be a non-empty string")
+        return None
+    return value
+
+
+def _optional(check: Checker) -> Checker:
+    def optional(value: Any, path: str, problems: list[str]) -> Any:
+        return None if value is None else check(value, path, problems)
+
+    return optional
+
+
+def _ip(value: Any, path: str, problems: list[str]) -> Any:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        problems.append(f"{path}: not an IP address: {value!r}")
+        return None
+
+
+def _base_url(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str) or any(c in value for c in "?#% \t\r\n"):
+        problems.append(f"{path}: must be a URL path such as / or /gateway/")
+        return None
+    return "/" + "/".join(s for s in value.split("/") if s) + "/" if value.strip("/") else "/"
+
+
+def _names(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, list):
+        problems.append(f"{path}: must be a list of names")
+        return None
+    bad = [f"{path}[{i}]: not an environment variable name: {v!r}" for i, v in enumerate(value)
+           if not isinstance(v, str) or not (_ENV_NAME.match(v) or v == "*")]
+    problems.extend(bad)
+    return None if bad else tuple(value)
+
+
+def _strings(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, list):
+        problems.append(f"{path}: must be a list of strings")
+        return None
+    bad = [f"{path}[{i}]: must be a non-empty string" for i, v in enumerate(value) if not isinstance(v, str) or not v]
+    problems.extend(bad)
+    return None if bad else tuple(value)
+
+
+def _port_range(value: Any, path: str, problems: list[str]) -> Any:
+    match = _PORT_RANGE.match(str(value))
+    if not match:
+        problems.append(f"{path}: must look like 40000..41000, got {value!r}")
+        return None
+    low, high = int(match.group(1)), int(match.group(2))
+    if not 1024 <= low < high <= 65535 or high - low < 20:
+        problems.append(f"{path}: needs 1024 <= low < high <= 65535 and at least 20 ports, got {value}")
+        return None
+    return (low, high)
+
+
+_SCHEMA: dict[type, dict[str, Checker]] = {
+    ServerConfig: {
+        "ip": _ip,
+        "port": _number(0, 65535, integer=True),
+        "base_url": _base_url,
+        "ws_ping_interval": _number(0),
+        "ws_ping_timeout": _number(1),
+        "ws_max_message_size": _number(1024, integer=True),
+        "ws_handshake_timeout": _number(1),
+        "replay_buffer_messages": _number(0, integer=True),
+        "replay_buffer_bytes": _number(0, integer=True),
+        "replay_buffer_seconds": _number(0),
+        "list_kernels": _boolean,
+    },
+    LoggingConfig: {
+        "level": _choice("debug", "info", "warn", "error", "critical"),
+        "format": _choice("text", "json"),
+    },
+    KernelsConfig: {
+        "default_kernel_name": _string,
+        "kernelspec_dirs": _strings,
+        "allowed_kernelspecs": _strings,
+        "launch_timeout": _number(1),
+        "max_launch_timeout": _number(1),
+        "shutdown_wait": _number(0),
+        "restart_limit": _number(0, integer=True),
+        "stable_start_seconds": _number(0),
+        "heartbeat_interval": _number(0),
+        "heartbeat_misses": _number(1, integer=True),
+        "client_envs": _names,
+        "inherited_envs": _names,
+        "working_dir": _optional(_string),
+        "port_range": _optional(_port_range),
+        "runtime_dir": _optional(_string),
+    },
+}
+
+
+def _section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must be a mapping")
+        return cls()
+    schema = _SCHEMA[cls]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in schema:
+            problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(schema))})")
+            continue
+        checked = schema[key](value, f"{path}.{key}", problems)
+        if checked is not None or value is None:
+            values[key] = checked
+    return cls(**values)
+
+
+def _drivers(raw: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {"local": {}}
+    if not isinstance(raw, dict) or not raw:
+        problems.append("drivers: must be a mapping of driver name to its settings, with at least one driver")
+        return {"local": {}}
+    result: dict[str, dict[str, Any]] = {}
+    for name, settings in raw.items():
+        if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]*$", name):
+            problems.append(f"drivers.{name}: driver names are lower-case identifiers")
+        elif settings is not None and not isinstance(settings, dict):
+            problems.append(f"drivers.{name}: must be a mapping (or empty)")
+        else:
+            result[name] = dict(settings or {})
+    return result
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for variable, dotted in ENV_OVERRIDES.items():
+        if variable in environ:
+            section, key = dotted.split(".")
+            target = raw.setdefault(section, {})
+            if isinstance(target, dict):
+                target[key] = yaml.safe_load(environ[variable]) if environ[variable] else environ[variable]
+
+
+def parse_config(text: str, source: str = "configuration", environ: Mapping[str, str] | None = None) -> Config:
+    """Parse YAML text into a :class:`Config`, raising :class:`ConfigError` with every problem found."""
+    problems: list[str] = []
+    try:
+        raw = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping"], source)
+    _apply_env_overrides(raw, os.environ if environ is None else environ)
+    known = {"server", "logging", "kernels", "drivers"}
+    problems.extend(f"{key}: unknown section (known: {', '.join(sorted(known))})" for key in raw if key not in known)
+    config = Config(
+        server=_section(ServerConfig, raw.get("server"), "server", problems),
+        logging=_section(LoggingConfig, raw.get("logging"), "logging", problems),
+        kernels=_section(KernelsConfig, raw.get("kernels"), "kernels", problems),
+        drivers=_drivers(raw.get("drivers"), problems),
+        source=source,
+    )
+    if config.kernels.launch_timeout > config.kernels.max_launch_timeout:
+        problems.append("kernels.launch_timeout: must not exceed kernels.max_launch_timeout")
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and parse the config file at ``path`` (``None``: embedded defaults plus environment overrides)."""
+    if path is None:
+        return parse_config("", "embedded defaults", environ)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"], path) from None
+    return parse_config(text, path, environ)
+
+
+def with_overrides(config: Config, **server: Any) -> Config:
+    """Return ``config`` with the given ``server`` keys replaced (command-line flags such as ``--port``)."""
+    known = {f.name for f in fields(ServerConfig)}
+    unknown = set(server) - known
+    if unknown:
+        raise ValueError(f"unknown server settings: {sorted(unknown)}")
+    problems: list[str] = []
+    checked = {k: _SCHEMA[ServerConfig][k](v, f"--{k.replace('_', '-')}", problems)
+               for k, v in server.items() if v is not None}
+    if problems:
+        raise ConfigError(problems, "command line")
+    return replace(config, server=replace(config.server, **checked))

@@ -1,0 +1,128 @@
+"""The ZeroMQ side of one kernel: shell, control, stdin, iopub and heartbeat sockets.
+
+One set of sockets per kernel, shared by all its WebSocket clients: replies are routed back to the client
+that asked by their parent ``msg_id`` (see ``egd.kernels.kernel``), iopub is fanned out. shell and stdin share
+one ZeroMQ identity, because a kernel sends ``input_request`` to the identity that sent the execute request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from egd.kernels import wire
+from egd.kernels.zmqio import ReactorZmqFactory, ZmqSocket, open_socket
+
+log = Logger()
+
+MessageHandler = Callable[[str, wire.RawMessage], None]
+
+
+def channel_address(info: dict[str, Any], channel: str) -> str:
+    """The ZeroMQ address of a kernel's channel from its connection info."""
+    transport, ip, port = info.get("transport", "tcp"), info["ip"], info[f"{channel}_port"]
+    if transport == "ipc":
+        return f"ipc://{ip}-{port}"
+    if ip in ("0.0.0.0", ""):
+        ip = "127.0.0.1"
+    return f"{transport}://{ip}:{port}"
+
+
+class KernelChannels:
+    """Connected sockets to one kernel; delivers verified messages to ``on_message(channel, message)``."""
+
+    def __init__(self, factory: ReactorZmqFactory, connection_info: dict[str, Any], kernel_id: str,
+                 on_message: MessageHandler) -> None:
+        key = connection_info.get("key", "")
+        self.signer = wire.Signer(key.encode() if isinstance(key, str) else key,
+                                  connection_info.get("signature_scheme", "hmac-sha256"))
+        self._kernel_id = kernel_id
+        self._on_message = on_message
+        self._bad_signatures = 0
+        identity = f"egd-{uuid.uuid4().hex}".encode()
+        self._sockets: dict[str, ZmqSocket] = {}
+        for channel, kind in (("iopub", "sub"), ("shell", "dealer"), ("control", "dealer"), ("stdin", "dealer")):
+            self._sockets[channel] = open_socket(
+                factory, kind, channel_address(connection_info, channel), self._receiver(channel),
+                identity if channel in ("shell", "stdin") else None)
+
+    def _receiver(self, channel: str) -> Callable[[list[bytes]], None]:
+        def receive(frames: list[bytes]) -> None:
+            try:
+                message = wire.from_zmq(frames, self.signer)
+            except wire.WireError as exc:
+                self._bad_signatures += 1
+                if self._bad_signatures <= 10 or self._bad_signatures % 1000 == 0:
+                    log.warn("kernel {kernel_id}: dropped a {channel} message: {why} ({count} so far)",
+                             kernel_id=self._kernel_id, channel=channel, why=str(exc), count=self._bad_signatures)
+                return
+            self._on_message(channel, message)
+
+        return receive
+
+    def send(self, channel: str, message: wire.RawMessage) -> None:
+        """Sign and send ``message`` on a client channel; ``QueueFull`` if the kernel is not reading."""
+        self._sockets[channel].send(wire.to_zmq(message, self.signer))
+
+    def pause_iopub(self) -> None:
+        """Stop reading iopub (a client is slow); messages wait in ZeroMQ, none is dropped."""
+        self._sockets["iopub"].pause()
+
+    def resume_iopub(self) -> None:
+        """Read iopub again."""
+        self._sockets["iopub"].resume()
+
+    def close(self) -> None:
+        """Close every socket."""
+        for socket in self._sockets.values():
+            socket.close()
+
+
+class Heartbeat:
+    """Pings the kernel's heartbeat echo; calls ``on_failure`` once when echoes stop for too long.
+
+    The echo runs in its own thread in the kernel, so a kernel busy with a long computation still answers:
+    silence means the kernel (or its host) is gone or frozen.
+    """
+
+    def __init__(self, factory: ReactorZmqFactory, connection_info: dict[str, Any], clock: Any,
+                 interval: float, misses: int, on_failure: Callable[[float], None]) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._allowed_silence = interval * misses
+        self._on_failure = on_failure
+        self._last_echo = clock.seconds()
+        self._socket = open_socket(factory, "dealer", channel_address(connection_info, "hb"), self._echo)
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        """Begin pinging (after the kernel answered its first request)."""
+        if self._interval > 0:
+            self._last_echo = self._clock.seconds()
+            self._loop.start(self._interval, now=False).addErrback(
+                lambda f: log.failure("heartbeat loop failed", f))
+
+    def _echo(self, frames: list[bytes]) -> None:
+        self._last_echo = self._clock.seconds()
+
+    def _tick(self) -> None:
+        silence = self._clock.seconds() - self._last_echo
+        if silence > self._allowed_silence:
+            self.stop()
+            self._on_failure(silence)
+            return
+        try:
+            self._socket.send([b"ping"])
+        except Exception:
+            log.failure("heartbeat ping failed")
+
+    def stop(self) -> None:
+        """Stop pinging and close the socket."""
+        if self._loop.running:
+            self._loop.stop()
+        self._socket.close()

@@ -1,0 +1,105 @@
+"""What environment a kernel gets.
+
+Enterprise Gateway's rules with Jupyter Kernel Gateway's safer default: from the request only ``KERNEL_*``
+variables and the configured ``client_envs`` pass; from the gateway's own environment only the configured
+``inherited_envs`` pass, whether or not the request has an ``env``. The kernelspec's ``env`` is applied with
+``${VAR}`` substitution, and the request's values beat it. A rejected value is never echoed back.
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+import string
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from egd.errors import BadRequest
+
+MAX_VALUE_LENGTH = 4096
+MAX_VARIABLES = 256
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+# Defence in depth: none of these has a use in a variable a client sends, all of them have uses in attacks.
+_PROHIBITED = re.compile(r"[\x00\r\n$`]")
+#: Set by egd; a request cannot override them.
+SYSTEM_OWNED = frozenset({"KERNEL_GATEWAY", "KERNEL_ID"})
+
+
+@dataclass(frozen=True)
+class KernelEnv:
+    """The checked environment of one launch."""
+
+    kernel_id: str
+    username: str
+    launch_timeout: float
+    client: dict[str, str]
+    inherited: dict[str, str]
+
+    def for_spec(self, spec_env: Mapping[str, str]) -> dict[str, str]:
+        """The full environment for a kernel of a spec with ``spec_env`` (substituted, request wins)."""
+        base = {**self.inherited, **self.client}
+        env = dict(self.inherited)
+        for key, value in spec_env.items():
+            env[key] = string.Template(str(value)).safe_substitute(base)
+        env.update(self.client)
+        env["KERNEL_ID"] = self.kernel_id
+        env["KERNEL_USERNAME"] = self.username
+        env["KERNEL_GATEWAY"] = "1"
+        return env
+
+
+def check_kernel_id(value: Any) -> str:
+    """A client-chosen kernel id must be a canonical lower-case uuid4 string (Enterprise Gateway's rule)."""
+    try:
+        if isinstance(value, str) and str(uuid.UUID(value, version=4)) == value:
+            return value
+    except ValueError:
+        pass
+    raise BadRequest("KERNEL_ID must be a lower-case UUID version 4 such as 1b4e28ba-2fa1-4d2b-9c5e-3c1f0e8b2a7d")
+
+
+def build_kernel_env(
+    requested: Any,
+    *,
+    client_envs: tuple[str, ...],
+    inherited_envs: tuple[str, ...],
+    gateway_environ: Mapping[str, str],
+    default_launch_timeout: float,
+    max_launch_timeout: float,
+) -> KernelEnv:
+    """Check a request's ``env`` and combine it with what the gateway passes on. :class:`BadRequest` if bad."""
+    if requested is None:
+        requested = {}
+    if not isinstance(requested, dict):
+        raise BadRequest("env must be a JSON object of string values")
+    if len(requested) > MAX_VARIABLES:
+        raise BadRequest(f"env may hold at most {MAX_VARIABLES} variables")
+    allow_all = "*" in client_envs
+    client: dict[str, str] = {}
+    for name, value in requested.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise BadRequest("env has a name that is not a valid environment variable name")
+        if not (name.startswith("KERNEL_") or allow_all or name in client_envs) or name == "KERNEL_GATEWAY":
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f"Environment variable '{name}' must be a string")
+        if len(value) > MAX_VALUE_LENGTH:
+            raise BadRequest(f"Environment variable '{name}' is longer than {MAX_VALUE_LENGTH} characters")
+        if _PROHIBITED.search(value):
+            raise BadRequest(f"Environment variable '{name}' contains prohibited characters")
+        client[name] = value
+    kernel_id = check_kernel_id(client.pop("KERNEL_ID")) if "KERNEL_ID" in client else str(uuid.uuid4())
+    username = client.get("KERNEL_USERNAME") or getpass.getuser()
+    timeout = default_launch_timeout
+    if "KERNEL_LAUNCH_TIMEOUT" in client:
+        try:
+            timeout = float(client["KERNEL_LAUNCH_TIMEOUT"])
+        except ValueError:
+            raise BadRequest("KERNEL_LAUNCH_TIMEOUT must be a number of seconds") from None
+        if not timeout > 0:
+            raise BadRequest("KERNEL_LAUNCH_TIMEOUT must be a positive number of seconds")
+        timeout = min(timeout, max_launch_timeout)
+    inherited = {name: gateway_environ[name] for name in inherited_envs if name in gateway_environ}
+    return KernelEnv(kernel_id, username, timeout, client, inherited)

@@ -1,0 +1,442 @@
+"""One kernel's life: launch, readiness, routing of its messages, interrupt, restart, shutdown, death.
+
+The states and the transitions between them are written down in ``TRANSITIONS``; a lock serializes start,
+restart and shutdown, so a DELETE that arrives during a restart waits for it and then stops the kernel.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, race
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from egd.driverapi import ExitStatus, IKernelDriver, ILaunchedKernel, LaunchRequest
+from egd.errors import KernelGone, LaunchFailed, LaunchTimeout
+from egd.kernels import wire
+from egd.kernels.channels import Heartbeat, KernelChannels
+from egd.kernels.env import KernelEnv
+from egd.kernels.hub import ClientHub, KernelClient, ReplayLimits
+from egd.kernels.specs import KernelSpecInfo
+from egd.kernels.zmqio import QueueFull, ReactorZmqFactory
+from egd.util import Background, shield, wait_for
+
+log = Logger()
+
+_MAX_PENDING = 100_000
+_MAX_HELD = 1000
+_SLOW_PROBE = 1.0
+_FAST_PROBE = 0.02
+
+
+class KernelState(enum.Enum):
+    """Where a kernel is in its life."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+    DEAD = "dead"
+
+
+TRANSITIONS: dict[KernelState, frozenset[KernelState]] = {
+    KernelState.STARTING: frozenset({KernelState.RUNNING, KernelState.TERMINATING, KernelState.DEAD}),
+    KernelState.RUNNING: frozenset({KernelState.RESTARTING, KernelState.TERMINATING, KernelState.DEAD}),
+    KernelState.RESTARTING: frozenset({KernelState.RUNNING, KernelState.TERMINATING, KernelState.DEAD}),
+    KernelState.TERMINATING: frozenset({KernelState.TERMINATED}),
+    KernelState.TERMINATED: frozenset(),
+    KernelState.DEAD: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    """Timing and limits that apply to a kernel."""
+
+    shutdown_wait: float = 5.0
+    restart_limit: int = 5
+    stable_start_seconds: float = 10.0
+    heartbeat_interval: float = 3.0
+    heartbeat_misses: int = 3
+    replay: ReplayLimits = ReplayLimits()
+
+
+class Kernel:
+    """A kernel egd manages, whichever driver runs it."""
+
+    def __init__(self, kernel_id: str, spec: KernelSpecInfo, env: KernelEnv, driver: IKernelDriver,
+                 zmq: ReactorZmqFactory, clock: Any, policy: KernelPolicy, launch_timeout: float,
+                 working_dir: str | None, on_gone: Callable[[Kernel], None]) -> None:
+        self.id = kernel_id
+        self.spec = spec
+        self.env = env
+        self._driver = driver
+        self._zmq = zmq
+        self._clock = clock
+        self._policy = policy
+        self._launch_timeout = launch_timeout
+        self._working_dir = working_dir
+        self._on_gone = on_gone
+        self._lock = DeferredLock()
+        self._background = Background()
+        self.state = KernelState.STARTING
+        self.execution_state = "starting"
+        self.last_activity = clock.seconds()
+        self.reason = ""
+        self.restarts = 0
+        self._restart_streak = 0
+        self._started_at = clock.seconds()
+        self._handle: ILaunchedKernel | None = None
+        self._channels: KernelChannels | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._pending: dict[str, str | Callable[[str, wire.RawMessage], None]] = {}
+        self._held: list[tuple[str, str, wire.RawMessage]] = []
+        self._iopub_seen = False
+        self._on_iopub_seen: Callable[[], None] | None = None
+        self._internal_session = f"egd-{kernel_id}"
+        self.hub = ClientHub(kernel_id, clock, policy.replay, lambda: None, lambda: None)
+
+    # -- model ------------------------------------------------------------------------------------------
+
+    def model(self) -> dict[str, Any]:
+        """The REST model: Jupyter Server's shape, with ``reason`` while starting or after a failure."""
+        model: dict[str, Any] = {
+            "id": self.id,
+            "name": self.spec.name,
+            "last_activity": wire.utc_timestamp(datetime.fromtimestamp(self.last_activity, timezone.utc)),
+            "execution_state": self.execution_state,
+            "connections": len(self.hub),
+        }
+        if self.reason:
+            model["reason"] = self.reason
+        return model
+
+    @property
+    def handle(self) -> ILaunchedKernel | None:
+        """What the driver returned for the current incarnation of the kernel."""
+        return self._handle
+
+    def _set_state(self, new: KernelState) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"kernel {self.id}: {self.state.value} -> {new.value} is not allowed")
+        log.debug("kernel {kernel_id} {old} -> {new}", kernel_id=self.id, old=self.state.value, new=new.value)
+        self.state = new
+
+    def _touch(self) -> None:
+        self.last_activity = self._clock.seconds()
+
+    # -- launching --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Launch the kernel and wait until it answers; on failure nothing of it is left running."""
+        async with self._lock:
+            try:
+                await self._launch()
+            except BaseException as exc:
+                self._die(f"launch failed: {exc}", announce=False)
+                raise
+            self._set_state(KernelState.RUNNING)
+
+    async def _launch(self) -> None:
+        request = LaunchRequest(self.id, self.spec, self.env.for_spec(self.spec.env), self.env.username,
+                                self._working_dir, self._launch_timeout)
+        self.reason = f"launching with driver {self.spec.driver}"
+        self._started_at = self._clock.seconds()
+        handle = await self._driver.launch(request)
+        self._handle = handle
+        self._iopub_seen = False
+        self._channels = KernelChannels(self._zmq, handle.connection_info, self.id, self._on_message)
+        self.hub.set_flow_control(self._channels.pause_iopub, self._channels.resume_iopub)
+        try:
+            await self._wait_ready(handle)
+        except BaseException:
+            await self._release(handle, graceful=False)
+            raise
+        self.reason = ""
+        self.execution_state = "idle"  # it has just answered; later status messages keep this current
+        self._heartbeat = Heartbeat(self._zmq, handle.connection_info, self._clock,
+                                    self._policy.heartbeat_interval, self._policy.heartbeat_misses,
+                                    lambda silence: self._heartbeat_lost(handle, silence))
+        self._heartbeat.start()
+        handle.exited.addCallback(self._exited, handle)
+        log.info("kernel {kernel_id} ({spec}) is ready: {where}", kernel_id=self.id, spec=self.spec.name,
+                 where=handle.describe())
+
+    async def _wait_ready(self, handle: ILaunchedKernel) -> None:
+        """Until the kernel answers kernel_info *and* its iopub reaches us (so no client output is lost)."""
+        ready: Deferred[None] = Deferred()
+        replied = False
+        probe = LoopingCall(lambda: self._request("shell", "kernel_info_request", {}, on_reply))
+        probe.clock = self._clock
+
+        def check() -> None:
+            if replied and self._iopub_seen and not ready.called:
+                ready.callback(None)
+
+        def on_reply(channel: str, message: wire.RawMessage) -> None:
+            nonlocal replied
+            if message.msg_type == "kernel_info_reply" and not replied:
+                replied = True
+                if probe.running:
+                    probe.stop()
+                if not self._iopub_seen:
+                    # iopub subscriptions take a moment to propagate: nudge until one status arrives.
+                    probe.start(_FAST_PROBE, now=True).addErrback(lambda f: log.failure("kernel_info probe failed", f))
+                check()
+
+        self._on_iopub_seen = check
+        probe.start(_SLOW_PROBE, now=True).addErrback(lambda f: log.failure("kernel_info probe failed", f))
+        watch = race([ready, shield(handle.exited)])
+        watch.addTimeout(self._launch_timeout, self._clock)
+        try:
+            winner, status = await watch
+        except (TimeoutError, CancelledError):
+            raise LaunchTimeout(
+                f"Kernel {self.id} ({self.spec.name}) did not become ready within {self._launch_timeout:g} "
+                f"seconds{self._detail(handle)}") from None
+        finally:
+            self._on_iopub_seen = None
+            if probe.running:
+                probe.stop()
+        if winner == 1:
+            raise LaunchFailed(f"Kernel {self.spec.name} {status.describe()} before it was ready"
+                               f"{self._detail(handle)}")
+
+    @staticmethod
+    def _detail(handle: ILaunchedKernel) -> str:
+        detail = handle.failure_detail()
+        return f": {detail}" if detail else ""
+
+    # -- messages ---------------------------------------------------------------------------------------
+
+    def _request(self, channel: str, msg_type: str, content: dict[str, Any],
+                 on_reply: Callable[[str, wire.RawMessage], None] | None = None) -> None:
+        """Send a message egd itself originates."""
+        message = wire.new_message(msg_type, content, self._internal_session)
+        if on_reply is not None:
+            self._remember(message.msg_id, on_reply)
+        if self._channels is not None:
+            try:
+                self._channels.send(channel, message)
+            except QueueFull:
+                log.warn("kernel {kernel_id}: {channel} queue full, {msg_type} not sent", kernel_id=self.id,
+                         channel=channel, msg_type=msg_type)
+
+    def _remember(self, msg_id: str, target: str | Callable[[str, wire.RawMessage], None]) -> None:
+        if len(self._pending) >= _MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[msg_id] = target
+
+    def send_from_client(self, client: KernelClient, channel: str, message: wire.RawMessage) -> None:
+        """Forward a client's message to the kernel and remember where its replies go."""
+        self._touch()
+        if self.state is not KernelState.RUNNING or self._channels is None:
+            if self.state in (KernelState.STARTING, KernelState.RESTARTING) and len(self._held) < _MAX_HELD:
+                self._held.append((client.session_key, channel, message))
+            return
+        if message.msg_id and channel != "stdin":
+            self._remember(message.msg_id, client.session_key)
+        try:
+            self._channels.send(channel, message)
+        except QueueFull:
+            client.deliver("iopub", wire.new_message("stream", {
+                "name": "stderr", "text": f"[egd] the kernel is not reading its {channel} channel; message dropped\n"},
+                self._internal_session))
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        for key, channel, message in held:
+            client = self.hub.clients.get(key)
+            if client is not None:
+                self.send_from_client(client, channel, message)
+
+    def _on_message(self, channel: str, message: wire.RawMessage) -> None:
+        if channel == "iopub":
+            self.last_activity = self._clock.seconds()
+            if message.msg_type == "status":
+                try:
+                    state = message.json_content().get("execution_state")
+                except (ValueError, AttributeError):
+                    state = None
+                if isinstance(state, str) and self.state is KernelState.RUNNING:
+                    self.execution_state = state
+                elif isinstance(state, str) and state in ("busy", "idle"):
+                    self.execution_state = state
+            if not self._iopub_seen:
+                self._iopub_seen = True
+                if self._on_iopub_seen is not None:
+                    self._on_iopub_seen()
+            self.hub.broadcast(channel, message)
+            return
+        parent = message.parent_msg_id()
+        if parent is None:
+            return
+        if channel != "stdin" and message.msg_type.endswith("_reply"):
+            target = self._pending.pop(parent, None)
+        else:
+            target = self._pending.get(parent)
+        if target is None:
+            log.debug("kernel {kernel_id}: no one waits for {msg_type} on {channel}", kernel_id=self.id,
+                      msg_type=message.msg_type, channel=channel)
+        elif isinstance(target, str):
+            self.hub.deliver_to(target, channel, message)
+        else:
+            target(channel, message)
+
+    def _announce(self, execution_state: str) -> None:
+        """Tell clients about a state the kernel cannot report itself (restarting, dead)."""
+        self.execution_state = execution_state
+        self.hub.broadcast("iopub", wire.new_message("status", {"execution_state": execution_state},
+                                                      self._internal_session))
+
+    # -- clients ----------------------------------------------------------------------------------------
+
+    def attach(self, client: KernelClient) -> None:
+        """A WebSocket client connected."""
+        self._touch()
+        self.hub.attach(client)
+
+    def detach(self, client: KernelClient) -> None:
+        """A WebSocket client went away; its session's messages are buffered for a while."""
+        self.hub.detach(client, keep_buffer=self.state not in (KernelState.TERMINATED, KernelState.DEAD))
+
+    # -- control ----------------------------------------------------------------------------------------
+
+    def _require_running(self) -> ILaunchedKernel:
+        if self.state in (KernelState.TERMINATING, KernelState.TERMINATED, KernelState.DEAD) or self._handle is None:
+            raise KernelGone(f"Kernel {self.id} is {self.state.value}")
+        return self._handle
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell: by signal, or by ``interrupt_request`` when the spec says ``message``."""
+        handle = self._require_running()
+        self._touch()
+        log.info("kernel {kernel_id}: interrupt ({mode})", kernel_id=self.id, mode=self.spec.interrupt_mode)
+        if self.spec.interrupt_mode == "message":
+            self._request("control", "interrupt_request", {})
+        else:
+            await handle.signal(signal.SIGINT)
+
+    async def restart(self) -> None:
+        """Stop the kernel and start it again under the same id (same spec and environment)."""
+        async with self._lock:
+            handle = self._require_running()
+            log.info("kernel {kernel_id}: restart requested", kernel_id=self.id)
+            self._set_state(KernelState.RESTARTING)
+            self._announce("restarting")
+            await self._release(handle, graceful=True, restart=True)
+            await self._relaunch()
+
+    async def _relaunch(self) -> None:
+        try:
+            await self._launch()
+        except Exception as exc:
+            self._die(f"restart failed: {exc}")
+            raise
+        self.restarts += 1
+        self._set_state(KernelState.RUNNING)
+        self._flush_held()
+
+    async def shutdown(self) -> None:
+        """Stop the kernel: ``shutdown_request`` first, then signals; its clients are disconnected."""
+        async with self._lock:
+            if self.state in (KernelState.TERMINATED, KernelState.DEAD):
+                return
+            self._set_state(KernelState.TERMINATING)
+            if self._handle is not None:
+                await self._release(self._handle, graceful=True)
+            self._set_state(KernelState.TERMINATED)
+            self.execution_state = "dead"
+            self.hub.close_all(1000, "kernel shut down")
+            log.info("kernel {kernel_id} shut down", kernel_id=self.id)
+            self._on_gone(self)
+
+    async def _release(self, handle: ILaunchedKernel, graceful: bool, restart: bool = False) -> None:
+        """End one incarnation of the kernel and free everything it held."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        ended = handle.exited
+        if graceful and not ended.called and self._channels is not None:
+            self._request("control", "shutdown_request", {"restart": restart})
+            if not await wait_for(ended, self._policy.shutdown_wait, self._clock):
+                await handle.signal(signal.SIGTERM)
+                await wait_for(ended, 1.0, self._clock)
+        if not ended.called:
+            await handle.kill()
+            if not await wait_for(ended, 5.0, self._clock):
+                log.error("kernel {kernel_id}: {where} did not end after SIGKILL", kernel_id=self.id,
+                          where=handle.describe())
+        if self._channels is not None:
+            self._channels.close()
+            self._channels = None
+        self._pending.clear()
+        handle.cleanup()
+
+    # -- death and automatic restart --------------------------------------------------------------------
+
+    def _heartbeat_lost(self, handle: ILaunchedKernel, silence: float) -> None:
+        if handle is self._handle and self.state is KernelState.RUNNING:
+            log.warn("kernel {kernel_id}: no heartbeat for {silence:.1f}s from {where}; killing it",
+                     kernel_id=self.id, silence=silence, where=handle.describe())
+            self._background.run(handle.kill(), f"killing unresponsive kernel {self.id}")
+
+    def _exited(self, status: ExitStatus, handle: ILaunchedKernel) -> ExitStatus:
+        if handle is self._handle and self.state is KernelState.RUNNING:
+            log.warn("kernel {kernel_id} {how} unexpectedly", kernel_id=self.id, how=status.describe())
+            self._background.run(self._auto_restart(handle, status), f"automatic restart of kernel {self.id}")
+        return status
+
+    async def _auto_restart(self, handle: ILaunchedKernel, status: ExitStatus) -> None:
+        async with self._lock:
+            if handle is not self._handle or self.state is not KernelState.RUNNING:
+                return
+            now = self._clock.seconds()
+            stable = now - self._started_at >= self._policy.stable_start_seconds
+            self._restart_streak = 1 if stable else self._restart_streak + 1
+            if self._restart_streak > self._policy.restart_limit:
+                await self._release(handle, graceful=False)
+                self._die(f"kernel {status.describe()}; restarted {self._policy.restart_limit} times in a row")
+                return
+            log.info("kernel {kernel_id}: automatic restart {n} of {limit}", kernel_id=self.id,
+                     n=self._restart_streak, limit=self._policy.restart_limit)
+            self._set_state(KernelState.RESTARTING)
+            self._announce("restarting")
+            await self._release(handle, graceful=False)
+            try:
+                await self._relaunch()
+            except Exception:
+                return  # _relaunch declared the kernel dead and logged why
+
+    def _die(self, reason: str, announce: bool = True) -> None:
+        """The kernel is gone for good: tell clients, drop it from the manager."""
+        if self.state in (KernelState.DEAD, KernelState.TERMINATED):
+            return
+        log.error("kernel {kernel_id} is dead: {reason}", kernel_id=self.id, reason=reason)
+        if self.state is KernelState.TERMINATING:
+            self._set_state(KernelState.TERMINATED)
+        else:
+            self._set_state(KernelState.DEAD)
+        self.reason = reason
+        if announce:
+            self._announce("dead")
+        self.execution_state = "dead"
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        if self._channels is not None:
+            self._channels.close()
+            self._channels = None
+        self.hub.close_all(1011, "kernel died")
+        self._on_gone(self)
+
+    def wait_background(self) -> Deferred[Any]:
+        """Fires when automatic restarts and kills in flight have finished."""
+        return self._background.wait()

@@ -1,0 +1,115 @@
+"""The kernel manager: every kernel of this gateway, by id, over the driver registry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.logger import Logger
+
+from egd.config import Config
+from egd.errors import Conflict, KernelNotFound, ServiceUnavailable
+from egd.kernels.env import build_kernel_env
+from egd.kernels.hub import ReplayLimits
+from egd.kernels.kernel import Kernel, KernelPolicy
+from egd.kernels.specs import KernelSpecStore
+from egd.kernels.zmqio import ReactorZmqFactory, shutdown_factory
+from egd.registry import DriverRegistry
+from egd.util import shield
+
+log = Logger()
+
+
+class KernelManager(Service):
+    """Starts, finds, lists and stops kernels; stops them all when the gateway stops."""
+
+    def __init__(self, config: Config, reactor: Any, specs: KernelSpecStore, drivers: DriverRegistry,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.name = "kernels"
+        self._config = config
+        self._reactor = reactor
+        self.specs = specs
+        self._drivers = drivers
+        self._environ = dict(os.environ if environ is None else environ)
+        self._zmq = ReactorZmqFactory(reactor)
+        self.kernels: dict[str, Kernel] = {}
+        self._launches: dict[str, Deferred[Any]] = {}
+        self._accepting = True
+        kc, sc = config.kernels, config.server
+        self._policy = KernelPolicy(
+            shutdown_wait=kc.shutdown_wait, restart_limit=kc.restart_limit,
+            stable_start_seconds=kc.stable_start_seconds, heartbeat_interval=kc.heartbeat_interval,
+            heartbeat_misses=kc.heartbeat_misses,
+            replay=ReplayLimits(sc.replay_buffer_messages, sc.replay_buffer_bytes, sc.replay_buffer_seconds))
+
+    @property
+    def default_kernel_name(self) -> str:
+        """The kernelspec used when a request names none."""
+        return self._config.kernels.default_kernel_name
+
+    def get(self, kernel_id: str) -> Kernel:
+        """The kernel with this id; :class:`KernelNotFound` otherwise."""
+        try:
+            return self.kernels[kernel_id]
+        except KeyError:
+            raise KernelNotFound(kernel_id) from None
+
+    def list(self) -> list[Kernel]:
+        """Every kernel, including those still starting."""
+        return list(self.kernels.values())
+
+    async def start_kernel(self, name: str | None, env: Any) -> Kernel:
+        """Start a kernel of kernelspec ``name`` (default if None) with the request's ``env``."""
+        if not self._accepting:
+            raise ServiceUnavailable("The gateway is shutting down")
+        kc = self._config.kernels
+        kernel_env = build_kernel_env(
+            env, client_envs=kc.client_envs, inherited_envs=kc.inherited_envs, gateway_environ=self._environ,
+            default_launch_timeout=kc.launch_timeout, max_launch_timeout=kc.max_launch_timeout)
+        if kernel_env.kernel_id in self.kernels:
+            raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
+        spec = await self.specs.get(name or self.default_kernel_name)
+        driver = self._drivers.get(spec.driver)
+        if kernel_env.kernel_id in self.kernels:  # claimed while the spec was being read
+            raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
+        working_dir = kernel_env.client.get("KERNEL_WORKING_DIR") or kc.working_dir
+        kernel = Kernel(kernel_env.kernel_id, spec, kernel_env, driver, self._zmq, self._reactor, self._policy,
+                        kernel_env.launch_timeout, working_dir, self._forget)
+        self.kernels[kernel.id] = kernel
+        log.info("kernel {kernel_id}: starting {spec} for {user} with driver {driver}", kernel_id=kernel.id,
+                 spec=spec.name, user=kernel_env.username, driver=spec.driver)
+        launch = ensureDeferred(kernel.start())
+        self._launches[kernel.id] = launch
+        launch.addBoth(lambda result: (self._launches.pop(kernel.id, None), result)[1])
+        # A client that hangs up mid-launch cancels its request, not the launch.
+        await shield(launch)
+        return kernel
+
+    def _forget(self, kernel: Kernel) -> None:
+        if self.kernels.get(kernel.id) is kernel:
+            del self.kernels[kernel.id]
+
+    async def shutdown_kernel(self, kernel_id: str) -> None:
+        """Stop one kernel (graceful, then forceful)."""
+        await self.get(kernel_id).shutdown()
+
+    async def shutdown_all(self) -> None:
+        """Stop every kernel, in parallel; wait for launches in flight first."""
+        if self._launches:
+            await DeferredList([shield(d) for d in self._launches.values()], consumeErrors=True)
+        kernels = self.list()
+        if kernels:
+            log.info("stopping {count} kernel(s)", count=len(kernels))
+        await DeferredList([ensureDeferred(k.shutdown()) for k in kernels], consumeErrors=True)
+        await DeferredList([k.wait_background() for k in kernels], consumeErrors=True)
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]  # noqa: N802 - Twisted hook
+        """Refuse new kernels, stop the existing ones, close the ZeroMQ context."""
+        self._accepting = False
+        super().stopService()
+        d = ensureDeferred(self.shutdown_all())
+        d.addBoth(lambda result: (shutdown_factory(self._zmq), result)[1])
+        return d

@@ -1,0 +1,137 @@
+"""``/api/sessions`` with Jupyter Server 2.x semantics, kept in memory.
+
+A session ties a path (a notebook) to a kernel. Creating one for a path that has a session returns it;
+naming an existing kernel id attaches to it; naming a kernelspec starts a kernel. Changing the kernel of a
+session shuts the old one down. Sessions whose kernel is gone disappear.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from egd.errors import BadRequest, KernelNotFound, SessionNotFound
+from egd.kernels.manager import KernelManager
+
+
+@dataclass
+class _Session:
+    id: str
+    path: str
+    name: str
+    type: str
+    kernel_id: str
+
+
+def _text(model: dict[str, Any], key: str, required: bool) -> str | None:
+    value = model.get(key)
+    if value is None:
+        if required:
+            raise BadRequest(f"Missing field in JSON data: {key}")
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"Field {key} must be a string")
+    return value
+
+
+def _kernel_request(model: dict[str, Any]) -> tuple[str | None, str | None, Any]:
+    kernel = model.get("kernel") or {}
+    if not isinstance(kernel, dict):
+        raise BadRequest("Field kernel must be an object")
+    kid, name = kernel.get("id"), kernel.get("name")
+    if kid is not None and not isinstance(kid, str):
+        raise BadRequest("kernel.id must be a string")
+    if name is not None and not isinstance(name, str):
+        raise BadRequest("kernel.name must be a string")
+    return kid, name, kernel.get("env")
+
+
+class SessionManager:
+    """The sessions of this gateway."""
+
+    def __init__(self, kernels: KernelManager) -> None:
+        self._kernels = kernels
+        self._sessions: dict[str, _Session] = {}
+
+    def _live(self) -> list[_Session]:
+        for session in list(self._sessions.values()):
+            if session.kernel_id not in self._kernels.kernels:
+                del self._sessions[session.id]
+        return list(self._sessions.values())
+
+    def model(self, session: _Session) -> dict[str, Any]:
+        """The REST model of a session."""
+        model: dict[str, Any] = {
+            "id": session.id, "path": session.path, "name": session.name, "type": session.type,
+            "kernel": self._kernels.get(session.kernel_id).model(),
+        }
+        if session.type == "notebook":
+            model["notebook"] = {"path": session.path, "name": session.name}
+        return model
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every session whose kernel still exists."""
+        return [self.model(s) for s in self._live()]
+
+    def get(self, session_id: str) -> _Session:
+        """One session; :class:`SessionNotFound` if it does not exist (or its kernel is gone)."""
+        self._live()
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFound(session_id) from None
+
+    async def _kernel_for(self, kernel_id: str | None, kernel_name: str | None, env: Any) -> str:
+        if kernel_id is not None:
+            if kernel_id not in self._kernels.kernels:
+                raise KernelNotFound(kernel_id)
+            return kernel_id
+        kernel = await self._kernels.start_kernel(kernel_name, env)
+        return kernel.id
+
+    async def create(self, model: Any) -> dict[str, Any]:
+        """Create a session, or return the one that exists for that path (Jupyter Server's rule)."""
+        if not isinstance(model, dict):
+            raise BadRequest("The request body must be a JSON object")
+        path = _text(model, "path", True)
+        mtype = _text(model, "type", True)
+        name = _text(model, "name", False) or ""
+        kernel_id, kernel_name, env = _kernel_request(model)
+        assert path is not None and mtype is not None
+        for session in self._live():
+            if session.path == path:
+                return self.model(session)
+        kid = await self._kernel_for(kernel_id, kernel_name, env)
+        session = _Session(str(uuid.uuid4()), path, name, mtype, kid)
+        self._sessions[session.id] = session
+        return self.model(session)
+
+    async def update(self, session_id: str, model: Any) -> dict[str, Any]:
+        """Change a session's path, name, type or kernel; a replaced kernel is shut down."""
+        if not isinstance(model, dict):
+            raise BadRequest("The request body must be a JSON object")
+        session = self.get(session_id)
+        changes = {key: _text(model, key, False) for key in ("path", "name", "type") if key in model}
+        old_kernel = session.kernel_id
+        new_kernel = old_kernel
+        if "kernel" in model:
+            kernel_id, kernel_name, env = _kernel_request(model)
+            if kernel_id is not None or kernel_name is not None:
+                if kernel_id is not None and kernel_id not in self._kernels.kernels:
+                    raise BadRequest(f"No such kernel: {kernel_id}")
+                new_kernel = await self._kernel_for(kernel_id, kernel_name, env)
+        for key, value in changes.items():
+            if value is not None:
+                setattr(session, key, value)
+        session.kernel_id = new_kernel
+        if new_kernel != old_kernel and old_kernel in self._kernels.kernels:
+            await self._kernels.shutdown_kernel(old_kernel)
+        return self.model(session)
+
+    async def delete(self, session_id: str) -> None:
+        """Delete a session and shut its kernel down."""
+        session = self.get(session_id)
+        del self._sessions[session_id]
+        if session.kernel_id in self._kernels.kernels:
+            await self._kernels.shutdown_kernel(session.kernel_id)

@@ -1,0 +1,148 @@
+"""Kernelspecs, found by jupyter_client, read in a worker thread (directory scans are file I/O).
+
+A spec names its driver in ``metadata.egd.driver``; Enterprise Gateway specs name a process proxy class in
+``metadata.process_proxy.class_name``, which maps to the equivalent egd driver. No driver means ``local``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from egd.config import KernelsConfig
+from egd.errors import KernelSpecNotFound
+
+#: Enterprise Gateway process proxies and the egd driver that does the same job.
+EG_PROCESS_PROXIES = {
+    "LocalProcessProxy": "local",
+    "DistributedProcessProxy": "ssh",
+    "YarnClusterProcessProxy": "yarn",
+}
+_RESOURCE_FILES = ("kernel.js", "kernel.css")
+
+
+@dataclass(frozen=True)
+class KernelSpecInfo:
+    """One kernelspec as egd uses it."""
+
+    name: str
+    argv: tuple[str, ...]
+    display_name: str
+    language: str
+    interrupt_mode: str
+    env: Mapping[str, str]
+    metadata: Mapping[str, Any]
+    resource_dir: str
+    resources: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def driver(self) -> str:
+        """The name of the driver that launches kernels of this spec."""
+        egd_meta = self.metadata.get("egd")
+        if isinstance(egd_meta, dict) and isinstance(egd_meta.get("driver"), str):
+            return str(egd_meta["driver"])
+        proxy = self.metadata.get("process_proxy")
+        if isinstance(proxy, dict) and isinstance(proxy.get("class_name"), str):
+            short = proxy["class_name"].rsplit(".", 1)[-1]
+            return EG_PROCESS_PROXIES.get(short, short)
+        return "local"
+
+    @property
+    def driver_config(self) -> Mapping[str, Any]:
+        """Per-spec driver settings (``metadata.egd.config`` or EG's ``metadata.process_proxy.config``)."""
+        for key in ("egd", "process_proxy"):
+            section = self.metadata.get(key)
+            if isinstance(section, dict) and isinstance(section.get("config"), dict):
+                return dict(section["config"])
+        return {}
+
+    def model(self, base_url: str) -> dict[str, Any]:
+        """The ``/api/kernelspecs`` model (Jupyter Server's shape)."""
+        spec = {
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "display_name": self.display_name,
+            "language": self.language,
+            "interrupt_mode": self.interrupt_mode,
+            "metadata": dict(self.metadata),
+        }
+        resources = {key: f"{base_url}kernelspecs/{self.name}/{filename}" for key, filename in self.resources.items()}
+        return {"name": self.name, "spec": spec, "resources": resources}
+
+
+def _resources(resource_dir: str) -> dict[str, str]:
+    try:
+        names = sorted(os.listdir(resource_dir))
+    except OSError:
+        return {}
+    found = {}
+    for filename in names:
+        if filename in _RESOURCE_FILES:
+            found[filename] = filename
+        elif filename.startswith("logo-"):
+            found[os.path.splitext(filename)[0]] = filename
+    return found
+
+
+def _info(name: str, resource_dir: str, spec: Mapping[str, Any]) -> KernelSpecInfo:
+    return KernelSpecInfo(
+        name=name,
+        argv=tuple(str(a) for a in spec.get("argv", [])),
+        display_name=str(spec.get("display_name", name)),
+        language=str(spec.get("language", "")),
+        interrupt_mode=str(spec.get("interrupt_mode", "signal")),
+        env={str(k): str(v) for k, v in (spec.get("env") or {}).items()},
+        metadata=dict(spec.get("metadata") or {}),
+        resource_dir=resource_dir,
+        resources=_resources(resource_dir),
+    )
+
+
+class KernelSpecStore:
+    """Reads kernelspecs through jupyter_client, off the reactor thread."""
+
+    def __init__(self, config: KernelsConfig, reactor: Any, threadpool: ThreadPool) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._threadpool = threadpool
+
+    def _manager(self) -> KernelSpecManager:
+        manager = KernelSpecManager()
+        if self._config.kernelspec_dirs:
+            manager.kernel_dirs = [*self._config.kernelspec_dirs, *manager.kernel_dirs]
+        if self._config.allowed_kernelspecs:
+            manager.allowed_kernelspecs = set(self._config.allowed_kernelspecs)
+        return manager
+
+    def _read_all(self) -> dict[str, KernelSpecInfo]:
+        found = self._manager().get_all_specs()
+        return {name: _info(name, entry["resource_dir"], entry["spec"]) for name, entry in sorted(found.items())}
+
+    def _read_one(self, name: str) -> KernelSpecInfo:
+        try:
+            spec = self._manager().get_kernel_spec(name)
+        except (NoSuchKernel, ValueError):
+            raise KernelSpecNotFound(name) from None
+        return _info(name, spec.resource_dir, spec.to_dict())
+
+    def read_all_blocking(self) -> dict[str, KernelSpecInfo]:
+        """Every kernelspec, read on the calling thread (for the CLI, never for the reactor thread)."""
+        return self._read_all()
+
+    async def all(self) -> dict[str, KernelSpecInfo]:
+        """Every kernelspec egd offers, by name."""
+        result: dict[str, KernelSpecInfo] = await deferToThreadPool(self._reactor, self._threadpool, self._read_all)
+        return result
+
+    async def get(self, name: str) -> KernelSpecInfo:
+        """One kernelspec; :class:`KernelSpecNotFound` if there is none by that name."""
+        if not name or "/" in name or name.startswith("."):
+            raise KernelSpecNotFound(name)
+        result: KernelSpecInfo = await deferToThreadPool(self._reactor, self._threadpool, self._read_one, name)
+        return result

@@ -1,0 +1,258 @@
+"""The Jupyter message wire formats: ZeroMQ frames on the kernel side, WebSocket frames on the client side.
+
+The hot path is kernel -> client. A kernel's frames are already JSON; we verify the HMAC over the raw frames
+and splice them into the WebSocket text without decoding ``content`` (only the small header is parsed, for the
+top-level ``msg_id``/``msg_type`` copies clients expect and for routing). Client -> kernel is parsed once and
+signed once. Formats:
+
+- legacy text: one JSON object with ``header``, ``parent_header``, ``metadata``, ``content``, ``buffers``,
+  ``channel`` (what Jupyter Server's gateway client speaks);
+- legacy binary (messages with buffers): ``u32be nbufs | u32be offsets[nbufs] | JSON | buffers...``;
+- ``v1.kernel.websocket.jupyter.org``: ``u64le n | u64le offsets[n] | channel | header | parent | metadata |
+  content | buffers...`` with the JSON parts as raw bytes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import struct
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+DELIMITER = b"<IDS|MSG>"
+PROTOCOL_VERSION = "5.3"
+V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
+CLIENT_CHANNELS = frozenset({"shell", "control", "stdin"})
+ALL_CHANNELS = CLIENT_CHANNELS | {"iopub"}
+
+_MAX_BUFFERS = 4096
+
+
+class WireError(ValueError):
+    """A message that cannot be accepted; the text says why (never echoes message content)."""
+
+
+class Signer:
+    """HMAC signatures of Jupyter messages with a kernel's key (``signature_scheme`` ``hmac-<digest>``)."""
+
+    def __init__(self, key: bytes, scheme: str = "hmac-sha256") -> None:
+        if not scheme.startswith("hmac-"):
+            raise WireError(f"unsupported signature scheme {scheme!r}")
+        self._template = hmac.new(key, digestmod=scheme[5:]) if key else None
+
+    def sign(self, parts: list[bytes] | tuple[bytes, ...]) -> bytes:
+        """The hex signature of header, parent header, metadata and content."""
+        if self._template is None:
+            return b""
+        mac = self._template.copy()
+        for part in parts:
+            mac.update(part)
+        return mac.hexdigest().encode("ascii")
+
+    def verify(self, signature: bytes, parts: list[bytes]) -> bool:
+        """Whether ``signature`` is right for ``parts`` (constant-time compare)."""
+        if self._template is None:
+            return True
+        return hmac.compare_digest(signature, self.sign(parts))
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """A Jupyter message as the four JSON frames plus buffers; ``header`` is parsed, the rest stays bytes."""
+
+    header: bytes
+    parent_header: bytes
+    metadata: bytes
+    content: bytes
+    buffers: list[bytes] = field(default_factory=list)
+    msg_id: str = ""
+    msg_type: str = ""
+
+    @property
+    def size(self) -> int:
+        """Bytes this message occupies (for buffer accounting)."""
+        return (len(self.header) + len(self.parent_header) + len(self.metadata) + len(self.content)
+                + sum(len(b) for b in self.buffers))
+
+    def parent_msg_id(self) -> str | None:
+        """The ``msg_id`` of the parent header, parsed on demand (replies are routed by it)."""
+        if len(self.parent_header) <= 2:
+            return None
+        try:
+            value = json.loads(self.parent_header).get("msg_id")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    def json_content(self) -> Any:
+        """Decode ``content`` (only for the few small messages egd looks into, such as ``status``)."""
+        return json.loads(self.content)
+
+
+def parse_header(header: bytes) -> tuple[str, str]:
+    """``(msg_id, msg_type)`` of a header frame; :class:`WireError` if it is not a JSON object with both."""
+    try:
+        parsed = json.loads(header)
+    except ValueError:
+        raise WireError("header is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise WireError("header is not a JSON object")
+    msg_id, msg_type = parsed.get("msg_id"), parsed.get("msg_type")
+    if not isinstance(msg_type, str) or not msg_type:
+        raise WireError("header has no msg_type")
+    return (msg_id if isinstance(msg_id, str) else ""), msg_type
+
+
+def from_zmq(frames: list[bytes], signer: Signer) -> RawMessage:
+    """Split a kernel's multipart message, verify its signature, parse the header."""
+    try:
+        split = frames.index(DELIMITER)
+    except ValueError:
+        raise WireError("no <IDS|MSG> delimiter") from None
+    parts = frames[split + 2 : split + 6]
+    if len(parts) < 4:
+        raise WireError("too few frames")
+    if not signer.verify(frames[split + 1], parts):
+        raise WireError("bad signature")
+    msg_id, msg_type = parse_header(parts[0])
+    return RawMessage(parts[0], parts[1], parts[2], parts[3], frames[split + 6 :], msg_id, msg_type)
+
+
+def to_zmq(message: RawMessage, signer: Signer) -> list[bytes]:
+    """The multipart frames that send ``message`` to a kernel (DEALER side: no routing identities)."""
+    parts = [message.header, message.parent_header, message.metadata, message.content]
+    return [DELIMITER, signer.sign(parts), *parts, *message.buffers]
+
+
+def _json_text(message: RawMessage, channel: str, with_buffers_key: bool) -> bytes:
+    tail = b',"buffers":[],"channel":"' if with_buffers_key else b',"channel":"'
+    return b"".join((
+        b'{"header":', message.header,
+        b',"msg_id":', json.dumps(message.msg_id).encode(),
+        b',"msg_type":', json.dumps(message.msg_type).encode(),
+        b',"parent_header":', message.parent_header,
+        b',"metadata":', message.metadata,
+        b',"content":', message.content,
+        tail, channel.encode("ascii"), b'"}',
+    ))
+
+
+def to_legacy(message: RawMessage, channel: str) -> tuple[bytes, bool]:
+    """``(payload, is_binary)`` for a legacy-protocol client: JSON text, or the binary form with buffers."""
+    if not message.buffers:
+        return _json_text(message, channel, True), False
+    parts = [_json_text(message, channel, False), *message.buffers]
+    count = len(parts)
+    offsets = [4 * (count + 1)]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part))
+    return struct.pack(f"!{count + 1}I", count, *offsets) + b"".join(parts), True
+
+
+def to_v1(message: RawMessage, channel: str) -> bytes:
+    """The binary frame of the ``v1.kernel.websocket.jupyter.org`` protocol."""
+    parts = [channel.encode("ascii"), message.header, message.parent_header, message.metadata,
+             message.content, *message.buffers]
+    offsets = [8 * (len(parts) + 2)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + b"".join(parts)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _from_dict(msg: Any, buffers: list[bytes]) -> tuple[str, RawMessage]:
+    if not isinstance(msg, dict):
+        raise WireError("message is not a JSON object")
+    channel = msg.get("channel", "shell")
+    if channel not in CLIENT_CHANNELS:
+        raise WireError(f"cannot send on channel {str(channel)[:20]!r}")
+    header = msg.get("header")
+    if not isinstance(header, dict) or not isinstance(header.get("msg_type"), str):
+        raise WireError("header must be an object with a msg_type")
+    pieces = []
+    for key in ("parent_header", "metadata", "content"):
+        value = msg.get(key) or {}
+        if not isinstance(value, dict):
+            raise WireError(f"{key} must be an object")
+        pieces.append(value)
+    msg_id = header.get("msg_id")
+    try:
+        encoded = [_dumps(header)] + [_dumps(p) for p in pieces]
+    except ValueError:
+        raise WireError("message has values JSON cannot carry") from None
+    raw = RawMessage(*encoded, buffers=buffers, msg_id=msg_id if isinstance(msg_id, str) else "",
+                     msg_type=header["msg_type"])
+    return channel, raw
+
+
+def from_legacy_text(payload: bytes) -> tuple[str, RawMessage]:
+    """Parse a legacy JSON text frame from a client into ``(channel, message)``."""
+    try:
+        msg = json.loads(payload)
+    except ValueError:
+        raise WireError("frame is not JSON") from None
+    return _from_dict(msg, [])
+
+
+def from_legacy_binary(payload: bytes) -> tuple[str, RawMessage]:
+    """Parse a legacy binary frame (JSON message plus buffers)."""
+    try:
+        (count,) = struct.unpack_from("!I", payload)
+        if not 1 <= count <= _MAX_BUFFERS:
+            raise WireError("bad buffer count")
+        offsets = list(struct.unpack_from(f"!{count}I", payload, 4)) + [len(payload)]
+    except struct.error:
+        raise WireError("truncated binary frame") from None
+    if offsets[0] < 4 * (count + 1) or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-2] > len(payload):
+        raise WireError("bad offsets in binary frame")
+    parts = [payload[a:b] for a, b in zip(offsets, offsets[1:])]
+    try:
+        msg = json.loads(parts[0])
+    except ValueError:
+        raise WireError("binary frame's message is not JSON") from None
+    return _from_dict(msg, parts[1:])
+
+
+def from_v1(payload: bytes) -> tuple[str, RawMessage]:
+    """Parse a ``v1.kernel.websocket.jupyter.org`` frame; the JSON parts are forwarded as they are."""
+    try:
+        (count,) = struct.unpack_from("<Q", payload)
+        if not 6 <= count <= _MAX_BUFFERS:
+            raise WireError("bad part count")
+        offsets = struct.unpack_from(f"<{count}Q", payload, 8)
+    except struct.error:
+        raise WireError("truncated v1 frame") from None
+    if offsets[0] != 8 * (count + 1) or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] > len(payload):
+        raise WireError("bad offsets in v1 frame")
+    parts = [payload[a:b] for a, b in zip(offsets, offsets[1:])]
+    try:
+        channel = parts[0].decode("ascii")
+    except UnicodeDecodeError:
+        raise WireError("bad channel name") from None
+    if channel not in CLIENT_CHANNELS:
+        raise WireError(f"cannot send on channel {channel[:20]!r}")
+    msg_id, msg_type = parse_header(parts[1])
+    for part in parts[2:5]:
+        if not part.startswith(b"{"):
+            raise WireError("parent_header, metadata and content must be JSON objects")
+    return channel, RawMessage(parts[1], parts[2], parts[3], parts[4], parts[5:], msg_id, msg_type)
+
+
+def utc_timestamp(when: datetime | None = None) -> str:
+    """The Jupyter timestamp format, which Jupyter Server's gateway client parses strictly."""
+    return (when or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_message(msg_type: str, content: dict[str, Any], session: str, parent: RawMessage | None = None) -> RawMessage:
+    """A message egd itself originates (kernel_info probes, interrupt requests, synthesized status)."""
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": msg_type, "username": "egd", "session": session,
+              "date": utc_timestamp(), "version": PROTOCOL_VERSION}
+    return RawMessage(_dumps(header), parent.header if parent else b"{}", b"{}", _dumps(content),
+                      [], msg_id, msg_type)

@@ -1,0 +1,132 @@
+"""The one module that imports txzmq: ZeroMQ sockets as Twisted read descriptors.
+
+What we add to txzmq: the reactor is injected (txzmq schedules on the global one), reading can be paused and
+resumed (backpressure from slow WebSocket clients: a paused SUB socket keeps its messages in ZeroMQ's queue,
+whose receive high-water mark is unlimited, so nothing is dropped), linger is short, and the outbound queue of
+a DEALER is bounded so a kernel that stops reading cannot make egd grow without limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory
+
+log = Logger()
+
+#: How long a closing socket may keep unsent messages (ms): kernels are local or on a LAN.
+LINGER_MS = 200
+#: Bounded outbound queue per socket (messages). A full queue makes ``send`` raise :class:`QueueFull`.
+SEND_HWM = 10_000
+#: Reconnect quickly while a kernel is still binding its ports: start latency is the user's first wait.
+RECONNECT_IVL_MS = 20
+
+
+class QueueFull(Exception):
+    """The socket's outbound queue is full: the kernel is not reading."""
+
+
+class ReactorZmqFactory(ZmqFactory):
+    """A txzmq factory (one ZeroMQ context) bound to an injected reactor."""
+
+    lingerPeriod = LINGER_MS
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        super().__init__()
+        self.context.setsockopt(zmq.MAX_SOCKETS, 65536)
+
+
+class ZmqSocket(ZmqConnection):  # type: ignore[misc]
+    """A connected ZeroMQ socket that hands each multipart message to ``on_message``; pausable."""
+
+    highWaterMark = 0
+    reconnectInterval = RECONNECT_IVL_MS
+
+    def __init__(self, factory: ReactorZmqFactory, socket_type: int, address: str,
+                 on_message: Callable[[list[bytes]], None], identity: bytes | None = None) -> None:
+        self.socketType = socket_type
+        self._on_message = on_message
+        self._paused = False
+        self._reactor: IReactorTime = factory.reactor
+        super().__init__(factory, None, identity)
+        if socket_type != zmq.SUB:
+            self.socket.set(zmq.SNDHWM, SEND_HWM)
+        if socket_type == zmq.SUB:
+            self.socket.set(zmq.SUBSCRIBE, b"")
+        self.addEndpoints([ZmqEndpoint(ZmqEndpointType.connect, address)])
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self.factory is None
+
+    def doRead(self) -> None:  # noqa: N802 - Twisted's IReadDescriptor
+        """Read every message ZeroMQ has ready (its descriptor is edge-triggered), unless paused."""
+        if self.read_scheduled is not None:
+            if not self.read_scheduled.called:
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+        socket = self.socket
+        while not self._paused and self.factory is not None:
+            if not socket.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            try:
+                self._on_message(frames)
+            except Exception:
+                log.failure("handling a message from a kernel socket")
+
+    def messageReceived(self, message: list[bytes]) -> None:  # noqa: N802 - txzmq hook, unused by doRead
+        """Not used: :meth:`doRead` dispatches directly."""
+        self._on_message(message)
+
+    def send(self, frames: list[bytes]) -> None:
+        """Queue a multipart message; :class:`QueueFull` when the bounded outbound queue is full."""
+        if self.factory is None:
+            raise QueueFull("socket is closed")
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            raise QueueFull("the kernel is not reading its socket") from None
+        if self.read_scheduled is None:
+            # Sending can consume the descriptor's edge; look for input once more.
+            self.read_scheduled = self._reactor.callLater(0, self.doRead)
+
+    def pause(self) -> None:
+        """Stop reading; messages wait in ZeroMQ's queue."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Read again, including whatever arrived while paused."""
+        if self._paused:
+            self._paused = False
+            if self.factory is not None and self.read_scheduled is None:
+                self.read_scheduled = self._reactor.callLater(0, self.doRead)
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        if self.factory is not None:
+            self.shutdown()
+
+
+def open_socket(factory: ReactorZmqFactory, kind: str, address: str,
+                on_message: Callable[[list[bytes]], None], identity: bytes | None = None) -> ZmqSocket:
+    """Open and connect a socket of ``kind`` (``dealer`` or ``sub``) to ``address``."""
+    socket_type = {"dealer": zmq.DEALER, "sub": zmq.SUB}[kind]
+    return ZmqSocket(factory, socket_type, address, on_message, identity)
+
+
+def shutdown_factory(factory: ReactorZmqFactory) -> None:
+    """Close every socket and terminate the context."""
+    if factory.connections is not None:
+        factory.shutdown()
+
+

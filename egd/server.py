@@ -1,0 +1,82 @@
+"""Builds egd's service tree from a config: drivers -> kernel manager -> HTTP listener."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from jupyter_core.paths import jupyter_runtime_dir
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+
+from egd.api.app import GatewayAPI
+from egd.api.site import make_site
+from egd.config import Config
+from egd.kernels.manager import KernelManager
+from egd.kernels.specs import KernelSpecStore
+from egd.registry import DriverRegistry
+from egd.service import AsyncMultiService
+
+log = Logger()
+
+
+class HTTPListener(Service):
+    """Listens for HTTP and WebSocket connections; the last to start, the first to stop."""
+
+    def __init__(self, site: Any, reactor: Any, ip: str, port: int, base_url: str = "/") -> None:
+        self.name = "http"
+        self._base_url = base_url
+        self._site = site
+        self._reactor = reactor
+        self._ip = ip
+        self._port = port
+        self.port: Any = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The address actually bound (the port is known after start, also when configured as 0)."""
+        host = self.port.getHost()
+        return host.host, host.port
+
+    def startService(self) -> Deferred[None]:  # type: ignore[override]  # noqa: N802 - Twisted hook
+        """Bind the port; fails (CannotListenError) if it is taken."""
+        super().startService()
+        endpoint_type = TCP6ServerEndpoint if ":" in self._ip else TCP4ServerEndpoint
+        endpoint = endpoint_type(self._reactor, self._port, interface=self._ip, backlog=256)
+
+        async def listen() -> None:
+            self.port = await endpoint.listen(self._site)
+            host, port = self.address
+            shown = f"[{host}]" if ":" in host else host
+            log.info("egd is listening on http://{host}:{port}{base}", host=shown, port=port, base=self._base_url)
+
+        return ensureDeferred(listen())
+
+    def stopService(self) -> Deferred[None] | None:  # type: ignore[override]  # noqa: N802 - Twisted hook
+        """Stop accepting connections."""
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class Gateway(AsyncMultiService):
+    """The root service of one egd process."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        runtime_dir = config.kernels.runtime_dir or os.path.join(jupyter_runtime_dir(), "egd")
+        threadpool = reactor.getThreadPool()
+        self.drivers = DriverRegistry(config, reactor, runtime_dir)
+        self.drivers.setServiceParent(self)
+        specs = KernelSpecStore(config.kernels, reactor, threadpool)
+        self.kernels = KernelManager(config, reactor, specs, self.drivers)
+        self.kernels.setServiceParent(self)
+        self.api = GatewayAPI(config, self.kernels, reactor, threadpool)
+        self.http = HTTPListener(make_site(self.api.resource(), config.server.base_url), reactor,
+                                 config.server.ip, config.server.port, config.server.base_url)
+        self.http.setServiceParent(self)

@@ -1,0 +1,201 @@
+"""Fixtures: real egd processes (as users run them), real ipykernel kernels, and a leak check.
+
+Every gateway a test starts gets its own runtime directory under the session's temporary root; each kernel's
+command line names its connection file there. At the end of the session no process may mention that root:
+a kernel or launcher left behind fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.client import GatewayClient
+
+HERE = Path(__file__).resolve().parent
+KERNELSPECS = HERE / "kernelspecs"
+#: A secret in the gateway's environment that must never reach a kernel.
+GATEWAY_SECRET = ("EGD_TEST_GATEWAY_SECRET", "s3cr3t-of-the-gateway")
+
+_ROOT = Path(tempfile.mkdtemp(prefix="egd-tests-"))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """``(pid, cmdline)`` of every process whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry) != os.getpid():
+            found.append((int(entry), cmdline.strip()))
+    return found
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class GatewayProcess:
+    """An ``egd run`` subprocess with its config, log file and client."""
+
+    _count = 0
+
+    def __init__(self, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        GatewayProcess._count += 1
+        self.dir = _ROOT / f"gateway-{GatewayProcess._count}"
+        self.dir.mkdir()
+        self.port = free_port()
+        config: dict[str, Any] = {
+            "server": {"ip": "127.0.0.1", "port": self.port},
+            "logging": {"level": "debug"},
+            "kernels": {"kernelspec_dirs": [str(KERNELSPECS)], "runtime_dir": str(self.dir / "runtime"),
+                        "launch_timeout": 60},
+        }
+        for section, values in (overrides or {}).items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+        self.base_url = config["server"].get("base_url", "/").rstrip("/")
+        self.config_path = self.dir / "egd.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = self.dir / "egd.log"
+        full_env = {**os.environ, GATEWAY_SECRET[0]: GATEWAY_SECRET[1], **(env or {})}
+        full_env.pop("EGD_PORT", None)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "egd", "run", "--config", str(self.config_path), *(args or [])],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}{self.base_url}"
+        self.client = GatewayClient(self.url)
+        wait_until(self._answers, 30, 0.05, f"egd on port {self.port} to answer (log: {self.log_path})")
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"egd exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return self.client.request("GET", "/api", timeout=2).status == 200
+        except OSError:
+            return False
+
+    @property
+    def runtime_dir(self) -> str:
+        """Where this gateway's kernels' connection files live (their command lines name it)."""
+        return str(self.dir / "runtime")
+
+    def kernel_processes(self) -> list[tuple[int, str]]:
+        """Processes started for this gateway's kernels."""
+        return processes_mentioning(self.runtime_dir)
+
+    def log(self) -> str:
+        """Everything the gateway logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Stop the gateway and wait for it; kill it if it does not stop in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"egd did not stop within {timeout}s after signal {sig}")
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail the run if any kernel process of any test gateway outlives the session."""
+    yield
+    leftovers = wait_until_gone(str(_ROOT), 10)
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leftovers, f"processes left behind: {leftovers}"
+
+
+def wait_until_gone(text: str, timeout: float) -> list[tuple[int, str]]:
+    """Wait for processes mentioning ``text`` to end; those still there after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = processes_mentioning(text)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def gateway() -> Iterator[GatewayProcess]:
+    """One egd shared by the tests that do not change its configuration."""
+    process = GatewayProcess()
+    yield process
+    code = process.stop()
+    assert code == 0, process.log()
+    assert not wait_until_gone(process.runtime_dir, 10), "kernels left after egd stopped"
+
+
+@pytest.fixture
+def make_gateway() -> Iterator[Callable[..., GatewayProcess]]:
+    """A factory for gateways with their own configuration; each is stopped after the test."""
+    started: list[GatewayProcess] = []
+
+    def make(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+             args: list[str] | None = None) -> GatewayProcess:
+        process = GatewayProcess(overrides, env, args)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.stop()
+        assert not wait_until_gone(process.runtime_dir, 10), "kernels left after egd stopped"
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess) -> GatewayClient:
+    """A REST client of the shared gateway."""
+    return gateway.client
+
+
+@pytest.fixture
+def kernel(client: GatewayClient) -> Iterator[str]:
+    """A fresh python3 kernel on the shared gateway, deleted after the test."""
+    kernel_id = client.start_kernel("python3")
+    yield kernel_id
+    client.delete_kernel(kernel_id)
