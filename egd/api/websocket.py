@@ -94,7 +94,7 @@ class KernelWebSocket(WebSocketServerProtocol):
             log.warn("kernel {kernel_id}: ignored a message from session {session}: {why}",
                      kernel_id=self.kernel.id, session=self.session_key, why=str(exc))
             if self._bad_messages >= _MAX_BAD_MESSAGES:
-                self.sendClose(1008, "too many invalid messages")
+                self.sendClose(4400, "too many invalid messages")
             return
         self.kernel.send_from_client(self, channel, message)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, race
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -25,7 +25,7 @@ from egd.kernels.env import KernelEnv
 from egd.kernels.hub import ClientHub, KernelClient, ReplayLimits
 from egd.kernels.specs import KernelSpecInfo
 from egd.kernels.zmqio import QueueFull, ReactorZmqFactory
-from egd.util import Background, shield, wait_for
+from egd.util import Background, wait_for
 
 log = Logger()
 
@@ -192,22 +192,36 @@ class Kernel:
                 check()
 
         self._on_iopub_seen = check
+        outcome: Deferred[tuple[int, ExitStatus | None]] = Deferred()
+
+        def decide(result: tuple[int, ExitStatus | None]) -> None:
+            if not outcome.called:
+                outcome.callback(result)
+
+        def exited(status: ExitStatus) -> ExitStatus:
+            decide((1, status))
+            return status
+
+        ready.addCallback(lambda _: decide((0, None)))
+        handle.exited.addCallback(exited)
+        deadline = self._clock.callLater(self._launch_timeout, decide, (2, None))
         probe.start(_SLOW_PROBE, now=True).addErrback(lambda f: log.failure("kernel_info probe failed", f))
-        watch = race([ready, shield(handle.exited)])
-        watch.addTimeout(self._launch_timeout, self._clock)
         try:
-            winner, status = await watch
-        except (TimeoutError, CancelledError):
-            raise LaunchTimeout(
-                f"Kernel {self.id} ({self.spec.name}) did not become ready within {self._launch_timeout:g} "
-                f"seconds{self._detail(handle)}") from None
+            winner, status = await outcome
         finally:
             self._on_iopub_seen = None
             if probe.running:
                 probe.stop()
+            if deadline.active():
+                deadline.cancel()
         if winner == 1:
+            assert status is not None
             raise LaunchFailed(f"Kernel {self.spec.name} {status.describe()} before it was ready"
                                f"{self._detail(handle)}")
+        if winner == 2:
+            raise LaunchTimeout(
+                f"Kernel {self.id} ({self.spec.name}) did not become ready within {self._launch_timeout:g} "
+                f"seconds{self._detail(handle)}")
 
     @staticmethod
     def _detail(handle: ILaunchedKernel) -> str:
@@ -434,7 +448,7 @@ class Kernel:
         if self._channels is not None:
             self._channels.close()
             self._channels = None
-        self.hub.close_all(1011, "kernel died")
+        self.hub.close_all(1000, "kernel died")
         self._on_gone(self)
 
     def wait_background(self) -> Deferred[Any]:

@@ -85,7 +85,9 @@ class KernelManager(Service):
         self._launches[kernel.id] = launch
         launch.addBoth(lambda result: (self._launches.pop(kernel.id, None), result)[1])
         # A client that hangs up mid-launch cancels its request, not the launch.
-        await shield(launch)
+        waiter = shield(launch)
+        launch.addErrback(lambda _: None)  # the failure reaches the client through ``waiter``
+        await waiter
         return kernel
 
     def _forget(self, kernel: Kernel) -> None:
