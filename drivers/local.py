@@ -23,9 +23,8 @@ from twisted.internet import error, protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from egd.driverapi import ExitStatus, IKernelDriver, ILaunchedKernel, LaunchRequest
+from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest
 from egd.errors import LaunchFailed
 from egd.kernels.ports import PortAllocator
 
@@ -79,7 +78,6 @@ class _KernelProcess(protocol.ProcessProtocol):
         self.exited.callback(status)
 
 
-@implementer(ILaunchedKernel)
 class LocalKernel:
     """A kernel process on this host."""
 
@@ -141,7 +139,6 @@ class LocalKernel:
             pass
 
 
-@implementer(IKernelDriver)
 class LocalDriver(Service):
     """Launches kernels as child processes of the gateway."""
 
@@ -165,7 +162,7 @@ class LocalDriver(Service):
             json.dump(info, handle)
         return path
 
-    def launch(self, request: LaunchRequest) -> Deferred[ILaunchedKernel]:
+    def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
         """Allocate ports, write the connection file, spawn the kernel in its own session."""
         try:
             ports = self.ports.allocate(5)
@@ -174,7 +171,7 @@ class LocalDriver(Service):
         info: dict[str, Any] = {
             "transport": "tcp", "ip": self._ip, "key": uuid.uuid4().hex, "signature_scheme": "hmac-sha256",
             "kernel_name": request.spec.name,
-            **dict(zip(("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"), ports)),
+            **dict(zip(("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"), ports, strict=False)),
         }
         try:
             connection_file = self._write_connection_file(request.kernel_id, info)

@@ -87,12 +87,13 @@ def _kernelspecs(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
     from twisted.logger import Logger
 
     from egd.logs import start_logging
     from egd.server import Gateway
 
+    reactor: Any = global_reactor
     config = load_config(args.config)
     config = with_overrides(config, ip=args.ip, port=args.port, base_url=args.base_url)
     level = args.log_level or config.logging.level

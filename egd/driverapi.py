@@ -1,6 +1,6 @@
 """The contract between egd and its drivers.
 
-A driver launches kernels on one kind of resource manager and hands back an :class:`ILaunchedKernel`: where
+A driver launches kernels on one kind of resource manager and hands back a :class:`LaunchedKernel`: where
 the kernel listens, how to signal and kill it, and a Deferred that fires when it has ended. Drivers know
 nothing of HTTP or WebSockets. Third-party drivers register under the ``egd.drivers`` entry-point group.
 """
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from twisted.application.service import IService
 from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface
 
 from egd.kernels.specs import KernelSpecInfo
 
@@ -46,33 +44,45 @@ class ExitStatus:
         return "ended"
 
 
-class ILaunchedKernel(Interface):
+@runtime_checkable
+class LaunchedKernel(Protocol):
     """A kernel a driver has started."""
 
-    connection_info = Attribute("dict: transport, ip, the five ports, key and signature_scheme")
-    exited = Attribute("Deferred firing with an ExitStatus when the kernel has ended, whoever ended it")
+    #: transport, ip, the five ports, key and signature_scheme.
+    connection_info: dict[str, Any]
+    #: Fires with an :class:`ExitStatus` when the kernel has ended, whoever ended it.
+    exited: Deferred[ExitStatus]
 
-    def describe() -> str:
+    def describe(self) -> str:
         """Where the kernel runs, for logs (for example ``pid 4242`` or ``host-a pid 77``)."""
 
-    def failure_detail() -> str:
+    def failure_detail(self) -> str:
         """The last lines the kernel or its launcher wrote to stderr (why a launch failed)."""
 
-    def signal(signum: int) -> Deferred[None]:
+    def signal(self, signum: int) -> Deferred[None]:
         """Deliver ``signum`` to the kernel (its whole process group where the driver can)."""
 
-    def kill() -> Deferred[None]:
+    def kill(self) -> Deferred[None]:
         """End the kernel forcefully; fires once it is gone."""
 
-    def cleanup() -> None:
+    def cleanup(self) -> None:
         """Release what the launch held (ports, files). Called once, after the kernel has ended."""
 
 
-class IKernelDriver(IService):  # type: ignore[misc]
-    """A Twisted service that launches kernels of the kernelspecs that name it."""
+@runtime_checkable
+class KernelDriver(Protocol):
+    """A driver: a Twisted service (``IService``) that launches kernels of the kernelspecs that name it."""
 
-    def launch(request: LaunchRequest) -> Deferred[ILaunchedKernel]:
+    name: str
+
+    def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
         """Start a kernel; fails with ``egd.errors.LaunchFailed`` saying why."""
+
+    def startService(self) -> Any:  # noqa: N802 - Twisted's IService
+        """Start the driver's own machinery (pollers, pools, listeners)."""
+
+    def stopService(self) -> Any:  # noqa: N802 - Twisted's IService
+        """Stop it; kernels are stopped by the kernel manager before this is called."""
 
 
 def driver_settings(settings: Mapping[str, Any], key: str, default: Any) -> Any:

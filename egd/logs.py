@@ -39,10 +39,11 @@ def _text_observer(out: IO[str]) -> Any:
 def start_logging(level: str = "info", fmt: str = "text", out: IO[str] | None = None) -> None:
     """Send twisted.logger events at ``level`` and above to ``out`` (stderr) as text or JSON lines."""
     stream = out or sys.stderr
-    observer = jsonFileLogObserver(stream) if fmt == "json" else _text_observer(stream)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
+    observer: Any = jsonFileLogObserver(stream) if fmt == "json" else _text_observer(stream)
+    predicate: Any = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
     # autobahn and twisted.web are chatty at info about every connection; egd logs what matters itself.
     quiet = _LEVELS[_ORDER[max(_ORDER.index(level), _ORDER.index("warn"))]]
     for noisy in ("autobahn", "twisted.web", "txzmq"):
         predicate.setLogLevelForNamespace(noisy, quiet)
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])], redirectStandardIO=False)
+    filtered: Any = FilteringLogObserver(observer, [predicate])
+    globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False)

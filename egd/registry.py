@@ -1,8 +1,8 @@
 """The driver registry: loads the configured drivers from the ``egd.drivers`` entry points.
 
 Each driver is a named child service. A driver that cannot be found, built or verified against
-:class:`egd.driverapi.IKernelDriver` is a configuration error, reported by ``egd check-config`` and at start,
-never at a kernel's first launch.
+:class:`egd.driverapi.KernelDriver` (and Twisted's ``IService``) is a configuration error, reported by
+``egd check-config`` and at start, never at a kernel's first launch.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from zope.interface.exceptions import Invalid
-from zope.interface.verify import verifyObject
+from twisted.application.service import IService
 
 from egd.config import Config
-from egd.driverapi import IKernelDriver
+from egd.driverapi import KernelDriver
 from egd.errors import ServiceUnavailable
 from egd.service import AsyncMultiService
 
@@ -40,7 +39,7 @@ class DriverRegistry(AsyncMultiService):
     def __init__(self, config: Config, reactor: Any, runtime_dir: str) -> None:
         super().__init__()
         self.setName("drivers")
-        self._drivers: dict[str, IKernelDriver] = {}
+        self._drivers: dict[str, KernelDriver] = {}
         problems = check_driver_names(config)
         if problems:
             raise ValueError("; ".join(problems))
@@ -49,20 +48,20 @@ class DriverRegistry(AsyncMultiService):
             factory = installed[name].load()
             driver = factory(reactor=reactor, settings=settings, runtime_dir=runtime_dir,
                              port_range=config.kernels.port_range)
-            try:
-                verifyObject(IKernelDriver, driver)
-            except Invalid as exc:
-                raise ValueError(f"drivers.{name}: {factory!r} is not a valid egd driver: {exc}") from None
-            driver.setName(name)
-            driver.setServiceParent(self)
+            if not isinstance(driver, KernelDriver) or not IService.providedBy(driver):
+                raise ValueError(f"drivers.{name}: {factory!r} is not an egd driver (a Twisted service with the "
+                                 "methods of egd.driverapi.KernelDriver)")
+            service: Any = driver
+            service.setName(name)
+            service.setServiceParent(self)
             self._drivers[name] = driver
 
     @property
-    def names(self) -> Mapping[str, IKernelDriver]:
+    def names(self) -> Mapping[str, KernelDriver]:
         """The drivers by name."""
         return dict(self._drivers)
 
-    def get(self, name: str) -> IKernelDriver:
+    def get(self, name: str) -> KernelDriver:
         """The driver called ``name``; :class:`ServiceUnavailable` if this gateway does not run it."""
         try:
             return self._drivers[name]

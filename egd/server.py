@@ -40,7 +40,7 @@ class HTTPListener(Service):
         host = self.port.getHost()
         return host.host, host.port
 
-    def startService(self) -> Deferred[None]:  # type: ignore[override]  # noqa: N802 - Twisted hook
+    def startService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Bind the port; fails (CannotListenError) if it is taken."""
         super().startService()
         endpoint_type = TCP6ServerEndpoint if ":" in self._ip else TCP4ServerEndpoint
@@ -54,7 +54,7 @@ class HTTPListener(Service):
 
         return ensureDeferred(listen())
 
-    def stopService(self) -> Deferred[None] | None:  # type: ignore[override]  # noqa: N802 - Twisted hook
+    def stopService(self) -> Deferred[None] | None:  # noqa: N802 - Twisted hook
         """Stop accepting connections."""
         super().stopService()
         if self.port is not None:

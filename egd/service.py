@@ -6,10 +6,8 @@ served before the rest is up, and the listener stops first.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
 
 log = Logger()
@@ -22,29 +20,24 @@ class AsyncMultiService(MultiService):
     order, one after the other, and returns a Deferred that fires when all are up (Buildbot's pattern).
     """
 
-    def startService(self) -> Deferred[None]:  # type: ignore[override]  # noqa: N802 - Twisted hook
+    def startService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Start children in order; fires when all have started."""
         self.running = 1
-        d: Deferred[Any] = Deferred()
-        d.callback(None)
-        for child in list(self):
-            d.addCallback(lambda _, c=child: maybeDeferred(c.startService))
-        return d.addCallback(lambda _: None)
+        async def start() -> None:
+            for child in list(self):
+                await maybeDeferred(child.startService)
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]  # noqa: N802 - Twisted hook
+        return ensureDeferred(start())
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Stop children in reverse order; every child is stopped even if another fails."""
         self.running = 0
-        d: Deferred[Any] = Deferred()
-        d.callback(None)
-        failures: list[Any] = []
-        for child in reversed(list(self)):
-            def stop(_: Any, c: Any = child) -> Deferred[Any]:
-                return maybeDeferred(c.stopService).addErrback(lambda f, c=c: failures.append((c.name, f)))
-            d.addCallback(stop)
+        async def stop() -> None:
+            for child in reversed(list(self)):
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("stopping {name} failed", name=child.name)
 
-        def report(_: Any) -> None:
-            for name, failure in failures:
-                log.failure("stopping {name} failed", failure, name=name)
-
-        return d.addCallback(report)
+        return ensureDeferred(stop())
 

@@ -6,6 +6,7 @@ Every wait is bounded, so a broken gateway fails a test instead of hanging it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import time
@@ -92,8 +93,8 @@ def new_message(msg_type: str, content: dict[str, Any], session: str, channel: s
 def decode_legacy_binary(data: bytes) -> dict[str, Any]:
     """Jupyter's legacy binary frame: u32 count, u32 offsets, JSON, buffers."""
     (count,) = struct.unpack_from("!I", data)
-    offsets = list(struct.unpack_from(f"!{count}I", data, 4)) + [len(data)]
-    parts = [data[a:b] for a, b in zip(offsets, offsets[1:])]
+    offsets = [*list(struct.unpack_from(f"!{count}I", data, 4)), len(data)]
+    parts = [data[a:b] for a, b in itertools.pairwise(offsets)]
     msg = json.loads(parts[0])
     msg["buffers"] = parts[1:]
     return msg
@@ -113,8 +114,9 @@ def decode_v1(data: bytes) -> dict[str, Any]:
     """A server message in the v1 binary protocol."""
     (count,) = struct.unpack_from("<Q", data)
     offsets = struct.unpack_from(f"<{count}Q", data, 8)
-    parts = [data[a:b] for a, b in zip(offsets, offsets[1:])]
-    msg = {k: json.loads(p) for k, p in zip(("header", "parent_header", "metadata", "content"), parts[1:5])}
+    parts = [data[a:b] for a, b in itertools.pairwise(offsets)]
+    names = ("header", "parent_header", "metadata", "content")
+    msg = {k: json.loads(p) for k, p in zip(names, parts[1:5], strict=True)}
     msg["channel"] = parts[0].decode()
     msg["buffers"] = parts[5:]
     msg["msg_type"] = msg["header"]["msg_type"]

@@ -132,7 +132,7 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-                raise AssertionError(f"egd did not stop within {timeout}s after signal {sig}")
+                raise AssertionError(f"egd did not stop within {timeout}s after signal {sig}") from None
         self._log.close()
         return int(self.proc.returncode)
 

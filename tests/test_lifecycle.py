@@ -166,7 +166,7 @@ def test_concurrent_starts_never_collide(client: GatewayClient) -> None:
     def start() -> None:
         try:
             ids.append(client.start_kernel("python3"))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=start) for _ in range(8)]

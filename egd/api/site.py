@@ -85,7 +85,7 @@ def make_site(app_resource: Any, base_url: str) -> Site:
     segments = [s.encode() for s in base_url.strip("/").split("/") if s]
     root = app_resource if not segments else BaseURLResource(segments, app_resource)
     site = GatewaySite(root)
-    site.protocol = NoDelayHTTPChannel
+    site.protocol = NoDelayHTTPChannel  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -72,8 +72,9 @@ class KernelWebSocket(WebSocketServerProtocol):
 
     def onOpen(self) -> None:  # noqa: N802 - Autobahn hook
         """Join the kernel's clients (which replays what this session missed)."""
-        self.transport.setTcpNoDelay(True)
-        self.transport.registerProducer(_SendBufferWatch(self), True)
+        transport: Any = self.transport
+        transport.setTcpNoDelay(True)
+        transport.registerProducer(_SendBufferWatch(self), True)
         self._attached = True
         log.info("kernel {kernel_id}: client connected (session {session}, {protocol} protocol, {n} connected)",
                  kernel_id=self.kernel.id, session=self.session_key, protocol="v1" if self._v1 else "legacy",
@@ -168,7 +169,7 @@ class KernelChannelsResource:
         if transport is None:
             request.setResponseCode(426)
             return b""
-        protocol = self._factory.buildProtocol(transport.getPeer())
+        protocol: Any = self._factory.buildProtocol(transport.getPeer())
         protocol.kernel = self._kernel
         channel.setTimeout(None)  # the HTTP channel's idle timer must not fire on a long-lived WebSocket
         channel.transport = None

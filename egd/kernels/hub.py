@@ -73,7 +73,7 @@ class ClientHub:
         self._resume = resume
         self.clients: dict[str, KernelClient] = {}
         self._absent: dict[str, ReplayBuffer] = {}
-        self._slow: set[str] = set()
+        self._slow: set[int] = set()  # id() of clients whose send buffer is full
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -91,7 +91,7 @@ class ClientHub:
         if stale is not None and stale is not client:
             log.info("kernel {kernel_id}: session {session} reconnected, closing its stale connection",
                      kernel_id=self._kernel_id, session=key)
-            self.mark_fast(key)
+            self.mark_fast(stale)
             stale.disconnect(1000, "replaced by a newer connection of the same session")
         self.clients[key] = client
         buffered = self._absent.pop(key, None)
@@ -115,7 +115,7 @@ class ClientHub:
         if self.clients.get(key) is not client:
             return
         del self.clients[key]
-        self.mark_fast(key)
+        self.mark_fast(client)
         if keep_buffer and self._limits.messages > 0 and self._limits.seconds > 0:
             buffer = ReplayBuffer(self._limits)
             buffer.expiry = self._clock.callLater(self._limits.seconds, self._expire, key, buffer)
@@ -144,16 +144,16 @@ class ClientHub:
             return True
         return False
 
-    def mark_slow(self, key: str) -> None:
+    def mark_slow(self, client: KernelClient) -> None:
         """A client's send buffer is full: pause the kernel's iopub until it drains."""
         if not self._slow:
             self._pause()
-        self._slow.add(key)
+        self._slow.add(id(client))
 
-    def mark_fast(self, key: str) -> None:
+    def mark_fast(self, client: KernelClient) -> None:
         """A client drained (or left): resume iopub when no client is slow."""
-        if key in self._slow:
-            self._slow.discard(key)
+        if id(client) in self._slow:
+            self._slow.discard(id(client))
             if not self._slow:
                 self._resume()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from egd.driverapi import ExitStatus, IKernelDriver, ILaunchedKernel, LaunchRequest
+from egd.driverapi import ExitStatus, KernelDriver, LaunchedKernel, LaunchRequest
 from egd.errors import KernelGone, LaunchFailed, LaunchTimeout
 from egd.kernels import wire
 from egd.kernels.channels import Heartbeat, KernelChannels
@@ -65,13 +65,13 @@ class KernelPolicy:
     stable_start_seconds: float = 10.0
     heartbeat_interval: float = 3.0
     heartbeat_misses: int = 3
-    replay: ReplayLimits = ReplayLimits()
+    replay: ReplayLimits = field(default_factory=ReplayLimits)
 
 
 class Kernel:
     """A kernel egd manages, whichever driver runs it."""
 
-    def __init__(self, kernel_id: str, spec: KernelSpecInfo, env: KernelEnv, driver: IKernelDriver,
+    def __init__(self, kernel_id: str, spec: KernelSpecInfo, env: KernelEnv, driver: KernelDriver,
                  zmq: ReactorZmqFactory, clock: Any, policy: KernelPolicy, launch_timeout: float,
                  working_dir: str | None, on_gone: Callable[[Kernel], None]) -> None:
         self.id = kernel_id
@@ -93,7 +93,7 @@ class Kernel:
         self.restarts = 0
         self._restart_streak = 0
         self._started_at = clock.seconds()
-        self._handle: ILaunchedKernel | None = None
+        self._handle: LaunchedKernel | None = None
         self._channels: KernelChannels | None = None
         self._heartbeat: Heartbeat | None = None
         self._pending: dict[str, str | Callable[[str, wire.RawMessage], None]] = {}
@@ -119,7 +119,7 @@ class Kernel:
         return model
 
     @property
-    def handle(self) -> ILaunchedKernel | None:
+    def handle(self) -> LaunchedKernel | None:
         """What the driver returned for the current incarnation of the kernel."""
         return self._handle
 
@@ -169,7 +169,7 @@ class Kernel:
         log.info("kernel {kernel_id} ({spec}) is ready: {where}", kernel_id=self.id, spec=self.spec.name,
                  where=handle.describe())
 
-    async def _wait_ready(self, handle: ILaunchedKernel) -> None:
+    async def _wait_ready(self, handle: LaunchedKernel) -> None:
         """Until the kernel answers kernel_info *and* its iopub reaches us (so no client output is lost)."""
         ready: Deferred[None] = Deferred()
         replied = False
@@ -224,7 +224,7 @@ class Kernel:
                 f"seconds{self._detail(handle)}")
 
     @staticmethod
-    def _detail(handle: ILaunchedKernel) -> str:
+    def _detail(handle: LaunchedKernel) -> str:
         detail = handle.failure_detail()
         return f": {detail}" if detail else ""
 
@@ -323,7 +323,7 @@ class Kernel:
 
     # -- control ----------------------------------------------------------------------------------------
 
-    def _require_running(self) -> ILaunchedKernel:
+    def _require_running(self) -> LaunchedKernel:
         if self.state in (KernelState.TERMINATING, KernelState.TERMINATED, KernelState.DEAD) or self._handle is None:
             raise KernelGone(f"Kernel {self.id} is {self.state.value}")
         return self._handle
@@ -372,7 +372,7 @@ class Kernel:
             log.info("kernel {kernel_id} shut down", kernel_id=self.id)
             self._on_gone(self)
 
-    async def _release(self, handle: ILaunchedKernel, graceful: bool, restart: bool = False) -> None:
+    async def _release(self, handle: LaunchedKernel, graceful: bool, restart: bool = False) -> None:
         """End one incarnation of the kernel and free everything it held."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
@@ -396,19 +396,19 @@ class Kernel:
 
     # -- death and automatic restart --------------------------------------------------------------------
 
-    def _heartbeat_lost(self, handle: ILaunchedKernel, silence: float) -> None:
+    def _heartbeat_lost(self, handle: LaunchedKernel, silence: float) -> None:
         if handle is self._handle and self.state is KernelState.RUNNING:
             log.warn("kernel {kernel_id}: no heartbeat for {silence:.1f}s from {where}; killing it",
                      kernel_id=self.id, silence=silence, where=handle.describe())
             self._background.run(handle.kill(), f"killing unresponsive kernel {self.id}")
 
-    def _exited(self, status: ExitStatus, handle: ILaunchedKernel) -> ExitStatus:
+    def _exited(self, status: ExitStatus, handle: LaunchedKernel) -> ExitStatus:
         if handle is self._handle and self.state is KernelState.RUNNING:
             log.warn("kernel {kernel_id} {how} unexpectedly", kernel_id=self.id, how=status.describe())
             self._background.run(self._auto_restart(handle, status), f"automatic restart of kernel {self.id}")
         return status
 
-    async def _auto_restart(self, handle: ILaunchedKernel, status: ExitStatus) -> None:
+    async def _auto_restart(self, handle: LaunchedKernel, status: ExitStatus) -> None:
         async with self._lock:
             if handle is not self._handle or self.state is not KernelState.RUNNING:
                 return

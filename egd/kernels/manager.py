@@ -108,10 +108,14 @@ class KernelManager(Service):
         await DeferredList([ensureDeferred(k.shutdown()) for k in kernels], consumeErrors=True)
         await DeferredList([k.wait_background() for k in kernels], consumeErrors=True)
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]  # noqa: N802 - Twisted hook
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Refuse new kernels, stop the existing ones, close the ZeroMQ context."""
         self._accepting = False
         super().stopService()
-        d = ensureDeferred(self.shutdown_all())
-        d.addBoth(lambda result: (shutdown_factory(self._zmq), result)[1])
-        return d
+        async def stop() -> None:
+            try:
+                await self.shutdown_all()
+            finally:
+                shutdown_factory(self._zmq)
+
+        return ensureDeferred(stop())

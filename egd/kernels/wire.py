@@ -15,6 +15,7 @@ signed once. Formats:
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import struct
 import uuid
@@ -186,8 +187,8 @@ def _from_dict(msg: Any, buffers: list[bytes]) -> tuple[str, RawMessage]:
         encoded = [_dumps(header)] + [_dumps(p) for p in pieces]
     except ValueError:
         raise WireError("message has values JSON cannot carry") from None
-    raw = RawMessage(*encoded, buffers=buffers, msg_id=msg_id if isinstance(msg_id, str) else "",
-                     msg_type=header["msg_type"])
+    raw = RawMessage(encoded[0], encoded[1], encoded[2], encoded[3], buffers,
+                     msg_id if isinstance(msg_id, str) else "", header["msg_type"])
     return channel, raw
 
 
@@ -206,12 +207,12 @@ def from_legacy_binary(payload: bytes) -> tuple[str, RawMessage]:
         (count,) = struct.unpack_from("!I", payload)
         if not 1 <= count <= _MAX_BUFFERS:
             raise WireError("bad buffer count")
-        offsets = list(struct.unpack_from(f"!{count}I", payload, 4)) + [len(payload)]
+        offsets = [*list(struct.unpack_from(f"!{count}I", payload, 4)), len(payload)]
     except struct.error:
         raise WireError("truncated binary frame") from None
-    if offsets[0] < 4 * (count + 1) or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-2] > len(payload):
+    if offsets[0] < 4 * (count + 1) or any(b < a for a, b in itertools.pairwise(offsets)) or offsets[-2] > len(payload):
         raise WireError("bad offsets in binary frame")
-    parts = [payload[a:b] for a, b in zip(offsets, offsets[1:])]
+    parts = [payload[a:b] for a, b in itertools.pairwise(offsets)]
     try:
         msg = json.loads(parts[0])
     except ValueError:
@@ -228,9 +229,10 @@ def from_v1(payload: bytes) -> tuple[str, RawMessage]:
         offsets = struct.unpack_from(f"<{count}Q", payload, 8)
     except struct.error:
         raise WireError("truncated v1 frame") from None
-    if offsets[0] != 8 * (count + 1) or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] > len(payload):
+    ordered = all(a <= b for a, b in itertools.pairwise(offsets))
+    if offsets[0] != 8 * (count + 1) or not ordered or offsets[-1] > len(payload):
         raise WireError("bad offsets in v1 frame")
-    parts = [payload[a:b] for a, b in zip(offsets, offsets[1:])]
+    parts = [payload[a:b] for a, b in itertools.pairwise(offsets)]
     try:
         channel = parts[0].decode("ascii")
     except UnicodeDecodeError:

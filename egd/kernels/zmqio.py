@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory
 
@@ -41,18 +40,19 @@ class ReactorZmqFactory(ZmqFactory):
         self.context.setsockopt(zmq.MAX_SOCKETS, 65536)
 
 
-class ZmqSocket(ZmqConnection):  # type: ignore[misc]
+class ZmqSocket(ZmqConnection):
     """A connected ZeroMQ socket that hands each multipart message to ``on_message``; pausable."""
 
     highWaterMark = 0
     reconnectInterval = RECONNECT_IVL_MS
+    read_scheduled: Any
 
     def __init__(self, factory: ReactorZmqFactory, socket_type: int, address: str,
                  on_message: Callable[[list[bytes]], None], identity: bytes | None = None) -> None:
         self.socketType = socket_type
         self._on_message = on_message
         self._paused = False
-        self._reactor: IReactorTime = factory.reactor
+        self._reactor: Any = factory.reactor
         super().__init__(factory, None, identity)
         if socket_type != zmq.SUB:
             self.socket.set(zmq.SNDHWM, SEND_HWM)
