@@ -8,6 +8,7 @@ pauses the kernel's iopub instead of growing egd's memory or losing messages.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -25,6 +26,8 @@ from egd.kernels.kernel import Kernel
 log = Logger()
 
 _MAX_BAD_MESSAGES = 100
+_SHORT = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
 
 
 @implementer(IPushProducer)
@@ -107,6 +110,31 @@ class KernelWebSocket(WebSocketServerProtocol):
             log.info("kernel {kernel_id}: client disconnected (session {session}, code {code})",
                      kernel_id=self.kernel.id, session=self.session_key, code=code)
 
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted hook
+        """Feed Autobahn without its per-read debug line (its arguments are formatted even when unused)."""
+        self._dataReceived(data)
+
+    def _write_frame(self, payload: bytes, binary: bool) -> None:
+        """Write one whole unmasked frame: the hot path, kernel -> client.
+
+        Autobahn's ``sendMessage`` formats a debug log line's arguments on every call, which costs more than
+        the rest of the relay. egd never fragments, compresses or queues outgoing messages, so outside those
+        states a frame is just a header and the payload (written without copying it).
+        """
+        if self.send_state != self.SEND_STATE_GROUND or self.send_queue or self._perMessageCompress is not None:
+            self.sendMessage(payload, binary)
+            return
+        length = len(payload)
+        opcode = 0x82 if binary else 0x81
+        if length < 126:
+            header = bytes((opcode, length))
+        elif length < 65536:
+            header = _SHORT.pack(opcode, 126, length)
+        else:
+            header = _LONG.pack(opcode, 127, length)
+        transport: Any = self.transport
+        transport.writeSequence((header, payload))
+
     # KernelClient ----------------------------------------------------------------------------------------
 
     def deliver(self, channel: str, message: wire.RawMessage) -> None:
@@ -114,10 +142,9 @@ class KernelWebSocket(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return
         if self._v1:
-            self.sendMessage(wire.to_v1(message, channel), True)
+            self._write_frame(wire.to_v1(message, channel), True)
         else:
-            payload, binary = wire.to_legacy(message, channel)
-            self.sendMessage(payload, binary)
+            self._write_frame(*wire.to_legacy(message, channel))
 
     def disconnect(self, code: int, reason: str) -> None:
         """Close this connection (kernel gone, or replaced by a newer connection of the session)."""

@@ -18,7 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from egd.driverapi import ExitStatus, KernelDriver, LaunchedKernel, LaunchRequest
-from egd.errors import KernelGone, LaunchFailed, LaunchTimeout
+from egd.errors import Conflict, KernelGone, LaunchFailed, LaunchTimeout
 from egd.kernels import wire
 from egd.kernels.channels import Heartbeat, KernelChannels
 from egd.kernels.env import KernelEnv
@@ -143,6 +143,7 @@ class Kernel:
                 self._die(f"launch failed: {exc}", announce=False)
                 raise
             self._set_state(KernelState.RUNNING)
+            self._flush_held()
 
     async def _launch(self) -> None:
         request = LaunchRequest(self.id, self.spec, self.env.for_spec(self.spec.env), self.env.username,
@@ -324,8 +325,10 @@ class Kernel:
     # -- control ----------------------------------------------------------------------------------------
 
     def _require_running(self) -> LaunchedKernel:
-        if self.state in (KernelState.TERMINATING, KernelState.TERMINATED, KernelState.DEAD) or self._handle is None:
+        if self.state in (KernelState.TERMINATING, KernelState.TERMINATED, KernelState.DEAD):
             raise KernelGone(f"Kernel {self.id} is {self.state.value}")
+        if self._handle is None:
+            raise Conflict(f"Kernel {self.id} is still {self.state.value}; try again when it is ready")
         return self._handle
 
     async def interrupt(self) -> None:

@@ -72,13 +72,18 @@ class ZmqSocket(ZmqConnection):
                 self.read_scheduled.cancel()
             self.read_scheduled = None
         socket = self.socket
+        recv = socket.recv
         while not self._paused and self.factory is not None:
-            if not socket.get(zmq.EVENTS) & zmq.POLLIN:
-                return
+            # Drain until EAGAIN (the descriptor only signals a change). Frame.more avoids a getsockopt call
+            # per frame, which pyzmq wraps in enum conversions.
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                continue
+                return
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv(copy=False)
+                frames.append(frame.bytes)
             try:
                 self._on_message(frames)
             except Exception:
