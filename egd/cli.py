@@ -86,6 +86,18 @@ def _kernelspecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_file_limit() -> None:
+    """Each kernel holds a dozen descriptors (ZeroMQ sockets, pipes): lift the soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def _run(args: argparse.Namespace) -> int:
     from twisted.internet import reactor as global_reactor
     from twisted.logger import Logger
@@ -98,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     config = with_overrides(config, ip=args.ip, port=args.port, base_url=args.base_url)
     level = args.log_level or config.logging.level
     start_logging(level, config.logging.format)
+    _raise_file_limit()
     log = Logger(namespace="egd")
     try:
         gateway = Gateway(config, reactor)

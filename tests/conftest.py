@@ -165,6 +165,8 @@ def gateway() -> Iterator[GatewayProcess]:
     """One egd shared by the tests that do not change its configuration."""
     process = GatewayProcess()
     yield process
+    left = process.client.request("GET", "/api/kernels").json
+    assert left == [], f"tests left kernels on the shared gateway: {left}"
     code = process.stop()
     assert code == 0, process.log()
     assert not wait_until_gone(process.runtime_dir, 10), "kernels left after egd stopped"

@@ -101,6 +101,7 @@ class Kernel:
         self._iopub_seen = False
         self._on_iopub_seen: Callable[[], None] | None = None
         self._internal_session = f"egd-{kernel_id}"
+        self._internal_marker = f'"{self._internal_session}"'.encode()
         self.hub = ClientHub(kernel_id, clock, policy.replay, lambda: None, lambda: None)
 
     # -- model ------------------------------------------------------------------------------------------
@@ -288,7 +289,9 @@ class Kernel:
                 self._iopub_seen = True
                 if self._on_iopub_seen is not None:
                     self._on_iopub_seen()
-            self.hub.broadcast(channel, message)
+            if self._internal_marker not in message.parent_header:
+                # Clients see only traffic of their own requests, not egd's readiness probes.
+                self.hub.broadcast(channel, message)
             return
         parent = message.parent_msg_id()
         if parent is None:
@@ -336,6 +339,9 @@ class Kernel:
         handle = self._require_running()
         self._touch()
         log.info("kernel {kernel_id}: interrupt ({mode})", kernel_id=self.id, mode=self.spec.interrupt_mode)
+        await self._send_interrupt(handle)
+
+    async def _send_interrupt(self, handle: LaunchedKernel) -> None:
         if self.spec.interrupt_mode == "message":
             self._request("control", "interrupt_request", {})
         else:
@@ -382,6 +388,9 @@ class Kernel:
             self._heartbeat = None
         ended = handle.exited
         if graceful and not ended.called and self._channels is not None:
+            # As jupyter_client does: interrupt first, so a kernel busy in a cell acts on the shutdown_request
+            # at once instead of after shutdown_wait (an idle kernel ignores the interrupt).
+            await self._send_interrupt(handle)
             self._request("control", "shutdown_request", {"restart": restart})
             if not await wait_for(ended, self._policy.shutdown_wait, self._clock):
                 await handle.signal(signal.SIGTERM)
