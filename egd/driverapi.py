@@ -30,13 +30,17 @@ class LaunchRequest:
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How a kernel ended: an exit code, a signal number, or neither when unknown."""
+    """How a kernel ended: an exit code, a signal number, or neither when unknown; ``lost`` when its host could
+    not be reached (the kernel may even still run there, cut off)."""
 
     code: int | None = None
     signal: int | None = None
+    lost: bool = False
 
     def describe(self) -> str:
         """Human words for the log and for error messages."""
+        if self.lost:
+            return "was lost with its host"
         if self.signal is not None:
             return f"killed by signal {self.signal}"
         if self.code is not None:

@@ -172,9 +172,18 @@ class KernelSocket:
         return msg
 
     def recv(self, timeout: float = 60) -> dict[str, Any]:
-        """The next message (raises websocket.WebSocketTimeoutException after ``timeout``)."""
-        self.ws.settimeout(timeout)
-        opcode, data = self.ws.recv_data()
+        """The next message (raises websocket.WebSocketTimeoutException after ``timeout``, pings or not)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise websocket.WebSocketTimeoutException(f"no message within {timeout}s")
+            self.ws.settimeout(left)
+            opcode, data = self.ws.recv_data(control_frame=True)
+            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                break
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise websocket.WebSocketConnectionClosedException("the server closed the connection")
         if opcode == websocket.ABNF.OPCODE_BINARY:
             return decode_v1(data) if self.v1 else decode_legacy_binary(data)
         return dict(json.loads(data))

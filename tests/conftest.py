@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import sshhosts
 from tests.client import GatewayClient
+
+# Remote hosts for the ssh tests (network namespaces with their own sshd), built once per session when asked.
+ssh_lab = sshhosts.ssh_lab
+ssh_hosts = sshhosts.ssh_hosts
 
 HERE = Path(__file__).resolve().parent
 KERNELSPECS = HERE / "kernelspecs"

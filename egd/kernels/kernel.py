@@ -417,8 +417,18 @@ class Kernel:
     def _exited(self, status: ExitStatus, handle: LaunchedKernel) -> ExitStatus:
         if handle is self._handle and self.state is KernelState.RUNNING:
             log.warn("kernel {kernel_id} {how} unexpectedly", kernel_id=self.id, how=status.describe())
-            self._background.run(self._auto_restart(handle, status), f"automatic restart of kernel {self.id}")
+            if status.lost:
+                # Its host is unreachable: the kernel's state is gone with it; say so rather than hang.
+                self._background.run(self._lose(handle), f"declaring kernel {self.id} dead")
+            else:
+                self._background.run(self._auto_restart(handle, status), f"automatic restart of kernel {self.id}")
         return status
+
+    async def _lose(self, handle: LaunchedKernel) -> None:
+        async with self._lock:
+            if handle is self._handle and self.state is KernelState.RUNNING:
+                await self._release(handle, graceful=False)
+                self._die(f"its host is unreachable ({handle.describe()})")
 
     async def _auto_restart(self, handle: LaunchedKernel, status: ExitStatus) -> None:
         async with self._lock:

@@ -1,0 +1,232 @@
+"""The ``ssh`` driver: kernels on a pool of hosts, started over ssh beside egd's launcher.
+
+Why the ``ssh`` command through ``spawnProcess`` and not an SSH library: it never blocks the reactor, it reads
+the operator's ``ssh_config`` (aliases, keys, jump hosts, ControlMaster) exactly as they use it by hand, host
+keys are checked by OpenSSH's own rules, and no password or key material passes through egd's memory.
+
+The remote command is an argv, each element quoted for the remote shell; the kernel's environment and the
+launch secrets travel on ssh's stdin as JSON, so no client-controlled value is ever parsed by a shell and
+``ps`` on the host shows no secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from egd.driverapi import LaunchedKernel, LaunchRequest
+from egd.errors import LaunchFailed, LaunchTimeout
+from egd.launchers import kernel_launcher
+from egd.remote import LaunchListener, LaunchRefused, RemoteKernel
+
+log = Logger()
+
+#: ssh's own exit status when it could not connect or authenticate (not the remote command's).
+SSH_FAILED = 255
+_TAIL = 8192
+
+
+class _SshProcess(protocol.ProcessProtocol):
+    """One ssh invocation: feeds stdin, keeps the tail of stdout/stderr, reports the exit code."""
+
+    def __init__(self, stdin: bytes | None) -> None:
+        self._stdin = stdin
+        self.out: deque[bytes] = deque(maxlen=64)
+        self.err: deque[bytes] = deque(maxlen=64)
+        self.ended: Deferred[int] = Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted hook
+        transport: Any = self.transport
+        if self._stdin is not None:
+            transport.write(self._stdin)
+        transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted hook
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted hook
+        self.err.append(data)
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted hook
+        code = getattr(reason.value, "exitCode", None)
+        self.ended.callback(code if isinstance(code, int) else -1)
+
+    def stderr(self) -> str:
+        text = b"".join(self.err)[-_TAIL:].decode("utf-8", "replace").strip()
+        return "\n".join(line for line in text.splitlines()[-15:] if line.strip())
+
+
+class SshDriver(MultiService):
+    """Launches kernels on ssh hosts, round-robin or on the host with the fewest kernels."""
+
+    def __init__(self, reactor: Any, settings: Mapping[str, Any], runtime_dir: str,
+                 port_range: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.name = "ssh"
+        self._reactor = reactor
+        self._hosts: list[str] = [str(h) for h in settings.get("hosts", [])]
+        if not self._hosts:
+            raise ValueError("drivers.ssh.hosts: list at least one host")
+        self._placement = str(settings.get("placement", "round-robin"))
+        if self._placement not in ("round-robin", "least-connection"):
+            raise ValueError("drivers.ssh.placement: round-robin or least-connection")
+        self._ssh = str(settings.get("ssh_command", "ssh"))
+        self._ssh_config = settings.get("ssh_config")
+        self._ssh_options = [str(o) for o in settings.get("ssh_options", [])]
+        self._connect_timeout = int(settings.get("connect_timeout", 5))
+        self._user = settings.get("user")
+        self._python = settings.get("python")
+        self._launcher = str(settings.get("launcher_path", os.path.abspath(kernel_launcher.__file__)))
+        self._log_dir = str(settings.get("log_dir", "/tmp"))
+        self._port_range = port_range
+        if settings.get("port_range"):
+            low, _, high = str(settings["port_range"]).partition("..")
+            self._port_range = (int(low), int(high))
+        self._next = 0
+        self._running: dict[str, str] = {}  # kernel id -> host, for least-connection
+        self.listener = LaunchListener(reactor, str(settings.get("callback_host", "127.0.0.1")),
+                                       int(settings.get("callback_port", 0)))
+        self.listener.setServiceParent(self)
+
+    # -- placement ----------------------------------------------------------------------------------------
+
+    def _candidates(self, request: LaunchRequest) -> list[str]:
+        hosts = request.spec.driver_config.get("hosts") or self._hosts
+        hosts = [str(h) for h in hosts]
+        if self._placement == "least-connection":
+            load = {h: 0 for h in hosts}
+            for host in self._running.values():
+                if host in load:
+                    load[host] += 1
+            return sorted(hosts, key=lambda h: (load[h], hosts.index(h)))
+        start = self._next % len(hosts)
+        self._next += 1
+        return hosts[start:] + hosts[:start]
+
+    # -- ssh ------------------------------------------------------------------------------------------------
+
+    def _ssh_argv(self, host: str, remote: list[str]) -> list[str]:
+        argv = [self._ssh]
+        if self._ssh_config:
+            argv += ["-F", str(self._ssh_config)]
+        argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self._connect_timeout}",
+                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2"]
+        for option in self._ssh_options:
+            argv += ["-o", option]
+        if self._user:
+            argv += ["-l", str(self._user)]
+        return [*argv, "--", host, " ".join(shlex.quote(part) for part in remote)]
+
+    async def _run_ssh(self, host: str, remote: list[str], stdin: bytes | None = None) -> tuple[int, _SshProcess]:
+        proto = _SshProcess(stdin)
+        argv = self._ssh_argv(host, remote)
+        self._reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ))
+        code = await proto.ended
+        return code, proto
+
+    def _remote_command(self, request: LaunchRequest, callback: tuple[str, int]) -> list[str]:
+        argv = list(request.spec.argv)
+        python = self._python or (argv[0] if argv and os.path.isabs(argv[0]) else sys.executable)
+        if argv and argv[0] in ("python", "python3"):
+            argv[0] = python
+        command = ["exec", python, self._launcher, "--kernel-id", request.kernel_id,
+                   "--callback", f"{callback[0]}:{callback[1]}", "--log-dir", self._log_dir,
+                   "--startup-timeout", f"{request.timeout:g}"]
+        if self._port_range:
+            command += ["--port-range", f"{self._port_range[0]}..{self._port_range[1]}"]
+        if request.working_dir:
+            command += ["--working-dir", request.working_dir]
+        return [*command, "--", *argv]
+
+    # -- launching --------------------------------------------------------------------------------------
+
+    def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
+        """Try the hosts in placement order; the first that starts the kernel wins."""
+        return Deferred.fromCoroutine(self._launch(request))
+
+    async def _launch(self, request: LaunchRequest) -> LaunchedKernel:
+        tried: list[str] = []
+        for host in self._candidates(request):
+            registration = self.listener.register(request.kernel_id)
+            key = uuid.uuid4().hex
+            secrets_line = json.dumps({"secret": registration.secret.decode(), "key": key,
+                                       "env": dict(request.env)}).encode() + b"\n"
+            remote = self._remote_command(request, self.listener.address)
+            code, proc = await self._run_ssh(host, remote, secrets_line)
+            if code == SSH_FAILED:
+                why = proc.stderr() or "ssh failed"
+                log.warn("kernel {kernel_id}: host {host} unreachable, trying the next one: {why}",
+                         kernel_id=request.kernel_id, host=host, why=why)
+                tried.append(f"{host}: {why}")
+                self.listener.unregister(registration)
+                continue
+            if code != 0:
+                self.listener.unregister(registration)
+                raise LaunchFailed(f"the launcher on {host} exited with code {code}: {proc.stderr() or 'no output'}")
+            started = _parse_started(proc)
+            log.info("kernel {kernel_id}: launcher started on {host} (pid {pid})", kernel_id=request.kernel_id,
+                     host=host, pid=started.get("launcher_pid"))
+            waiter = registration.ready
+            waiter.addTimeout(request.timeout, self._reactor)
+            try:
+                info = await waiter
+            except LaunchRefused as exc:
+                self.listener.unregister(registration)
+                raise LaunchFailed(f"the kernel failed to start on {host}: {exc}") from None
+            except Exception:
+                self.listener.unregister(registration)
+                await self._kill_launcher(host, started.get("launcher_pid"))
+                detail = await self._log_tail(host, str(started.get("log", "")))
+                raise LaunchTimeout(f"the launcher on {host} did not report within {request.timeout:g} seconds"
+                                    + (f": {detail}" if detail else "")) from None
+            kernel = RemoteKernel(self._reactor, registration, info, key, host, self._forget, self._force_kill)
+            kernel.detail = proc.stderr()
+            self._running[request.kernel_id] = host
+            return kernel
+        raise LaunchFailed("no ssh host could start the kernel: " + "; ".join(tried))
+
+    def _forget(self, kernel: RemoteKernel) -> None:
+        self.listener.unregister(kernel.registration)
+        self._running.pop(kernel.registration.kernel_id, None)
+
+    async def _force_kill(self, kernel: RemoteKernel) -> None:
+        pid = int(kernel.info.get("pid", 0))
+        if pid <= 1:
+            raise LaunchFailed("no pid to kill")
+        code, proc = await self._run_ssh(kernel.where, ["kill", f"-{signal.SIGKILL}", "--", f"-{pid}"])
+        if code == SSH_FAILED:
+            raise ConnectionError(proc.stderr() or "ssh failed")
+
+    async def _kill_launcher(self, host: str, pid: Any) -> None:
+        if isinstance(pid, int) and pid > 1:
+            await self._run_ssh(host, ["kill", f"-{signal.SIGTERM}", "--", f"-{pid}"])
+
+    async def _log_tail(self, host: str, path: str) -> str:
+        if not path:
+            return ""
+        code, proc = await self._run_ssh(host, ["tail", "-n", "15", "--", path])
+        return b"".join(proc.out).decode("utf-8", "replace").strip() if code == 0 else ""
+
+
+def _parse_started(proc: _SshProcess) -> dict[str, Any]:
+    for line in reversed(b"".join(proc.out).decode("utf-8", "replace").splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}

@@ -1,0 +1,310 @@
+"""The gateway's side of the launcher protocol (``docs/launcher-protocol.rst``), shared by remote drivers.
+
+- :class:`LaunchListener`: the callback listener launchers report to. Each connection is its own protocol
+  with a read deadline and a line-size limit, so a slow, silent, oversized or malicious peer delays no one.
+  Only a message signed with the secret of a launch egd is waiting for is accepted; replays are refused.
+- :func:`control_request`: a signed request to a launcher's control port, with a deadline.
+- :class:`RemoteKernel`: the :class:`egd.driverapi.LaunchedKernel` of a kernel started through a launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+from egd.driverapi import ExitStatus
+from egd.launchers.kernel_launcher import MAX_LINE, NonceCache, sign, verify
+
+log = Logger()
+
+READ_DEADLINE = 10.0
+CONTROL_DEADLINE = 5.0
+
+
+class LaunchRefused(Exception):
+    """A launcher's message that egd does not accept (the text says why; it is logged, never trusted)."""
+
+
+@dataclass
+class Registration:
+    """What egd expects from one launch: its secret, and what to do with each kind of message."""
+
+    kernel_id: str
+    secret: bytes
+    ready: Deferred[dict[str, Any]] = field(default_factory=Deferred)
+    exited: Deferred[ExitStatus] = field(default_factory=Deferred)
+    nonces: NonceCache = field(default_factory=NonceCache)
+
+    def accept(self, message: dict[str, Any]) -> None:
+        """Apply an authentic message; :class:`LaunchRefused` if it does not fit the launch's state."""
+        kind = message.get("type")
+        if kind == "ready":
+            if self.ready.called:
+                raise LaunchRefused("this kernel has already reported")
+            info = message.get("info")
+            if not isinstance(info, dict):
+                raise LaunchRefused("ready without connection info")
+            self.ready.callback(info)
+        elif kind == "failed":
+            if self.ready.called:
+                raise LaunchRefused("failure reported after ready")
+            self.ready.errback(LaunchRefused(str(message.get("reason", "the launcher reported a failure"))))
+        elif kind == "exited":
+            if not self.ready.called or self.exited.called:
+                raise LaunchRefused("exit reported out of order")
+            code = message.get("code")
+            self.exited.callback(ExitStatus(code if isinstance(code, int) else None))
+        else:
+            raise LaunchRefused(f"unknown message type {str(kind)[:20]!r}")
+
+
+def _peer(transport: Any) -> str:
+    return str(getattr(transport.getPeer(), "host", "?")) if transport is not None else "?"
+
+
+class _CallbackProtocol(LineOnlyReceiver, TimeoutMixin):
+    """One connection from a launcher: one line in, one line out, within a deadline."""
+
+    MAX_LENGTH = MAX_LINE
+    delimiter = b"\n"
+
+    def __init__(self, listener: LaunchListener) -> None:
+        self._listener = listener
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted hook
+        """Start the read deadline."""
+        self.setTimeout(READ_DEADLINE)
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted hook
+        """Judge the message and answer."""
+        self.setTimeout(None)
+        transport: Any = self.transport
+        answer = self._listener.receive(line, _peer(transport))
+        self.sendLine(json.dumps(answer).encode())
+        if transport is not None:
+            transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - Twisted hook
+        """Oversized: drop the connection."""
+        transport: Any = self.transport
+        log.warn("launch listener: refused an oversized message from {peer}", peer=_peer(transport))
+        if transport is not None:
+            transport.abortConnection()
+
+    def timeoutConnection(self) -> None:  # noqa: N802 - Twisted hook
+        """Silent or slow: drop the connection."""
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+
+class LaunchListener(Service):
+    """The TCP listener launchers report to."""
+
+    def __init__(self, reactor: Any, host: str, port: int = 0) -> None:
+        self.name = "launch-listener"
+        self._reactor = reactor
+        self._host = host
+        self._port_number = port
+        self._port: Any = None
+        self._registrations: dict[str, Registration] = {}
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where launchers call back (host as configured, port as bound)."""
+        if self._port is None:
+            raise RuntimeError("the launch listener is not listening")
+        return self._host, int(self._port.getHost().port)
+
+    def startService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Listen."""
+        super().startService()
+        factory = Factory.forProtocol(lambda: _CallbackProtocol(self))
+        endpoint = TCP4ServerEndpoint(self._reactor, self._port_number, interface=self._host, backlog=128)
+
+        def listening(port: Any) -> None:
+            self._port = port
+            log.info("launch listener on {host}:{port}", host=self._host, port=port.getHost().port)
+
+        return endpoint.listen(factory).addCallback(listening)
+
+    def stopService(self) -> Deferred[None] | None:  # noqa: N802 - Twisted hook
+        """Stop listening."""
+        super().stopService()
+        port, self._port = self._port, None
+        return port.stopListening() if port is not None else None
+
+    def register(self, kernel_id: str) -> Registration:
+        """Expect a launch of ``kernel_id``; its fresh secret is in the registration."""
+        registration = Registration(kernel_id, secrets.token_hex(32).encode())
+        self._registrations[kernel_id] = registration
+        return registration
+
+    def unregister(self, registration: Registration) -> None:
+        """Forget a launch (the kernel is gone)."""
+        if self._registrations.get(registration.kernel_id) is registration:
+            del self._registrations[registration.kernel_id]
+
+    def receive(self, line: bytes, peer: str) -> dict[str, Any]:
+        """Check and apply one launcher message; the answer to send back."""
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        kernel_id = message.get("kernel_id") if isinstance(message, dict) else None
+        registration = self._registrations.get(kernel_id) if isinstance(kernel_id, str) else None
+        if registration is None:
+            log.warn("launch listener: refused a message from {peer}: no launch of kernel {kernel_id} is expected",
+                     peer=peer, kernel_id=str(kernel_id)[:40])
+            return {"ok": False, "error": "refused"}
+        why = verify(message, registration.secret, registration.nonces)
+        if why is None:
+            try:
+                registration.accept(message)
+            except LaunchRefused as exc:
+                why = str(exc)
+        if why is not None:
+            log.warn("launch listener: refused a message for kernel {kernel_id} from {peer}: {why}",
+                     kernel_id=kernel_id, peer=peer, why=why)
+            return {"ok": False, "error": "refused"}
+        log.debug("launch listener: {kind} from kernel {kernel_id} at {peer}", kind=message.get("type"),
+                  kernel_id=kernel_id, peer=peer)
+        return {"ok": True}
+
+
+class _ControlClient(LineOnlyReceiver):
+    MAX_LENGTH = MAX_LINE
+    delimiter = b"\n"
+
+    def __init__(self, request: bytes) -> None:
+        self._request = request
+        self.answer: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted hook
+        self.sendLine(self._request)
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted hook
+        if not self.answer.called:
+            self.answer.callback(line)
+        transport: Any = self.transport
+        if transport is not None:
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted hook
+        if not self.answer.called:
+            self.answer.errback(ConnectionError("the launcher closed the connection without answering"))
+
+
+async def control_request(reactor: Any, host: str, port: int, kernel_id: str, secret: bytes,
+                          nonces: NonceCache, op: str, **fields: Any) -> dict[str, Any]:
+    """Send a signed ``op`` to a launcher and return its verified answer (``ConnectionError``/timeout if not)."""
+    request = sign({"kernel_id": kernel_id, "op": op, **fields}, secret)
+    client = _ControlClient(json.dumps(request).encode())
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=CONTROL_DEADLINE)
+    connecting = connectProtocol(endpoint, client)
+    connecting.addTimeout(CONTROL_DEADLINE, reactor)
+    await connecting
+    client.answer.addTimeout(CONTROL_DEADLINE, reactor)
+    try:
+        line = await client.answer
+    finally:
+        transport: Any = client.transport
+        if transport is not None:
+            transport.abortConnection()
+    answer = json.loads(line)
+    why = verify(answer, secret, nonces)
+    if why is None and answer.get("reply_to") != request["nonce"]:
+        why = "answer to another request"
+    if why is not None:
+        raise ConnectionError(f"launcher answer refused: {why}")
+    return dict(answer)
+
+
+class RemoteKernel:
+    """A kernel started through a launcher; signals and shutdown go through the launcher's control port."""
+
+    def __init__(self, reactor: Any, registration: Registration, info: dict[str, Any], key: str, where: str,
+                 on_cleanup: Callable[[RemoteKernel], None],
+                 force_kill: Callable[[RemoteKernel], Awaitable[None]]) -> None:
+        self._reactor = reactor
+        self.registration = registration
+        self.info = info
+        self.where = where
+        self.connection_info: dict[str, Any] = {
+            "transport": "tcp", "ip": info["ip"], "key": key, "signature_scheme": "hmac-sha256",
+            **{name: int(info[name]) for name in ("shell_port", "iopub_port", "stdin_port", "control_port",
+                                                  "hb_port")},
+        }
+        self.exited: Deferred[ExitStatus] = Deferred()
+        registration.exited.addCallback(self._ended)
+        self._on_cleanup = on_cleanup
+        self._force_kill = force_kill
+        self._nonces = NonceCache()
+        self.detail = ""
+
+    def _ended(self, status: ExitStatus) -> ExitStatus:
+        if not self.exited.called:
+            self.exited.callback(status)
+        return status
+
+    def describe(self) -> str:
+        """Host and pid."""
+        return f"{self.where} ({self.info.get('hostname', '?')} {self.info['ip']}) pid {self.info.get('pid')}"
+
+    def failure_detail(self) -> str:
+        """What the launcher or ssh said last."""
+        return self.detail
+
+    async def _control(self, op: str, **fields: Any) -> dict[str, Any]:
+        return await control_request(self._reactor, str(self.info["ip"]), int(self.info["launcher_port"]),
+                                     self.registration.kernel_id, self.registration.secret, self._nonces, op,
+                                     **fields)
+
+    def signal(self, signum: int) -> Deferred[None]:
+        """Ask the launcher to signal the kernel's process group."""
+        async def send() -> None:
+            try:
+                await self._control("signal", signum=signum)
+            except Exception as exc:
+                log.warn("kernel {kernel_id}: signal {signum} not delivered: {why}",
+                         kernel_id=self.registration.kernel_id, signum=signum, why=str(exc) or type(exc).__name__)
+
+        return Deferred.fromCoroutine(send())
+
+    def kill(self) -> Deferred[None]:
+        """Stop the kernel through its launcher, else by force; the kernel counts as ended either way."""
+        async def kill() -> None:
+            if self.exited.called:
+                return
+            try:
+                await self._control("shutdown")
+            except Exception as exc:
+                log.warn("kernel {kernel_id}: launcher unreachable ({why}); trying harder",
+                         kernel_id=self.registration.kernel_id, why=str(exc) or type(exc).__name__)
+                try:
+                    await self._force_kill(self)
+                except Exception as exc2:
+                    log.warn("kernel {kernel_id}: could not reach its host to kill it: {why}",
+                             kernel_id=self.registration.kernel_id, why=str(exc2) or type(exc2).__name__)
+                    self._ended(ExitStatus(None, None, lost=True))
+                    return
+            self._ended(ExitStatus(None, 9))
+
+        if self.exited.called:
+            return succeed(None)
+        return Deferred.fromCoroutine(kill())
+
+    def cleanup(self) -> None:
+        """Forget the launch."""
+        self._on_cleanup(self)

@@ -1,0 +1,413 @@
+"""egd's kernel launcher: runs beside a remote kernel, reports where it listens, relays control requests.
+
+Standard library only (the kernel's own ipykernel is imported only in the ``--run-ipykernel`` bootstrap, in the
+kernel's process); it never imports egd, because it runs on hosts where only the kernel's Python exists.
+The protocol is documented in ``docs/launcher-protocol.rst``. In short:
+
+1. The gateway starts ``python kernel_launcher.py --kernel-id ID --callback HOST:PORT [...] -- KERNEL ARGV``
+   and writes one JSON line on its stdin: ``{"secret": ..., "key": ...}`` (never on a command line, so ``ps``
+   on the host does not show them). ``secret`` authenticates this launch; ``key`` is the kernel's message
+   signing key, which the gateway created.
+2. The launcher detaches (its own session, output to a log file on this host), binds its control port, starts
+   the kernel with ports the kernel binds itself (port 0, or inside ``--port-range`` by binding directly in
+   the range: no pick-then-release race), and waits for the kernel to write the ports it really bound.
+3. It connects to the gateway's callback address and sends a ``ready`` message signed with the secret: the
+   address the gateway can reach it at (the local address of that very connection, never 0.0.0.0), the five
+   ports, its control port, pids. A kernel that fails to start is reported as ``failed`` with the tail of its
+   output; a kernel that ends later as ``exited``.
+4. It serves signed control requests (``ping``, ``signal``, ``shutdown``) on its control port until the kernel
+   ends, then exits. Every message carries a nonce and a timestamp; replays and stale messages are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 64 * 1024
+#: Messages older or newer than this (seconds) are refused; nonces are remembered at least this long.
+MAX_SKEW = 120.0
+LOG_NAME = "egd-kernel-{kernel_id}.log"
+
+
+# -- the signed message format, shared with the gateway (egd imports these functions) ----------------------
+
+def canonical(message: dict[str, Any]) -> bytes:
+    """The bytes a MAC covers: the message without ``mac``, as sorted compact JSON."""
+    body = {k: v for k, v in message.items() if k != "mac"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def sign(message: dict[str, Any], secret: bytes) -> dict[str, Any]:
+    """``message`` with a fresh nonce, a timestamp and its HMAC-SHA256 ``mac``."""
+    signed = dict(message, v=PROTOCOL_VERSION, nonce=secrets.token_hex(16), ts=time.time())
+    signed["mac"] = hmac.new(secret, canonical(signed), hashlib.sha256).hexdigest()
+    return signed
+
+
+class NonceCache:
+    """Nonces seen recently: a message whose nonce was seen is a replay."""
+
+    def __init__(self, keep: float = 2 * MAX_SKEW) -> None:
+        self._keep = keep
+        self._seen: dict[str, float] = {}
+
+    def fresh(self, nonce: str, now: float) -> bool:
+        """True the first time ``nonce`` is seen (and remembers it)."""
+        if len(self._seen) > 10_000 or (self._seen and next(iter(self._seen.values())) < now - self._keep):
+            self._seen = {n: t for n, t in self._seen.items() if t >= now - self._keep}
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = now
+        return True
+
+
+def verify(message: Any, secret: bytes, nonces: NonceCache, now: float | None = None) -> str | None:
+    """None if ``message`` is authentic, fresh and not a replay; otherwise why it is refused."""
+    if not isinstance(message, dict):
+        return "not a JSON object"
+    mac, nonce, stamp = message.get("mac"), message.get("nonce"), message.get("ts")
+    if not isinstance(mac, str) or not isinstance(nonce, str) or not isinstance(stamp, (int, float)):
+        return "unsigned message"
+    expected = hmac.new(secret, canonical(message), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(mac, expected):
+        return "bad signature"
+    now = time.time() if now is None else now
+    if abs(now - stamp) > MAX_SKEW:
+        return "stale message"
+    if not nonces.fresh(nonce, now):
+        return "replayed message"
+    return None
+
+
+# -- the launcher ---------------------------------------------------------------------------------------
+
+def _log(text: str) -> None:
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} egd-launcher[{os.getpid()}]: {text}\n")
+    sys.stderr.flush()
+
+
+def _parse_range(text: str | None) -> tuple[int, int] | None:
+    if not text or text == "0..0":
+        return None
+    low, _, high = text.partition("..")
+    lo, hi = int(low), int(high)
+    if not 1024 <= lo < hi <= 65535:
+        raise ValueError(f"bad port range {text}")
+    return lo, hi
+
+
+def _bind_control(ip: str, port_range: tuple[int, int] | None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if port_range is None:
+        sock.bind((ip, 0))
+    else:
+        ports = list(range(port_range[0], port_range[1] + 1))
+        for port in secrets.SystemRandom().sample(ports, min(len(ports), 200)):
+            try:
+                sock.bind((ip, port))
+                break
+            except OSError:
+                continue
+        else:
+            raise OSError(f"no free control port in {port_range[0]}..{port_range[1]}")
+    sock.listen(16)
+    return sock
+
+
+def _read_stdin_line(timeout: float) -> dict[str, Any]:
+    ready, _, _ = select.select([sys.stdin.buffer], [], [], timeout)
+    if not ready:
+        raise TimeoutError("no launch secrets on stdin")
+    line = sys.stdin.buffer.readline(MAX_LINE)
+    data = json.loads(line)
+    if not isinstance(data, dict) or not isinstance(data.get("secret"), str) or not isinstance(data.get("key"), str):
+        raise ValueError("stdin must carry {\"secret\": ..., \"key\": ...}")
+    env = data.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError("env must map names to strings")
+    return data
+
+
+def _kernel_command(argv: list[str], connection_file: str, port_range: tuple[int, int] | None) -> list[str]:
+    command = [a.replace("{connection_file}", connection_file) for a in argv]
+    if port_range and len(command) >= 3 and command[1:3] == ["-m", "ipykernel_launcher"]:
+        # ipykernel binds port 0 itself; to stay inside a range, bootstrap it so it binds in the range directly.
+        command = [command[0], os.path.abspath(__file__), "--run-ipykernel", f"{port_range[0]}..{port_range[1]}",
+                   *command[3:]]
+    return command
+
+
+def _wait_for_ports(path: str, kernel: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    """The connection file once the kernel has written the ports it bound (all five non-zero)."""
+    deadline = time.monotonic() + timeout
+    names = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+    while time.monotonic() < deadline:
+        if kernel.poll() is not None:
+            raise RuntimeError(f"kernel exited with code {kernel.returncode} before it bound its ports")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                info = json.load(handle)
+            if all(int(info.get(n) or 0) > 0 for n in names):
+                return dict(info)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"kernel did not bind its ports within {timeout:g}s")
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 8192))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Launcher:
+    """One kernel's launcher process (after it has detached)."""
+
+    def __init__(self, args: argparse.Namespace, secret: bytes, key: str, log_path: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.kernel_id: str = args.kernel_id
+        self.secret = secret
+        self.key = key
+        self.log_path = log_path
+        host, _, port = args.callback.rpartition(":")
+        self.callback = (host.strip("[]"), int(port))
+        self.port_range = _parse_range(args.port_range)
+        self.nonces = NonceCache()
+        self.kernel: subprocess.Popen[bytes] | None = None
+        self.workdir = tempfile.mkdtemp(prefix=f"egd-kernel-{self.kernel_id[:8]}-")
+
+    def report(self, message: dict[str, Any], attempts: int = 3) -> dict[str, Any] | None:
+        """Send a signed message to the gateway's callback address; its JSON answer, or None."""
+        payload = json.dumps(sign(dict(message, kernel_id=self.kernel_id), self.secret)).encode() + b"\n"
+        for attempt in range(attempts):
+            try:
+                with socket.create_connection(self.callback, timeout=10) as conn:
+                    conn.sendall(payload)
+                    answer = conn.makefile("rb").readline(MAX_LINE)
+                    return dict(json.loads(answer)) if answer else None
+            except (OSError, ValueError) as exc:
+                _log(f"callback to {self.callback[0]}:{self.callback[1]} failed ({exc}); attempt {attempt + 1}")
+                time.sleep(0.5 * (attempt + 1))
+        return None
+
+    def reachable_ip(self) -> str:
+        """The address of this host on the route to the gateway: where the gateway can reach the kernel."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(self.callback)
+            return str(probe.getsockname()[0])
+
+    def start_kernel(self) -> dict[str, Any]:
+        """Write the connection file (ports 0: the kernel binds them) and start the kernel."""
+        path = os.path.join(self.workdir, f"kernel-{self.kernel_id}.json")
+        info = {"transport": "tcp", "ip": self.args.bind_ip, "key": self.key, "signature_scheme": "hmac-sha256",
+                "shell_port": 0, "iopub_port": 0, "stdin_port": 0, "control_port": 0, "hb_port": 0,
+                "kernel_name": ""}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(info, handle)
+        command = _kernel_command(self.args.kernel_argv, path, self.port_range)
+        _log(f"starting kernel: {command[0]} ... ({len(command)} arguments)")
+        cwd = self.args.working_dir if self.args.working_dir and os.path.isdir(self.args.working_dir) else None
+        self.kernel = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
+                                       start_new_session=True, cwd=cwd, env=self.env)
+        return _wait_for_ports(path, self.kernel, self.args.startup_timeout)
+
+    def signal_kernel(self, signum: int) -> bool:
+        """Signal the kernel's process group; False if it is gone."""
+        if self.kernel is None or self.kernel.poll() is not None:
+            return False
+        try:
+            os.killpg(self.kernel.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def handle(self, conn: socket.socket) -> bool:
+        """Serve one control connection; True when the launcher should stop."""
+        conn.settimeout(5)
+        stop = False
+        try:
+            line = conn.makefile("rb").readline(MAX_LINE)
+            request: Any = json.loads(line) if line else None
+            why = verify(request, self.secret, self.nonces)
+            if why is None and request.get("kernel_id") != self.kernel_id:
+                why = "wrong kernel id"
+            if why is not None:
+                _log(f"refused a control request from {conn.getpeername()[0]}: {why}")
+                conn.sendall(json.dumps({"ok": False, "error": why}).encode() + b"\n")
+                return False
+            op = request.get("op")
+            alive = self.kernel is not None and self.kernel.poll() is None
+            answer: dict[str, Any] = {"ok": True, "op": op, "reply_to": request["nonce"], "alive": alive}
+            if op == "signal":
+                signum = int(request.get("signum", 0))
+                answer["delivered"] = self.signal_kernel(signum) if signum else alive
+            elif op == "shutdown":
+                self.signal_kernel(signal.SIGKILL)
+                stop = True
+            elif op != "ping":
+                answer = {"ok": False, "error": f"unknown op {op!r}", "reply_to": request["nonce"]}
+            conn.sendall(json.dumps(sign(answer, self.secret)).encode() + b"\n")
+        except (OSError, ValueError, TypeError) as exc:
+            _log(f"bad control connection: {exc}")
+        finally:
+            conn.close()
+        return stop
+
+    def serve(self, control: socket.socket) -> int:
+        """Serve control requests until the kernel ends; its exit code."""
+        assert self.kernel is not None
+        while True:
+            code = self.kernel.poll()
+            if code is not None:
+                return code
+            ready, _, _ = select.select([control], [], [], 0.5)
+            if ready:
+                conn, _ = control.accept()
+                if self.handle(conn):
+                    self.kernel.wait(10)
+                    return self.kernel.returncode if self.kernel.returncode is not None else -9
+
+    def run(self) -> int:
+        """Start, report, serve, report the end."""
+        # Told to stop (by the gateway over ssh, or by the host): take the kernel along, never orphan it.
+        signal.signal(signal.SIGTERM, lambda *_: (self.signal_kernel(signal.SIGKILL), os._exit(1)))
+        try:
+            control = _bind_control(self.args.bind_ip, self.port_range)
+            ports = self.start_kernel()
+        except Exception as exc:  # every failure is reported to the gateway
+            _log(f"launch failed: {exc}")
+            if self.kernel is not None and self.kernel.poll() is None:
+                self.signal_kernel(signal.SIGKILL)
+            self.report({"type": "failed", "reason": f"{exc}\n{_tail(self.log_path)}"})
+            return 1
+        assert self.kernel is not None
+        info = {name: ports[name] for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")}
+        info.update(ip=self.reachable_ip(), transport="tcp", signature_scheme="hmac-sha256",
+                    launcher_port=control.getsockname()[1], pid=self.kernel.pid, launcher_pid=os.getpid(),
+                    hostname=socket.gethostname(), log=self.log_path)
+        answer = self.report({"type": "ready", "info": info})
+        if not answer or not answer.get("ok"):
+            _log(f"the gateway did not accept this kernel ({answer}); stopping it")
+            self.signal_kernel(signal.SIGKILL)
+            return 1
+        _log(f"kernel pid {self.kernel.pid} ready on {info['ip']}; launcher port {info['launcher_port']}")
+        code = self.serve(control)
+        _log(f"kernel ended with code {code}")
+        self.report({"type": "exited", "code": code}, attempts=2)
+        return 0
+
+    def cleanup(self) -> None:
+        """Remove the private directory with the connection file."""
+        for name in os.listdir(self.workdir):
+            os.unlink(os.path.join(self.workdir, name))
+        os.rmdir(self.workdir)
+
+
+def _detach(log_path: str) -> None:
+    """Continue in a child of a new session, with output to the log; the parent reports and exits."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        started = os.read(read_end, 64)
+        print(json.dumps({"launcher_pid": pid, "log": log_path, "started": started == b"ok"}), flush=True)
+        os._exit(0 if started == b"ok" else 1)
+    os.close(read_end)
+    os.setsid()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.close(null)
+    os.write(write_end, b"ok")
+    os.close(write_end)
+
+
+def run_ipykernel(port_range: str, argv: list[str]) -> None:
+    """Run ipykernel so that it binds every port directly inside ``port_range`` (race-free)."""
+    import random
+
+    from ipykernel import heartbeat, kernelapp
+
+    low, high = _parse_range(port_range) or (0, 0)
+
+    def bind_in_range(self: Any, sock: Any, port: int) -> int:
+        if self.transport == "tcp" and port <= 0:
+            return int(sock.bind_to_random_port(f"tcp://{self.ip}", low, high + 1, max_tries=1000))
+        return int(original(self, sock, port))
+
+    def pick_in_range(self: Any) -> int:
+        self.port = random.randint(low, high)  # the heartbeat's bind retries on a collision
+        return int(self.port)
+
+    original = kernelapp.IPKernelApp._try_bind_socket
+    kernelapp.IPKernelApp._try_bind_socket = bind_in_range  # type: ignore[method-assign]
+    heartbeat.Heartbeat.pick_port = pick_in_range  # type: ignore[method-assign]
+    kernelapp.IPKernelApp.launch_instance(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["--run-ipykernel"]:
+        run_ipykernel(args_list[1], args_list[2:])
+        return 0
+    parser = argparse.ArgumentParser(description="egd's kernel launcher (see docs/launcher-protocol.rst)")
+    parser.add_argument("--kernel-id", required=True)
+    parser.add_argument("--callback", required=True, help="HOST:PORT of the gateway's callback listener")
+    parser.add_argument("--port-range", default=None, help="LOW..HIGH for the kernel's and the control port")
+    parser.add_argument("--bind-ip", default="0.0.0.0", help="interface the kernel and control port bind")
+    parser.add_argument("--log-dir", default=tempfile.gettempdir())
+    parser.add_argument("--working-dir", default=None)
+    parser.add_argument("--startup-timeout", type=float, default=60.0)
+    parser.add_argument("--stdin-timeout", type=float, default=10.0)
+    parser.add_argument("kernel_argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(args_list)
+    if args.kernel_argv[:1] == ["--"]:
+        args.kernel_argv = args.kernel_argv[1:]
+    if not args.kernel_argv:
+        parser.error("the kernel's argv must follow --")
+    try:
+        given = _read_stdin_line(args.stdin_timeout)
+        _parse_range(args.port_range)
+    except (ValueError, TimeoutError, OSError) as exc:
+        _log(f"cannot start: {exc}")
+        return 2
+    os.makedirs(args.log_dir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(args.log_dir, LOG_NAME.format(kernel_id=args.kernel_id))
+    _detach(log_path)
+    launcher = Launcher(args, given["secret"].encode(), given["key"], log_path, given.get("env"))
+    try:
+        return launcher.run()
+    finally:
+        launcher.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

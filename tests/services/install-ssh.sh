@@ -1,0 +1,51 @@
+#!/bin/sh
+# Install what the ssh test hosts (tests/sshhosts.py) need: openssh-server (sshd), the ssh client and
+# ssh-keygen, iproute2 (`ip netns`) and util-linux (unshare).  Idempotent: when everything is already
+# there it exits at once without touching apt.  Must run as root.
+#
+# The machine has no systemd, and Debian's postinst would otherwise *start* sshd on 0.0.0.0:22 through
+# invoke-rc.d: a policy-rc.d that answers 101 ("action forbidden") prevents that.  If this script had to
+# create it, it removes it again afterwards; an existing one is left alone.
+set -eu
+
+need() { command -v "$1" >/dev/null 2>&1 || [ -x "$1" ]; }
+
+missing=""
+need /usr/sbin/sshd || missing="$missing openssh-server"
+need ssh || missing="$missing openssh-client"
+need ssh-keygen || missing="$missing openssh-client"
+need ip || missing="$missing iproute2"
+need unshare || missing="$missing util-linux"
+if [ -z "$missing" ]; then
+    echo "install-ssh: sshd, ssh, ssh-keygen, ip and unshare are already installed"
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-ssh: must run as root to install:$missing" >&2
+    exit 1
+fi
+
+created_policy=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# created by egd tests/services/install-ssh.sh: do not start services from apt\nexit 101\n' \
+        > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    created_policy=1
+fi
+cleanup() { [ -z "$created_policy" ] || rm -f /usr/sbin/policy-rc.d; }
+trap cleanup EXIT
+
+export DEBIAN_FRONTEND=noninteractive
+# shellcheck disable=SC2086  # word splitting of the package list is intended
+pkgs=$(printf '%s\n' $missing | sort -u | tr '\n' ' ')
+echo "install-ssh: installing $pkgs"
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $pkgs
+
+need /usr/sbin/sshd || { echo "install-ssh: /usr/sbin/sshd still missing after apt-get" >&2; exit 1; }
+# /run/sshd is sshd's privilege-separation directory; systemd would create it.
+mkdir -p /run/sshd
+chmod 755 /run/sshd
+echo "install-ssh: done"

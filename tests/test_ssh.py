@@ -1,0 +1,293 @@
+"""Remote kernels over ssh on real hosts: network namespaces, each with its own sshd and address (tests/sshhosts.py).
+
+egd runs in the root namespace with the ssh driver; its launch listener binds the bridge address the hosts can
+reach. Kernels report their own host name and address, so every test checks where a kernel really runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egd.launchers.kernel_launcher import NonceCache, sign, verify
+from tests.client import GatewayClient, KernelSocket
+from tests.conftest import KERNELSPECS, GatewayProcess, wait_until
+from tests.sshhosts import SshHost, SshLab
+
+pytestmark = pytest.mark.ssh
+
+WHERE = "import os, socket; print(socket.gethostname(), os.environ.get('SSH_CONNECTION', '').split()[2:3], os.getpid())"
+
+
+def write_spec(root: Path, name: str, argv: list[str], **metadata: Any) -> None:
+    """A kernelspec for the ssh driver."""
+    (root / name).mkdir(parents=True, exist_ok=True)
+    spec = {"argv": argv, "display_name": name, "language": "python",
+            "metadata": {"egd": {"driver": "ssh", **metadata}}}
+    (root / name / "kernel.json").write_text(json.dumps(spec))
+
+
+def ssh_gateway(lab: SshLab, tmp: Path, **ssh_settings: Any) -> GatewayProcess:
+    """An egd whose ssh driver uses the lab's hosts."""
+    specs = tmp / "specs"
+    python = lab.python
+    write_spec(specs, "ssh_python", [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"])
+    write_spec(specs, "ssh_no_python", ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"])
+    write_spec(specs, "ssh_exploding", [python, "-c", "import sys; sys.stderr.write('remote kernel exploded\\n');"
+                                        " sys.exit(3)", "{connection_file}"])
+    settings = {"hosts": [h.name for h in lab.hosts], "ssh_config": str(lab.ssh_config_path),
+                "callback_host": lab.gateway_ip, "log_dir": str(tmp / "hostlogs"), "connect_timeout": 3,
+                **ssh_settings}
+    gw = GatewayProcess({
+        "kernels": {"kernelspec_dirs": [str(KERNELSPECS), str(specs)], "heartbeat_interval": 1,
+                    "heartbeat_misses": 3},
+        "drivers": {"local": {}, "ssh": settings},
+    })
+    gw.host_log_dir = tmp / "hostlogs"  # type: ignore[attr-defined]
+    return gw
+
+
+@pytest.fixture(scope="module")
+def ssh_gw(ssh_lab: SshLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """egd with the ssh driver (round-robin), shared by this module."""
+    gw = ssh_gateway(ssh_lab, tmp_path_factory.mktemp("sshgw"))
+    yield gw
+    gw.stop()
+    for host in ssh_lab.hosts:
+        assert not host.processes_matching("kernel_launcher"), "launchers left on a host"
+
+
+@pytest.fixture
+def client(ssh_gw: GatewayProcess) -> GatewayClient:
+    """A client of the ssh gateway."""
+    return ssh_gw.client
+
+
+def where(sock: KernelSocket) -> tuple[str, str, int]:
+    """(hostname, address the kernel was reached at, pid) as the kernel itself reports them."""
+    host, addr, pid = sock.execute(WHERE).stdout.split()
+    return host, addr.strip("[]'"), int(pid)
+
+
+def test_round_robin_lands_on_each_host(client: GatewayClient, ssh_hosts: list[SshHost]) -> None:
+    """Two kernels in a row land on the two hosts; each reports its own host name and address."""
+    ids = [client.start_kernel("ssh_python") for _ in range(2)]
+    try:
+        seen = {}
+        for kernel_id in ids:
+            sock = client.connect(kernel_id)
+            host, _, pid = where(sock)
+            seen[host] = pid
+            ip = sock.execute("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+                              " s.connect(('10.200.0.1', 9)); print(s.getsockname()[0])").stdout.strip()
+            assert ip == {h.name: h.ip for h in ssh_hosts}[host]
+            sock.close()
+        assert set(seen) == {h.name for h in ssh_hosts}
+        for host in ssh_hosts:
+            assert seen[host.name] in host.pids()
+    finally:
+        for kernel_id in ids:
+            client.delete_kernel(kernel_id)
+
+
+def test_least_connection_placement(ssh_lab: SshLab, tmp_path: Path) -> None:
+    """least-connection puts a new kernel on the host with the fewest kernels of this gateway."""
+    gw = ssh_gateway(ssh_lab, tmp_path, placement="least-connection")
+    try:
+        first, second = gw.client.start_kernel("ssh_python"), gw.client.start_kernel("ssh_python")
+        hosts = {}
+        for kernel_id in (first, second):
+            sock = gw.client.connect(kernel_id)
+            hosts[kernel_id] = where(sock)[0]
+            sock.close()
+        assert hosts[first] != hosts[second]
+        gw.client.delete_kernel(first)
+        third = gw.client.start_kernel("ssh_python")
+        sock = gw.client.connect(third)
+        assert where(sock)[0] == hosts[first]
+        sock.close()
+        gw.client.delete_kernel(second)
+        gw.client.delete_kernel(third)
+    finally:
+        gw.stop()
+
+
+def test_interrupt_restart_and_automatic_restart(client: GatewayClient, ssh_hosts: list[SshHost]) -> None:
+    """Interrupt a sleep; restart keeps the id and loses state; a kernel killed on its host is restarted."""
+    kernel_id = client.start_kernel("ssh_python")
+    sock = client.connect(kernel_id)
+    try:
+        sock.execute("kept = 1")
+        msg = sock.request("execute_request", {"code": "import time; time.sleep(60)", "silent": False,
+                                               "store_history": True, "user_expressions": {}, "allow_stdin": False})
+        wait_until(lambda: client.kernel(kernel_id).json["execution_state"] == "busy", 10, what="busy")
+        assert client.request("POST", f"/api/kernels/{kernel_id}/interrupt", {}).status == 204
+        assert sock.wait_for(msg, 15).reply["content"]["ename"] == "KeyboardInterrupt"
+        assert sock.execute("kept").result == "1"
+
+        resp = client.request("POST", f"/api/kernels/{kernel_id}/restart", {})
+        assert resp.status == 200 and resp.json["id"] == kernel_id
+        assert sock.execute("kept").reply["content"]["ename"] == "NameError"
+
+        _, _, pid = where(sock)
+        os.kill(pid, signal.SIGKILL)  # the hosts share this machine's pid space
+        while True:
+            msg = sock.recv(30)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "restarting":
+                break
+        wait_until(lambda: client.kernel(kernel_id).json["execution_state"] == "idle", 60, what="restart")
+        assert where(sock)[2] != pid
+    finally:
+        sock.close()
+        client.delete_kernel(kernel_id)
+    wait_until(lambda: not any(h.processes_matching(kernel_id) for h in ssh_hosts), 10,
+               what="no process of the kernel on any host")
+
+
+def test_host_down_at_launch_uses_the_next(client: GatewayClient, ssh_gw: GatewayProcess,
+                                           ssh_hosts: list[SshHost]) -> None:
+    """With one host's sshd stopped, kernels still start, on the other host; the log names the skipped one."""
+    down, up = ssh_hosts
+    down.stop_sshd()
+    ids = []
+    try:
+        for _ in range(2):
+            ids.append(client.start_kernel("ssh_python"))
+            sock = client.connect(ids[-1])
+            assert where(sock)[0] == up.name
+            sock.close()
+        assert f"host {down.name} unreachable, trying the next one" in ssh_gw.log()
+    finally:
+        down.start_sshd()
+        for kernel_id in ids:
+            client.delete_kernel(kernel_id)
+
+
+def test_no_host_reachable_names_every_try(ssh_lab: SshLab, tmp_path: Path) -> None:
+    """When every host is down the start fails with a message naming each host tried."""
+    gw = ssh_gateway(ssh_lab, tmp_path, hosts=["egdh1", "no-such-host.invalid"])
+    ssh_lab.hosts[0].stop_sshd()
+    try:
+        resp = gw.client.request("POST", "/api/kernels", {"name": "ssh_python"})
+        assert resp.status == 500
+        message = resp.json["message"]
+        assert "egdh1" in message and "no-such-host.invalid" in message
+    finally:
+        ssh_lab.hosts[0].start_sshd()
+        gw.stop()
+
+
+@pytest.mark.parametrize("spec,fragment", [("ssh_no_python", "/nonexistent/python"),
+                                           ("ssh_exploding", "remote kernel exploded")])
+def test_early_exit_fails_fast(client: GatewayClient, spec: str, fragment: str) -> None:
+    """A launcher or kernel that exits at once fails the POST at once, with what it wrote."""
+    started = time.monotonic()
+    resp = client.request("POST", "/api/kernels", {"name": spec, "env": {"KERNEL_LAUNCH_TIMEOUT": "60"}})
+    assert resp.status == 500, resp.body
+    assert time.monotonic() - started < 15
+    assert fragment in resp.json["message"]
+
+
+def test_host_vanishing_is_reported_dead(client: GatewayClient, ssh_gw: GatewayProcess,
+                                         ssh_hosts: list[SshHost]) -> None:
+    """A host whose link goes down: the kernel is reported dead within seconds and egd stays healthy."""
+    kernel_id = client.start_kernel("ssh_python")
+    sock = client.connect(kernel_id)
+    host_name = where(sock)[0]
+    host = next(h for h in ssh_hosts if h.name == host_name)
+    host.link_down()
+    try:
+        started = time.monotonic()
+        states = []
+        while "dead" not in states:
+            msg = sock.recv(30)
+            if msg["msg_type"] == "status":
+                states.append(msg["content"]["execution_state"])
+        assert time.monotonic() - started < 20
+        assert client.request("GET", "/api").status == 200
+        wait_until(lambda: client.kernel(kernel_id).status == 404, 15, what="the dead kernel to be removed")
+    finally:
+        host.link_up()
+        sock.close()
+    # The cut-off kernel may still run on its host: it is the operator's to reap; egd reported it.
+    for pid, _ in host.processes_matching(kernel_id):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_hostile_env_executes_nothing(client: GatewayClient, tmp_path: Path) -> None:
+    """Shell metacharacters in KERNEL_* values and the working directory reach the kernel as plain text."""
+    marker = tmp_path / "pwned"
+    evil = f"x'; touch {marker}; echo '"
+    kernel_id = client.start_kernel("ssh_python", {"KERNEL_EVIL": evil, "KERNEL_PIPE": f"a | touch {marker}",
+                                                   "KERNEL_WORKING_DIR": f"/tmp; touch {marker}"})
+    try:
+        sock = client.connect(kernel_id)
+        assert sock.execute("import os; print(os.environ['KERNEL_EVIL'])").stdout == evil + "\n"
+        sock.close()
+    finally:
+        client.delete_kernel(kernel_id)
+    assert not marker.exists()
+
+
+def test_forged_messages_are_refused(client: GatewayClient, ssh_gw: GatewayProcess, ssh_lab: SshLab) -> None:
+    """A forged callback for a running kernel, and unauthenticated or forged control requests, are refused."""
+    kernel_id = client.start_kernel("ssh_python")
+    try:
+        listener = re.search(r"launch listener on ([\d.]+):(\d+)", ssh_gw.log())
+        assert listener
+        forged = sign({"type": "ready", "kernel_id": kernel_id, "info": {"ip": "10.200.0.99"}}, b"guessed")
+        answer = send_line((listener.group(1), int(listener.group(2))), forged)
+        assert answer == {"ok": False, "error": "refused"}
+        assert f"refused a message for kernel {kernel_id}" in ssh_gw.log()
+        assert client.kernel(kernel_id).json["execution_state"] == "idle"
+
+        log_file = ssh_gw.host_log_dir / f"egd-kernel-{kernel_id}.log"  # type: ignore[attr-defined]
+        found = re.search(r"ready on ([\d.]+); launcher port (\d+)", log_file.read_text())
+        assert found
+        address = (found.group(1), int(found.group(2)))
+        for request in ({"op": "shutdown", "kernel_id": kernel_id},
+                        sign({"op": "shutdown", "kernel_id": kernel_id}, b"guessed")):
+            assert send_line(address, request)["ok"] is False
+        assert "refused a control request" in log_file.read_text()
+        sock = client.connect(kernel_id)
+        assert sock.execute("'still running'").result == "'still running'"
+        sock.close()
+    finally:
+        client.delete_kernel(kernel_id)
+
+
+def send_line(address: tuple[str, int], message: dict[str, Any]) -> dict[str, Any]:
+    """Send one JSON line, read one JSON line."""
+    with socket.create_connection(address, timeout=10) as conn:
+        conn.sendall(json.dumps(message).encode() + b"\n")
+        return dict(json.loads(conn.makefile("rb").readline()))
+
+
+def test_replayed_and_stale_messages_are_refused() -> None:
+    """The signature check refuses a replayed nonce, a stale timestamp and a tampered field."""
+    secret = b"s" * 64
+    nonces = NonceCache()
+    message = sign({"type": "ready", "kernel_id": "k"}, secret)
+    assert verify(message, secret, nonces) is None
+    assert verify(message, secret, nonces) == "replayed message"
+    assert verify(dict(message, kernel_id="other"), secret, NonceCache()) == "bad signature"
+    old = sign({"type": "ready"}, secret)
+    assert verify(old, secret, NonceCache(), now=old["ts"] + 3600) == "stale message"
+
+
+def test_shutdown_leaves_nothing_on_the_hosts(client: GatewayClient, ssh_hosts: list[SshHost]) -> None:
+    """DELETE ends the kernel and its launcher on the host."""
+    kernel_id = client.start_kernel("ssh_python")
+    assert any(h.processes_matching(kernel_id) for h in ssh_hosts)
+    assert client.delete_kernel(kernel_id) == 204
+    wait_until(lambda: not any(h.processes_matching(kernel_id) for h in ssh_hosts), 10,
+               what="no process of the kernel on any host")
