@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -36,6 +37,7 @@ log = Logger()
 
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
 SSH_FAILED = 255
+_USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _TAIL = 8192
 
 
@@ -88,6 +90,7 @@ class SshDriver(MultiService):
         self._ssh_options = [str(o) for o in settings.get("ssh_options", [])]
         self._connect_timeout = int(settings.get("connect_timeout", 5))
         self._user = settings.get("user")
+        self._impersonation = bool(settings.get("impersonation", False))
         self._python = settings.get("python")
         self._launcher = str(settings.get("launcher_path", os.path.abspath(kernel_launcher.__file__)))
         self._log_dir = str(settings.get("log_dir", "/tmp"))
@@ -118,7 +121,16 @@ class SshDriver(MultiService):
 
     # -- ssh ------------------------------------------------------------------------------------------------
 
-    def _ssh_argv(self, host: str, remote: list[str]) -> list[str]:
+    def _login(self, request: LaunchRequest | None) -> str | None:
+        """The remote user: the kernel's user when impersonating (checked), else the configured one."""
+        if request is None or not self._impersonation:
+            return str(self._user) if self._user else None
+        user = request.username
+        if not _USERNAME.match(user) or user == "root":
+            raise LaunchFailed(f"cannot run a kernel as {user!r}: not an allowed user name")
+        return user
+
+    def _ssh_argv(self, host: str, remote: list[str], login: str | None = None) -> list[str]:
         argv = [self._ssh]
         if self._ssh_config:
             argv += ["-F", str(self._ssh_config)]
@@ -126,13 +138,15 @@ class SshDriver(MultiService):
                  "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2"]
         for option in self._ssh_options:
             argv += ["-o", option]
-        if self._user:
-            argv += ["-l", str(self._user)]
+        login = login or (str(self._user) if self._user else None)
+        if login:
+            argv += ["-l", login]
         return [*argv, "--", host, " ".join(shlex.quote(part) for part in remote)]
 
-    async def _run_ssh(self, host: str, remote: list[str], stdin: bytes | None = None) -> tuple[int, _SshProcess]:
+    async def _run_ssh(self, host: str, remote: list[str], stdin: bytes | None = None,
+                       login: str | None = None) -> tuple[int, _SshProcess]:
         proto = _SshProcess(stdin)
-        argv = self._ssh_argv(host, remote)
+        argv = self._ssh_argv(host, remote, login)
         self._reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ))
         code = await proto.ended
         return code, proto
@@ -159,13 +173,14 @@ class SshDriver(MultiService):
 
     async def _launch(self, request: LaunchRequest) -> LaunchedKernel:
         tried: list[str] = []
+        login = self._login(request)
         for host in self._candidates(request):
             registration = self.listener.register(request.kernel_id)
             key = uuid.uuid4().hex
             secrets_line = json.dumps({"secret": registration.secret.decode(), "key": key,
                                        "env": dict(request.env)}).encode() + b"\n"
             remote = self._remote_command(request, self.listener.address)
-            code, proc = await self._run_ssh(host, remote, secrets_line)
+            code, proc = await self._run_ssh(host, remote, secrets_line, login)
             if code == SSH_FAILED:
                 why = proc.stderr() or "ssh failed"
                 log.warn("kernel {kernel_id}: host {host} unreachable, trying the next one: {why}",
@@ -188,11 +203,12 @@ class SshDriver(MultiService):
                 raise LaunchFailed(f"the kernel failed to start on {host}: {exc}") from None
             except Exception:
                 self.listener.unregister(registration)
-                await self._kill_launcher(host, started.get("launcher_pid"))
-                detail = await self._log_tail(host, str(started.get("log", "")))
+                await self._kill_launcher(host, started.get("launcher_pid"), login)
+                detail = await self._log_tail(host, str(started.get("log", "")), login)
                 raise LaunchTimeout(f"the launcher on {host} did not report within {request.timeout:g} seconds"
                                     + (f": {detail}" if detail else "")) from None
             kernel = RemoteKernel(self._reactor, registration, info, key, host, self._forget, self._force_kill)
+            kernel.login = login
             kernel.detail = proc.stderr()
             self._running[request.kernel_id] = host
             return kernel
@@ -206,18 +222,19 @@ class SshDriver(MultiService):
         pid = int(kernel.info.get("pid", 0))
         if pid <= 1:
             raise LaunchFailed("no pid to kill")
-        code, proc = await self._run_ssh(kernel.where, ["kill", f"-{signal.SIGKILL}", "--", f"-{pid}"])
+        code, proc = await self._run_ssh(kernel.where, ["kill", f"-{signal.SIGKILL}", "--", f"-{pid}"],
+                                         login=kernel.login)
         if code == SSH_FAILED:
             raise ConnectionError(proc.stderr() or "ssh failed")
 
-    async def _kill_launcher(self, host: str, pid: Any) -> None:
+    async def _kill_launcher(self, host: str, pid: Any, login: str | None) -> None:
         if isinstance(pid, int) and pid > 1:
-            await self._run_ssh(host, ["kill", f"-{signal.SIGTERM}", "--", f"-{pid}"])
+            await self._run_ssh(host, ["kill", f"-{signal.SIGTERM}", "--", f"-{pid}"], login=login)
 
-    async def _log_tail(self, host: str, path: str) -> str:
+    async def _log_tail(self, host: str, path: str, login: str | None) -> str:
         if not path:
             return ""
-        code, proc = await self._run_ssh(host, ["tail", "-n", "15", "--", path])
+        code, proc = await self._run_ssh(host, ["tail", "-n", "15", "--", path], login=login)
         return b"".join(proc.out).decode("utf-8", "replace").strip() if code == 0 else ""
 
 

@@ -252,6 +252,7 @@ class RemoteKernel:
         self._force_kill = force_kill
         self._nonces = NonceCache()
         self.detail = ""
+        self.login: str | None = None
 
     def _ended(self, status: ExitStatus) -> ExitStatus:
         if not self.exited.called:

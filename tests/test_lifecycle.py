@@ -204,3 +204,14 @@ def test_gateway_stop_stops_kernels(make_gateway: Any, sig: int) -> None:
     assert gw.stop(sig) == 0
     assert not gw.kernel_processes()
     assert "stopping 2 kernel(s)" in gw.log()
+
+
+def test_spec_launch_timeout_and_client_override(gateway: Any) -> None:
+    """A kernelspec's launch timeout applies by default; a client's KERNEL_LAUNCH_TIMEOUT overrides it."""
+    started = time.monotonic()
+    resp = gateway.client.request("POST", "/api/kernels", {"name": "never_ready_spec_timeout"})
+    assert resp.status == 503 and "within 3 seconds" in resp.json["message"]
+    assert time.monotonic() - started < 10
+    resp = gateway.client.request("POST", "/api/kernels", {"name": "never_ready_spec_timeout",
+                                                           "env": {"KERNEL_LAUNCH_TIMEOUT": "1.5"}})
+    assert resp.status == 503 and "within 1.5 seconds" in resp.json["message"]

@@ -291,3 +291,48 @@ def test_shutdown_leaves_nothing_on_the_hosts(client: GatewayClient, ssh_hosts: 
     assert client.delete_kernel(kernel_id) == 204
     wait_until(lambda: not any(h.processes_matching(kernel_id) for h in ssh_hosts), 10,
                what="no process of the kernel on any host")
+
+
+def test_listener_survives_silent_and_oversized_peers(client: GatewayClient, ssh_gw: GatewayProcess) -> None:
+    """Silent and oversized connections to the launch listener delay no launch and are dropped."""
+    found = re.search(r"launch listener on ([\d.]+):(\d+)", ssh_gw.log())
+    assert found
+    address = (found.group(1), int(found.group(2)))
+    silent = [socket.create_connection(address, timeout=5) for _ in range(20)]
+    flood = socket.create_connection(address, timeout=5)
+    try:
+        flood.sendall(b"x" * (200 * 1024))
+    except OSError:
+        pass  # dropped mid-send: that is the point
+    try:
+        started = time.monotonic()
+        kernel_id = client.start_kernel("ssh_python")
+        assert time.monotonic() - started < 15
+        client.delete_kernel(kernel_id)
+        assert "refused an oversized message" in ssh_gw.log()
+        silent[0].settimeout(20)
+        try:  # dropped by the listener's read deadline (aborted: a reset, or an orderly end)
+            assert silent[0].recv(1) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        for conn in [*silent, flood]:
+            conn.close()
+
+
+def test_jupyter_server_drives_an_ssh_kernel(ssh_gw: GatewayProcess, tmp_path: Path,
+                                             ssh_hosts: list[SshHost]) -> None:
+    """An unchanged Jupyter Server with --gateway-url runs a cell in a kernel on an ssh host."""
+    from tests.test_jupyter_server import JupyterServer
+
+    server = JupyterServer(ssh_gw.url, tmp_path)
+    try:
+        kernel_id = server.start_kernel("ssh_python")
+        sock = server.connect(kernel_id)
+        assert sock.execute("import socket; print(socket.gethostname())").stdout.strip() in {
+            h.name for h in ssh_hosts}
+        sock.close()
+        assert server.client.request("DELETE", f"/api/kernels/{kernel_id}").status == 204
+        assert ssh_gw.client.kernel(kernel_id).status == 404
+    finally:
+        server.stop()

@@ -76,8 +76,13 @@ class KernelManager(Service):
         if kernel_env.kernel_id in self.kernels:  # claimed while the spec was being read
             raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
         working_dir = kernel_env.client.get("KERNEL_WORKING_DIR") or kc.working_dir
+        # A client may ask for more or less time (KERNEL_LAUNCH_TIMEOUT); otherwise the spec's default, then
+        # the gateway's; never more than the gateway's maximum.
+        timeout = kernel_env.launch_timeout
+        if "KERNEL_LAUNCH_TIMEOUT" not in kernel_env.client and spec.launch_timeout:
+            timeout = min(spec.launch_timeout, kc.max_launch_timeout)
         kernel = Kernel(kernel_env.kernel_id, spec, kernel_env, driver, self._zmq, self._reactor, self._policy,
-                        kernel_env.launch_timeout, working_dir, self._forget)
+                        timeout, working_dir, self._forget)
         self.kernels[kernel.id] = kernel
         log.info("kernel {kernel_id}: starting {spec} for {user} with driver {driver}", kernel_id=kernel.id,
                  spec=spec.name, user=kernel_env.username, driver=spec.driver)

@@ -54,6 +54,13 @@ class KernelSpecInfo:
         return "local"
 
     @property
+    def launch_timeout(self) -> float | None:
+        """This spec's default launch timeout (``metadata.egd.launch_timeout``), if it sets one."""
+        egd_meta = self.metadata.get("egd")
+        value = egd_meta.get("launch_timeout") if isinstance(egd_meta, dict) else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+    @property
     def driver_config(self) -> Mapping[str, Any]:
         """Per-spec driver settings (``metadata.egd.config`` or EG's ``metadata.process_proxy.config``)."""
         for key in ("egd", "process_proxy"):
