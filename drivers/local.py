@@ -145,6 +145,9 @@ class LocalDriver(Service):
     def __init__(self, reactor: Any, settings: Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         self.name = "local"
+        unknown = set(settings) - {"ip"}
+        if unknown:
+            raise ValueError(f"drivers.local: unknown setting(s) {', '.join(sorted(unknown))} (known: ip)")
         self._reactor = reactor
         self._runtime_dir = runtime_dir
         self._ip = str(settings.get("ip", "127.0.0.1"))

@@ -38,6 +38,9 @@ log = Logger()
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
 SSH_FAILED = 255
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_SETTINGS = frozenset({"hosts", "placement", "ssh_command", "ssh_config", "ssh_options", "connect_timeout", "user",
+                       "impersonation", "python", "launcher_path", "log_dir", "port_range", "callback_host",
+                       "callback_port"})
 _TAIL = 8192
 
 
@@ -78,6 +81,10 @@ class SshDriver(MultiService):
                  port_range: tuple[int, int] | None) -> None:
         super().__init__()
         self.name = "ssh"
+        unknown = set(settings) - _SETTINGS
+        if unknown:
+            raise ValueError(f"drivers.ssh: unknown setting(s) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(_SETTINGS))})")
         self._reactor = reactor
         self._hosts: list[str] = [str(h) for h in settings.get("hosts", [])]
         if not self._hosts:

@@ -57,6 +57,13 @@ def _check_config(path: str) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     problems = check_driver_names(config)
+    if not problems:
+        from egd.registry import DriverRegistry
+
+        try:  # building the drivers checks their settings; nothing listens or starts
+            DriverRegistry(config, None, config.kernels.runtime_dir or "/nonexistent")
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         print(str(ConfigError(problems, path)), file=sys.stderr)
         return 1

@@ -123,3 +123,13 @@ def test_cli_port_in_use(tmp_path: Path) -> None:
         result = egd("run", "--port", str(port))
     assert result.returncode == 1
     assert "could not start" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_check_config_checks_driver_settings(tmp_path: Path) -> None:
+    """A misspelt driver setting is caught by check-config, not at the first launch; the example is valid."""
+    bad = tmp_path / "ssh.yaml"
+    bad.write_text("drivers:\n  ssh: {hosts: [a], placment: least-connection}\n")
+    result = egd("check-config", str(bad))
+    assert result.returncode == 1 and "drivers.ssh: unknown setting(s) placment" in result.stderr
+    example = egd("check-config", str(REPO / "conf" / "ssh-pool.yaml"))
+    assert example.returncode == 0, example.stderr
