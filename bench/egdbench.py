@@ -32,8 +32,8 @@ Sections (``--only``, comma separated)
             (after warm-up): send -> execute_reply and send -> status idle.
     iopub   one execute of ``for i in range(20000): print(i, flush=True)``:
             iopub msgs/s, time to idle and how many of the lines were lost.
-    stream  one execute writing a single 10 MiB string to stdout: time until
-            all bytes and idle arrived, MiB/s.
+    stream  an execute writing a single 10 MiB string to stdout: time until
+            all bytes and idle arrived, MiB/s (median of 3 per repetition).
     conc    8 kernels, 8 client threads each doing 100 execute round trips at
             the same time: aggregate executes/s and p99 latency.
     rss     VmRSS of the gateway process itself (not its kernels): before,
@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
 import hashlib
 import hmac
 import http.client
@@ -83,6 +84,7 @@ import zmq
 
 PROTOCOL_VERSION = "5.3"
 DELIM = b"<IDS|MSG>"
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: no enum cost
 LOCALHOST = "127.0.0.1"
 ALL_SECTIONS = ("start", "rtt", "iopub", "stream", "conc", "rss")
 ALL_TARGETS = ("direct", "egd", "eg", "direct-eg")
@@ -127,11 +129,12 @@ def percentile(values: list[float], p: float) -> float | None:
 
 
 def summarize(seconds: list[float]) -> dict[str, Any]:
-    """Summary of durations given in seconds, reported in milliseconds."""
+    """Summary of durations given in seconds, reported in milliseconds
+    (with the raw samples, in order, for the JSON)."""
     ms = [s * 1000.0 for s in seconds]
     return {"n": len(ms), "median_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
             "p99_ms": percentile(ms, 99), "min_ms": min(ms) if ms else None,
-            "max_ms": max(ms) if ms else None}
+            "max_ms": max(ms) if ms else None, "samples_ms": [round(x, 3) for x in ms]}
 
 
 # ---------------------------------------------------------------------------
@@ -322,7 +325,7 @@ class HeaderFactory:
         self.n += 1
         return {"msg_id": f"{self.session}_{self.n}", "msg_type": msg_type,
                 "username": KERNEL_USERNAME, "session": self.session,
-                "date": datetime.datetime.now(datetime.UTC).isoformat(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "version": PROTOCOL_VERSION}
 
 
@@ -375,16 +378,22 @@ class DirectConn(HeaderFactory):
         """Next message from shell, control or iopub."""
         if self.pending:
             return self.pending.popleft()
-        events = self.poller.poll(max(0, int(timeout * 1000)))
-        if not events:
-            raise TimeoutError("no message from the kernel before the deadline")
-        for sock, _ in events:
-            frames = sock.recv_multipart()
-            i = frames.index(DELIM)
-            hdr = json.loads(frames[i + 2])
-            parent = json.loads(frames[i + 3])
-            self.pending.append((self.names[sock], hdr["msg_type"], parent.get("msg_id"),
-                                 json.loads(frames[i + 5])))
+        deadline = time.monotonic() + timeout
+        loads, append = json.loads, self.pending.append
+        while not self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no message from the kernel before the deadline")
+            for sock, _ in self.poller.poll(int(left * 1000) + 1):
+                channel = self.names[sock]
+                # Drain what is queued: one poll per batch, not per message.
+                for _ in range(256):
+                    frames = sock.recv_multipart()
+                    i = frames.index(DELIM)
+                    append((channel, loads(frames[i + 2])["msg_type"],
+                            loads(frames[i + 3]).get("msg_id"), loads(frames[i + 5])))
+                    if not sock.get(_EVENTS) & _POLLIN:
+                        break
         return self.pending.popleft()
 
     def close(self) -> None:
@@ -609,7 +618,7 @@ def run_parallel(n: int, fn: Callable[[int], Any], timeout: float) -> tuple[list
         try:
             barrier.wait()
             results[i] = fn(i)
-        except Exception as e:  # noqa: BLE001 -- recorded; the other threads go on
+        except Exception as e:  # recorded; the other threads go on
             errors.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
@@ -786,7 +795,10 @@ class GatewayTarget(Target):
                 conn.close()
                 raise
         except BaseException:
-            self._delete(kid, None)
+            try:
+                self._delete(kid, None)
+            except ERRORS as e:  # keep the original error; the DELETE is secondary
+                log(f"{self.name}: DELETE {kid} after a failed start: {e}")
             raise
         self.track()
         return Kernel(conn, {"post": t1 - t0, "ws_connect": t2 - t1,
@@ -950,7 +962,7 @@ def sec_rtt(k: Kernel, args: argparse.Namespace) -> dict:
     to_reply, to_idle = [], []
     for _ in range(args.n_rtt):
         r, i, reply = execute(k.conn, "1", 30)
-        if not reply or reply.get("status") != "ok":
+        if r is None or i is None or not reply or reply.get("status") != "ok":
             raise BenchError(f"execute failed: {reply}")
         to_reply.append(r)
         to_idle.append(i)
@@ -962,6 +974,7 @@ def sec_iopub(k: Kernel, args: argparse.Namespace) -> dict:
     """One execute printing `lines` flushed lines; rate and lost lines."""
     n = args.lines
     texts: list[str] = []
+    other: list[str] = []  # e.g. stderr "IOPub message rate exceeded" notices
     count = [0, 0]  # iopub messages, stream messages
     last = [0.0]
 
@@ -971,7 +984,10 @@ def sec_iopub(k: Kernel, args: argparse.Namespace) -> dict:
             count[0] += 1
             if m[1] == "stream":
                 count[1] += 1
-                texts.append(m[3]["text"])
+                if m[3].get("name") == "stdout":
+                    texts.append(m[3]["text"])
+                elif len(other) < 5:
+                    other.append(m[3].get("text", "")[:300])
 
     error = None
     t_reply = t_idle = None
@@ -985,16 +1001,16 @@ def sec_iopub(k: Kernel, args: argparse.Namespace) -> dict:
     t_end = t_idle if t_idle is not None else (last[0] or None)
     return {"lines": n, "error": error, "lines_lost": n - len(distinct),
             "in_order": got == [str(i) for i in range(n)], "idle_received": t_idle is not None,
-            "iopub_msgs": count[0], "stream_msgs": count[1],
+            "iopub_msgs": count[0], "stream_msgs": count[1], "other_streams": other,
             "time_to_reply_s": t_reply, "time_to_idle_s": t_idle,
             "msgs_per_s": count[0] / t_end if t_end else None,
             "lines_per_s": len(distinct) / t_end if t_end else None}
 
 
-def sec_stream(k: Kernel, args: argparse.Namespace) -> dict:
-    """One execute writing a single `stream_mib` MiB string to stdout."""
-    total = args.stream_mib * 1024 * 1024
-    state = {"bytes": 0, "msgs": 0, "t_all": None}
+def stream_once(k: Kernel, mib: int, timeout: float) -> dict:
+    """One execute writing a single `mib` MiB string to stdout."""
+    total = mib * 1024 * 1024
+    state: dict[str, Any] = {"bytes": 0, "msgs": 0, "t_all": None}
 
     def on_msg(m: Msg, t: float) -> None:
         if m[0] == "iopub" and m[1] == "stream":
@@ -1003,19 +1019,32 @@ def sec_stream(k: Kernel, args: argparse.Namespace) -> dict:
             if state["t_all"] is None and state["bytes"] >= total:
                 state["t_all"] = t
 
-    code = (f"import sys; sys.stdout.write('x' * {total}); sys.stdout.flush()")
+    code = f"import sys; sys.stdout.write('x' * {total}); sys.stdout.flush()"
     error = None
     t_idle = None
     try:
-        _, t_idle, _ = execute(k.conn, code, args.timeout, on_msg, quiet=15.0)
+        _, t_idle, _ = execute(k.conn, code, timeout, on_msg, quiet=15.0)
     except (TimeoutError, ConnectionError) as e:
         error = f"{type(e).__name__}: {e}"
     done = (max(t_idle, state["t_all"]) if t_idle is not None and state["t_all"] is not None
             else None)
-    return {"mib": args.stream_mib, "error": error, "bytes_received": state["bytes"],
-            "bytes_ok": state["bytes"] == total, "stream_msgs": state["msgs"],
-            "time_to_all_bytes_s": state["t_all"], "time_to_idle_s": t_idle,
-            "time_to_done_s": done, "mib_per_s": args.stream_mib / done if done else None}
+    return {"error": error, "bytes_received": state["bytes"], "bytes_ok": state["bytes"] == total,
+            "stream_msgs": state["msgs"], "time_to_all_bytes_s": state["t_all"],
+            "time_to_idle_s": t_idle, "time_to_done_s": done,
+            "mib_per_s": mib / done if done else None}
+
+
+def sec_stream(k: Kernel, args: argparse.Namespace) -> dict:
+    """`stream_runs` executes of one `stream_mib` MiB write each; medians of them
+    (one run takes ~0.1 s, too short to trust a single sample)."""
+    runs = [stream_once(k, args.stream_mib, args.timeout) for _ in range(args.stream_runs)]
+    out: dict[str, Any] = {"mib": args.stream_mib, "runs": runs,
+                           "bytes_ok": all(r["bytes_ok"] for r in runs),
+                           "error": next((r["error"] for r in runs if r["error"]), None)}
+    for key in ("time_to_all_bytes_s", "time_to_idle_s", "time_to_done_s", "mib_per_s"):
+        vals = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(vals) if len(vals) == len(runs) else None
+    return out
 
 
 def sec_conc(target: Target, args: argparse.Namespace) -> dict:
@@ -1030,13 +1059,16 @@ def sec_conc(target: Target, args: argparse.Namespace) -> dict:
         if len(live) != nk:
             raise BenchError(f"only {len(live)}/{nk} kernels started: {errors[:3]}")
         for k in live:
-            execute(k.conn, "1", 30)  # warm-up
+            for _ in range(3):
+                execute(k.conn, "1", 30)  # warm-up
 
         def client(i: int) -> list[float]:
             conn = live[i].conn
             lat = []
             for _ in range(per):
                 _, t_idle, _ = execute(conn, "1", 60)
+                if t_idle is None:
+                    raise BenchError("execute without idle")
                 lat.append(t_idle)
             return lat
 
@@ -1175,7 +1207,7 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def evaluate_checks(summary: dict, runs: list[dict]) -> list[dict]:
+def evaluate_checks(summary: dict, runs: list[dict], sections: list[str]) -> list[dict]:
     """Ratios against the performance targets, PASS/FAIL/n/a each."""
     out = []
     for label, num, den, path, op, thr in CHECKS:
@@ -1185,7 +1217,9 @@ def evaluate_checks(summary: dict, runs: list[dict]) -> list[dict]:
         note = ""
         if ratio is None:
             verdict = "n/a"
-            note = f"missing {num if a is None else den} figure"
+            section = path.split(".")[0]
+            note = (f"section {section} not run" if section not in sections
+                    else f"missing {num if a is None else den} figure")
         else:
             ok = ratio <= thr if op == "<=" else ratio >= thr
             if path == "iopub.msgs_per_s":
@@ -1204,6 +1238,10 @@ def print_report(meta: dict, summary: dict, checks: list[dict], names: list[str]
                  out: Any = sys.stdout) -> None:
     """The readable table, ratios and PASS/FAIL lines."""
     env = meta["env"]
+    load = env.get("loadavg_start", (0, 0, 0))[0]
+    if load > 0.5 * (env.get("cpus") or 1):
+        print(f"\nWARNING load average {load:.2f} at start on {env.get('cpus')} CPUs: other "
+              "processes compete with the benchmark; the figures are noisy", file=out)
     print(f"\negdbench  reps={meta['params']['reps']}  sections={','.join(meta['params']['only'])}"
           f"  cpus={env['cpus']}  python={env['python']}  {env['platform']}", file=out)
     print(f"main env: {json.dumps(env['main_versions'])}", file=out)
@@ -1233,6 +1271,20 @@ def print_report(meta: dict, summary: dict, checks: list[dict], names: list[str]
             va, vb = summary.get(a, {}).get(path), summary.get(b, {}).get(path)
             row += f"{(f'{va / vb:.2f}' if va is not None and vb else '-'):>12}"
         print(row, file=out)
+    notes = []
+    direct_rtt = summary.get("direct", {}).get("rtt.to_idle.median_ms")
+    for n in names:
+        rtt = summary.get(n, {}).get("rtt.to_idle.median_ms")
+        if n != "direct" and rtt is not None and direct_rtt is not None and rtt - direct_rtt > 30:
+            notes.append(f"{n}: round trip {rtt - direct_rtt:.0f} ms over direct: typical of "
+                         "Nagle + delayed ACK (no TCP_NODELAY on the gateway's WebSocket)")
+        lost = summary.get(n, {}).get("iopub.lines_lost")
+        if lost:
+            notes.append(f"{n}: lost up to {lost} of {meta['params']['lines']} iopub lines in a "
+                         "repetition (read iopub slower than the kernel wrote; ZeroMQ drops "
+                         "at the high-water mark)")
+    for note in notes:
+        print(f"note: {note}", file=out)
     print("\nperformance targets", file=out)
     for c in checks:
         r = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
@@ -1282,6 +1334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="rtt: warm-up executes")
     p.add_argument("--lines", type=int, default=20000, help="iopub: flushed lines")
     p.add_argument("--stream-mib", type=int, default=10, help="stream: MiB in one write")
+    p.add_argument("--stream-runs", type=int, default=3,
+                   help="stream: executes per repetition (their median counts)")
     p.add_argument("--conc-kernels", type=int, default=8, help="conc: kernels = clients")
     p.add_argument("--conc-execs", type=int, default=100, help="conc: executes per client")
     p.add_argument("--timeout", type=float, default=60.0,
@@ -1304,12 +1358,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_targets(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
-                  eg_versions: dict | None) -> list[Target]:
-    """Create (and for gateways: launch) every requested target."""
+                  eg_versions: dict | None, targets: list[Target]) -> None:
+    """Create (and for gateways: launch) every requested target, appending each
+    to `targets` before it is launched so that cleanup always sees it."""
     runtime = workdir / "runtime"
     runtime.mkdir(exist_ok=True)
     base_env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime), PYTHONUNBUFFERED="1")
-    targets: list[Target] = []
     for name in args.targets:
         if name == "direct":
             t: Target = DirectTarget(name, f"lean pyzmq client -> ipykernel ({sys.executable})",
@@ -1343,6 +1397,7 @@ def build_targets(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                 t = Target(name, name, error=str(e))
                 log(f"{name}: NOT AVAILABLE: {e}")
             else:
+                targets.append(t)  # registered for cleanup before it runs
                 try:
                     t.launch(args.timeout)
                     log(f"{name}: up on port {port}, pid {t.pid}, RSS "
@@ -1351,8 +1406,8 @@ def build_targets(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                 except (BenchError, OSError) as e:
                     t.error = str(e)
                     log(f"{name}: NOT AVAILABLE: {e}")
+                continue
         targets.append(t)
-    return targets
 
 
 def run_benchmark(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
@@ -1366,8 +1421,9 @@ def run_benchmark(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
             log(f"EG venv: {e}")
             doc["eg_venv_error"] = str(e)
     doc["env"] = environment(eg_versions)
-    targets = build_targets(args, ctx, workdir, eg_versions)
+    targets: list[Target] = []
     doc["_targets"] = targets
+    build_targets(args, ctx, workdir, eg_versions, targets)
     doc["targets"] = {t.name: {"description": t.description, "error": t.error} for t in targets}
     gws = {t.name: t.pid for t in targets if isinstance(t, GatewayTarget) and t.pid and not t.error}
     rss: dict[str, dict] = {n: {} for n in gws}
@@ -1404,7 +1460,7 @@ def run_benchmark(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
         doc["runs"].append(res)
         if "start" in args.only:
             for t in order:
-                run(t, "start", lambda t=t: sec_start(t, args), res)
+                run(t, "start", functools.partial(sec_start, t, args), res)
         main_k: dict[str, Kernel] = {}
         if {"rtt", "iopub", "stream"} & set(args.only):
             for t in order:
@@ -1421,7 +1477,7 @@ def run_benchmark(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                         continue
                     for t in order:
                         if t.name in main_k:
-                            run(t, section, lambda k=main_k[t.name], fn=fn: fn(k, args), res)
+                            run(t, section, functools.partial(fn, main_k[t.name], args), res)
             finally:
                 for name, k in main_k.items():
                     try:
@@ -1430,7 +1486,7 @@ def run_benchmark(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                         log(f"{name}: delete of main kernel failed: {e}")
         if "conc" in args.only:
             for t in order:
-                run(t, "conc", lambda t=t: sec_conc(t, args), res)
+                run(t, "conc", functools.partial(sec_conc, t, args), res)
         res["loadavg_after"] = os.getloadavg()
         for n, pid in gws.items():
             res[n]["rss_after_rep_kib"] = proc_status_kib(pid)
@@ -1456,13 +1512,16 @@ def cleanup(doc: dict, ctx: zmq.Context) -> dict:
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
             left = TRACKER.alive()
-        report = {"tracked": len(TRACKER.procs),
+        report: dict[str, Any] = {"tracked": len(TRACKER.procs),
                   "left_after_stop": [f"{pid} {label}" for pid, label in left]}
         for pid, label in left:
             log(f"cleanup: still running after stop, SIGKILL: {pid} {label}")
             kill_group_or_pid(pid, signal.SIGKILL)
         time.sleep(0.5 if left else 0)
         report["left_after_kill"] = [f"{pid} {label}" for pid, label in TRACKER.alive()]
+        runtime = Path(doc["workdir"]) / "runtime"
+        report["connection_files_left"] = sorted(
+            str(p.relative_to(runtime)) for p in runtime.rglob("*") if p.is_file())
         ctx.destroy(linger=0)
         log(f"cleanup: {report['tracked']} processes tracked, "
             f"{len(report['left_after_stop'])} needed SIGKILL, "
@@ -1479,6 +1538,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -1495,7 +1555,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         status = 130
-    except Exception as e:  # noqa: BLE001 -- reported, then cleanup and the table
+    except Exception as e:  # reported, then cleanup and the table
         log(f"benchmark failed: {type(e).__name__}: {e}")
         doc["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -1503,20 +1563,22 @@ def main(argv: list[str] | None = None) -> int:
     targets: list[Target] = doc.pop("_targets", [])
     names = [t.name for t in targets]
     for t in targets:
-        doc["targets"][t.name].update(error=t.error, pid=t.pid, **t.info)
+        entry = doc.setdefault("targets", {}).setdefault(t.name, {"description": t.description})
+        entry.update(error=t.error, pid=t.pid, **t.info)
         if isinstance(t, GatewayTarget):
-            doc["targets"][t.name]["cmd"] = t.cmd
+            entry["cmd"] = t.cmd
     summary = summarize_runs(doc["runs"], names, doc.get("rss", {}))
-    checks = evaluate_checks(summary, doc["runs"])
+    checks = evaluate_checks(summary, doc["runs"], args.only)
     doc.update(summary_median_of_reps=summary, checks=checks)
     doc.setdefault("env", environment(None))
     if names:
         print_report({"env": doc["env"], "params": doc["params"], "targets": doc["targets"]},
                      summary, checks, names)
-    errors = [f"rep {r['rep']} {n} {s}: {v['error']}" for r in doc["runs"] for n in names
-              for s, v in r.get(n, {}).items() if isinstance(v, dict) and v.get("error")]
-    for e in errors:
-        print(f"ERROR {e}")
+    errors = [f"rep {r['rep']} {n} {s}: {v['error'] if isinstance(v, dict) else v}"
+              for r in doc["runs"] for n in names for s, v in r.get(n, {}).items()
+              if (isinstance(v, dict) and v.get("error")) or s == "main_kernel_error"]
+    for err in errors:
+        print(f"ERROR {err}")
     if doc["cleanup"].get("left_after_stop"):
         print(f"WARNING processes left after stopping the targets (killed): "
               f"{doc['cleanup']['left_after_stop']}")
@@ -1524,7 +1586,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json_out, "w") as f:
             json.dump(doc, f, indent=1, default=str)
         log(f"wrote {args.json_out}")
-    failed_gw = any(t.error for t in targets)
+    failed_gw = any(t.error for t in targets) or bool(errors)
     if args.keep_logs or failed_gw or status != 0:
         print(f"gateway logs kept in {workdir}")
     else:
