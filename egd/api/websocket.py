@@ -26,6 +26,7 @@ from egd.kernels.kernel import Kernel
 log = Logger()
 
 _MAX_BAD_MESSAGES = 100
+_SEND_LIMIT = 4 * 1024 * 1024
 _SHORT = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
@@ -77,6 +78,9 @@ class KernelWebSocket(WebSocketServerProtocol):
         """Join the kernel's clients (which replays what this session missed)."""
         transport: Any = self.transport
         transport.setTcpNoDelay(True)
+        # Twisted writes at most SEND_LIMIT bytes per reactor turn (128 KiB); a large output (a 10 MiB
+        # stream) then needs dozens of turns. Let the kernel's socket buffer take what it can in one.
+        transport.SEND_LIMIT = _SEND_LIMIT
         transport.registerProducer(_SendBufferWatch(self), True)
         self._attached = True
         log.info("kernel {kernel_id}: client connected (session {session}, {protocol} protocol, {n} connected)",
