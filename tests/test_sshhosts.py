@@ -5,12 +5,11 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from tests import sshhosts
+from tests.conftest import wait_until
 from tests.sshhosts import SshHost, SshLab
 
 # The fixtures, usable here without a conftest. If a conftest registers them too, both share one lab.
@@ -34,18 +33,8 @@ def ssh_cfg(lab: SshLab, host: str, command: str, timeout: float = 20) -> subpro
                           stdin=subprocess.DEVNULL, timeout=timeout)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_ssh_config_alias_hostname_and_connection(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """ssh through the lab ssh_config reaches each host by alias; it reports its own name and address."""
     assert [h.name for h in ssh_hosts] == ["egdh1", "egdh2"]
     for host in ssh_hosts:
         proc = ssh_cfg(ssh_lab, host.name, 'hostname; echo "$SSH_CONNECTION"; id -un')
@@ -61,6 +50,7 @@ def test_ssh_config_alias_hostname_and_connection(ssh_lab: SshLab, ssh_hosts: li
 
 
 def test_hosts_are_distinct(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """Each host has its own network namespace and address."""
     ips = [h.ip for h in ssh_hosts]
     assert len(set(ips)) == len(ips)
     assert ssh_lab.gateway_ip not in ips
@@ -80,6 +70,7 @@ def test_hosts_are_distinct(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
 
 
 def test_known_hosts_are_pinned(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """Host keys are pinned: a client with the lab known_hosts connects with strict checking."""
     text = ssh_lab.known_hosts_path.read_text()
     for host in ssh_hosts:
         assert f"{host.name},{host.ip} ssh-ed25519 " in text
@@ -95,6 +86,7 @@ def test_known_hosts_are_pinned(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> No
 
 
 def test_gateway_ip_reachable_from_hosts_but_not_loopback(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """Hosts reach the gateway address, not the machine loopback, and nothing outside the bridge."""
     with socket.socket() as on_gateway, socket.socket() as on_loopback:
         on_gateway.bind((ssh_lab.gateway_ip, 0))
         on_gateway.listen()
@@ -113,6 +105,7 @@ def test_gateway_ip_reachable_from_hosts_but_not_loopback(ssh_lab: SshLab, ssh_h
 
 
 def test_root_bashrc_is_not_read_over_ssh(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """Commands over ssh do not pay for root's .bashrc (pyenv init)."""
     proc = ssh_hosts[0].ssh('echo "PYENV_ROOT=${PYENV_ROOT-}"; echo "$PATH"; command -v python3')
     assert proc.returncode == 0, proc.stderr
     pyenv, path, python3 = proc.stdout.splitlines()
@@ -123,6 +116,7 @@ def test_root_bashrc_is_not_read_over_ssh(ssh_lab: SshLab, ssh_hosts: list[SshHo
 
 
 def test_link_down_and_up(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """link_down makes a host unreachable within the connect timeout; link_up brings it back."""
     host = ssh_hosts[1]
     assert host.ssh("true").returncode == 0
     host.link_down()
@@ -135,11 +129,12 @@ def test_link_down_and_up(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
         assert ssh_hosts[0].ssh("true").returncode == 0  # the other host is unaffected
     finally:
         host.link_up()
-    proc = wait_for(lambda: host.ssh("hostname", timeout=10), 10, "ssh after link_up")
+    proc = wait_until(lambda: host.ssh("hostname", timeout=10), 10, what="ssh after link_up")
     assert proc.stdout.strip() == host.name
 
 
 def test_stop_and_start_sshd(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """stop_sshd refuses new connections; start_sshd serves them again."""
     host = ssh_hosts[0]
     old_pid = host.sshd_pid
     host.stop_sshd()
@@ -157,6 +152,7 @@ def test_stop_and_start_sshd(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
 
 
 def test_pids_show_background_process_until_killed(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """pids() lists a detached process started over ssh until it is killed."""
     h1, h2 = ssh_hosts[:2]
     assert h1.pids() == [] and h2.pids() == []  # sshd itself is not listed
     start = time.monotonic()
@@ -168,11 +164,12 @@ def test_pids_show_background_process_until_killed(ssh_lab: SshLab, ssh_hosts: l
     assert h1.processes_matching("sleep 30") == [(pid, "sleep 30")]
     assert h2.pids() == [] and h2.processes_matching("sleep 30") == []
     assert h1.ssh(f"kill {pid}").returncode == 0
-    wait_for(lambda: h1.pids() == [], 5, "the killed sleep to go")
+    wait_until(lambda: h1.pids() == [], 5, what="the killed sleep to go")
     assert h1.processes_matching("sleep 30") == []
 
 
 def test_ensure_user(ssh_lab: SshLab, ssh_hosts: list[SshHost]) -> None:
+    """ensure_user creates a login-able test user, idempotently."""
     entry = ssh_lab.ensure_user("egdtest1")
     assert ssh_lab.ensure_user("egdtest1") == entry  # idempotent
     for host in ssh_hosts:
