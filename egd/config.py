@@ -25,8 +25,11 @@ ENV_OVERRIDES: dict[str, str] = {
     "EGD_LOG_FORMAT": "logging.format",
     "EGD_DEFAULT_KERNEL_NAME": "kernels.default_kernel_name",
     "EGD_LAUNCH_TIMEOUT": "kernels.launch_timeout",
+    "EGD_AUTH_TOKEN": "auth.token",
 }
 
+#: Overrides taken as text, never parsed as YAML (a token of digits must stay a string).
+_RAW_ENV = frozenset({"auth.token"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PORT_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 
@@ -90,10 +93,23 @@ class KernelsConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Who may use the gateway."""
+
+    token: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        """Whether any credential is configured (without one, egd serves loopback only)."""
+        return bool(self.token)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one egd process."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"local": {}})
@@ -142,6 +158,13 @@ def _choice(*choices: str) -> Checker:
 def _string(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, str) or not value:
         problems.append(f"{path}: must be a non-empty string")
+        return None
+    return value
+
+
+def _token(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str) or len(value) < 16 or any(c.isspace() for c in value):
+        problems.append(f"{path}: must be a string of at least 16 characters without spaces")
         return None
     return value
 
@@ -213,6 +236,9 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "replay_buffer_seconds": _number(0),
         "list_kernels": _boolean,
     },
+    AuthConfig: {
+        "token": _optional(_token),
+    },
     LoggingConfig: {
         "level": _choice("debug", "info", "warn", "error", "critical"),
         "format": _choice("text", "json"),
@@ -278,7 +304,8 @@ def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> Non
             section, key = dotted.split(".")
             target = raw.setdefault(section, {})
             if isinstance(target, dict):
-                target[key] = yaml.safe_load(environ[variable]) if environ[variable] else environ[variable]
+                raw_value = environ[variable]
+                target[key] = raw_value if dotted in _RAW_ENV or not raw_value else yaml.safe_load(raw_value)
 
 
 def parse_config(text: str, source: str = "configuration", environ: Mapping[str, str] | None = None) -> Config:
@@ -293,10 +320,11 @@ def parse_config(text: str, source: str = "configuration", environ: Mapping[str,
     if not isinstance(raw, dict):
         raise ConfigError(["the top level must be a mapping"], source)
     _apply_env_overrides(raw, os.environ if environ is None else environ)
-    known = {"server", "logging", "kernels", "drivers"}
+    known = {"server", "auth", "logging", "kernels", "drivers"}
     problems.extend(f"{key}: unknown section (known: {', '.join(sorted(known))})" for key in raw if key not in known)
     config = Config(
         server=_section(ServerConfig, raw.get("server"), "server", problems),
+        auth=_section(AuthConfig, raw.get("auth"), "auth", problems),
         logging=_section(LoggingConfig, raw.get("logging"), "logging", problems),
         kernels=_section(KernelsConfig, raw.get("kernels"), "kernels", problems),
         drivers=_drivers(raw.get("drivers"), problems),

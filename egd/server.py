@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -77,6 +78,14 @@ class Gateway(AsyncMultiService):
         self.kernels = KernelManager(config, reactor, specs, self.drivers)
         self.kernels.setServiceParent(self)
         self.api = GatewayAPI(config, self.kernels, reactor, threadpool)
-        self.http = HTTPListener(make_site(self.api.resource(), config.server.base_url), reactor,
-                                 config.server.ip, config.server.port, config.server.base_url)
+        ip = config.server.ip
+        if not config.auth.configured and not ipaddress.ip_address(ip).is_loopback:
+            log.warn("no credentials are configured (auth.token / EGD_AUTH_TOKEN): serving on 127.0.0.1 only, "
+                     "not on {ip}, so that nobody else can run code through this gateway", ip=ip)
+            ip = "127.0.0.1"
+        elif not config.auth.configured:
+            log.info("no credentials are configured: anyone who can reach {ip} can use this gateway; it listens "
+                     "on loopback only", ip=ip)
+        site = make_site(self.api.resource(), config.server.base_url, config.auth.token)
+        self.http = HTTPListener(site, reactor, ip, config.server.port, config.server.base_url)
         self.http.setServiceParent(self)

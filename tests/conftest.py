@@ -104,14 +104,18 @@ class GatewayProcess:
             [sys.executable, "-m", "egd", "run", "--config", str(self.config_path), *(args or [])],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}{self.base_url}"
-        self.client = GatewayClient(self.url)
-        wait_until(self._answers, 30, 0.05, f"egd on port {self.port} to answer (log: {self.log_path})")
+        self.client = GatewayClient(self.url, full_env.get("EGD_AUTH_TOKEN") or config.get("auth", {}).get("token"))
+        try:
+            wait_until(self._answers, 30, 0.05, f"egd on port {self.port} to answer (log: {self.log_path})")
+        except BaseException:
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"egd exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            return self.client.request("GET", "/api", timeout=2).status == 200
+            return self.client.request("GET", "/api", timeout=2).status in (200, 401)
         except OSError:
             return False
 

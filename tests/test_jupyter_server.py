@@ -53,7 +53,7 @@ REPLY_TIMEOUT = 30
 class JupyterServer:
     """A ``jupyter server`` subprocess that manages its kernels through an egd gateway."""
 
-    def __init__(self, gateway_url: str, root: Path) -> None:
+    def __init__(self, gateway_url: str, root: Path, extra_args: list[str] | None = None) -> None:
         self.root = root
         self.notebooks = root / "notebooks"
         (self.notebooks / "work").mkdir(parents=True)
@@ -75,7 +75,7 @@ class JupyterServer:
             f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.notebooks}",
             f"--gateway-url={gateway_url}",
             f"--GatewayMappingKernelManager.default_kernel_name={SERVER_OWN_DEFAULT}",
-            "--ServerApp.log_level=DEBUG",
+            "--ServerApp.log_level=DEBUG", *(extra_args or []),
         ]
         if os.geteuid() == 0:
             argv.append("--allow-root")

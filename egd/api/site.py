@@ -5,6 +5,8 @@ Requests outside the base URL get the same JSON 404 as unknown paths inside it.
 
 from __future__ import annotations
 
+import hmac
+import re
 from typing import Any
 
 from twisted.logger import Logger
@@ -16,6 +18,8 @@ from zope.interface import implementer
 from egd.api.errors import error_response
 
 access_log = Logger(namespace="egd.access")
+security_log = Logger(namespace="egd.security")
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&]*")
 
 
 class NoDelayHTTPChannel(HTTPChannel):
@@ -68,20 +72,62 @@ class BaseURLResource(Resource):
         return error_response(request, 404, "Not Found", "")
 
 
+def client_host(request: Any) -> str:
+    """The client's address, for logs."""
+    return str(getattr(request.getClientAddress(), "host", "-"))
+
+
+def loggable_uri(request: Any) -> str:
+    """The request's URI with any ``token`` query value masked (it is a credential)."""
+    return _TOKEN_IN_QUERY.sub(r"\1***", request.uri.decode("utf-8", "replace"))
+
+
 class GatewaySite(Site):
     """A Site whose access log goes through twisted.logger at debug level (clients poll often)."""
 
     def log(self, request: Any) -> None:
         """One structured line per request."""
-        access_log.debug("{client} {method} {uri} {status} {size}", client=request.getClientAddress().host
-                         if hasattr(request.getClientAddress(), "host") else "-",
-                         method=request.method.decode("ascii", "replace"),
-                         uri=request.uri.decode("utf-8", "replace"), status=request.code,
-                         size=request.sentLength)
+        access_log.debug("{client} {method} {uri} {status} {size}", client=client_host(request),
+                         method=request.method.decode("ascii", "replace"), uri=loggable_uri(request),
+                         status=request.code, size=request.sentLength)
 
 
-def make_site(app_resource: Any, base_url: str) -> Site:
-    """The Site serving ``app_resource`` under ``base_url``."""
+class TokenGuard(Resource):
+    """Lets a request through only with the gateway's token: ``Authorization: token <t>`` (also ``Bearer``)
+    or ``?token=<t>``, as Enterprise Gateway and Jupyter Server's gateway client send it. CORS preflights
+    (OPTIONS) pass. Compared in constant time; a refusal is logged, never the token."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Any, token: str) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+        self._token = token.encode()
+
+    def _presented(self, request: Any) -> bytes | None:
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, value = header.partition(b" ")
+        if scheme.lower() in (b"token", b"bearer") and value.strip():
+            return bytes(value.strip())
+        values = request.args.get(b"token")
+        return bytes(values[0]) if values else None
+
+    def render(self, request: Any) -> Any:
+        """Authenticate, then hand the request to the application."""
+        presented = self._presented(request)
+        if request.method != b"OPTIONS" and not (presented and hmac.compare_digest(presented, self._token)):
+            security_log.warn("refused authentication from {client} for {method} {uri} ({why})",
+                              client=client_host(request), method=request.method.decode("ascii", "replace"),
+                              uri=loggable_uri(request), why="wrong token" if presented else "no token")
+            return error_response(request, 401, "Unauthorized", "A valid token is required: send the header "
+                                  "'Authorization: token <token>' or the query parameter token=<token>")
+        return self._wrapped.render(request)
+
+
+def make_site(app_resource: Any, base_url: str, token: str | None = None) -> Site:
+    """The Site serving ``app_resource`` under ``base_url`` (behind ``token`` when one is configured)."""
+    if token:
+        app_resource = TokenGuard(app_resource, token)
     segments = [s.encode() for s in base_url.strip("/").split("/") if s]
     root = app_resource if not segments else BaseURLResource(segments, app_resource)
     site = GatewaySite(root)
