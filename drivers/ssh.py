@@ -24,7 +24,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -39,6 +39,7 @@ log = Logger()
 SSH_FAILED = 255
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _SETTINGS = frozenset({"hosts", "placement", "ssh_command", "ssh_config", "ssh_options", "connect_timeout", "user",
+                       "multiplex",
                        "impersonation", "python", "launcher_path", "log_dir", "port_range", "callback_host",
                        "callback_port"})
 _TAIL = 8192
@@ -96,6 +97,10 @@ class SshDriver(MultiService):
         self._ssh_config = settings.get("ssh_config")
         self._ssh_options = [str(o) for o in settings.get("ssh_options", [])]
         self._connect_timeout = int(settings.get("connect_timeout", 5))
+        # One ssh connection per host, reused by every launch and signal (OpenSSH's ControlMaster): a launch
+        # then costs a channel (milliseconds), not a handshake (hundreds of milliseconds).
+        self._multiplex = bool(settings.get("multiplex", True))
+        self._control_dir = os.path.join(runtime_dir, "ssh")
         self._user = settings.get("user")
         self._impersonation = bool(settings.get("impersonation", False))
         self._python = settings.get("python")
@@ -142,7 +147,10 @@ class SshDriver(MultiService):
         if self._ssh_config:
             argv += ["-F", str(self._ssh_config)]
         argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self._connect_timeout}",
-                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2"]
+                 "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=2"]
+        if self._multiplex:
+            argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self._control_dir}/%C",
+                     "-o", "ControlPersist=300"]
         for option in self._ssh_options:
             argv += ["-o", option]
         login = login or (str(self._user) if self._user else None)
@@ -171,6 +179,29 @@ class SshDriver(MultiService):
         if request.working_dir:
             command += ["--working-dir", request.working_dir]
         return [*command, "--", *argv]
+
+    def startService(self) -> None:  # noqa: N802 - Twisted hook
+        """Create the private directory of the shared ssh connections."""
+        if self._multiplex:
+            os.makedirs(self._control_dir, mode=0o700, exist_ok=True)
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Close the shared ssh connections, then stop the launch listener."""
+        async def stop() -> None:
+            if self._multiplex:
+                for host in {*self._hosts, *self._running.values()}:
+                    argv = [*self._ssh_argv(host, [])[:-3], "-O", "exit", host]
+                    proto = _SshProcess(None)
+                    self._reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ))
+                    proto.ended.addTimeout(5, self._reactor)
+                    try:
+                        await proto.ended
+                    except Exception:
+                        log.warn("could not close the shared ssh connection to {host}", host=host)
+            await maybeDeferred(super(SshDriver, self).stopService)
+
+        return Deferred.fromCoroutine(stop())
 
     # -- launching --------------------------------------------------------------------------------------
 

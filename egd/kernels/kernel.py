@@ -281,9 +281,9 @@ class Kernel:
                     state = message.json_content().get("execution_state")
                 except (ValueError, AttributeError):
                     state = None
-                if isinstance(state, str) and self.state is KernelState.RUNNING:
-                    self.execution_state = state
-                elif isinstance(state, str) and state in ("busy", "idle"):
+                # While (re)starting, only busy/idle replace "starting"/"restarting" (not the kernel's own
+                # "starting" of its boot, which would be stale by the time it arrives).
+                if isinstance(state, str) and (self.state is KernelState.RUNNING or state in ("busy", "idle")):
                     self.execution_state = state
             if not self._iopub_seen:
                 self._iopub_seen = True
