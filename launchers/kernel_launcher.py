@@ -280,12 +280,17 @@ class Launcher:
     def serve(self, control: socket.socket) -> int:
         """Serve control requests until the kernel ends; its exit code."""
         assert self.kernel is not None
+        watched: list[Any] = [control]
+        try:  # readable when the kernel exits: report its end at once rather than at the next poll
+            watched.append(os.pidfd_open(self.kernel.pid))
+        except (AttributeError, OSError):
+            pass
         while True:
             code = self.kernel.poll()
             if code is not None:
                 return code
-            ready, _, _ = select.select([control], [], [], 0.5)
-            if ready:
+            ready, _, _ = select.select(watched, [], [], 0.5)
+            if control in ready:
                 conn, _ = control.accept()
                 if self.handle(conn):
                     self.kernel.wait(10)
