@@ -26,10 +26,12 @@ ENV_OVERRIDES: dict[str, str] = {
     "EGD_DEFAULT_KERNEL_NAME": "kernels.default_kernel_name",
     "EGD_LAUNCH_TIMEOUT": "kernels.launch_timeout",
     "EGD_AUTH_TOKEN": "auth.token",
+    "EGD_CERTFILE": "server.certfile",
+    "EGD_KEYFILE": "server.keyfile",
 }
 
 #: Overrides taken as text, never parsed as YAML (a token of digits must stay a string).
-_RAW_ENV = frozenset({"auth.token"})
+_RAW_ENV = frozenset({"auth.token", "server.certfile", "server.keyfile"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PORT_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 
@@ -58,6 +60,9 @@ class ServerConfig:
     replay_buffer_bytes: int = 64 * 1024 * 1024
     replay_buffer_seconds: float = 300.0
     list_kernels: bool = True
+    certfile: str | None = None
+    keyfile: str | None = None
+    client_ca: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,13 @@ def _string(value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
+def _readable_file(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str) or not os.path.isfile(value) or not os.access(value, os.R_OK):
+        problems.append(f"{path}: not a readable file: {value!r}")
+        return None
+    return value
+
+
 def _token(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, str) or len(value) < 16 or any(c.isspace() for c in value):
         problems.append(f"{path}: must be a string of at least 16 characters without spaces")
@@ -235,6 +247,9 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "replay_buffer_bytes": _number(0, integer=True),
         "replay_buffer_seconds": _number(0),
         "list_kernels": _boolean,
+        "certfile": _optional(_readable_file),
+        "keyfile": _optional(_readable_file),
+        "client_ca": _optional(_readable_file),
     },
     AuthConfig: {
         "token": _optional(_token),
@@ -330,6 +345,10 @@ def parse_config(text: str, source: str = "configuration", environ: Mapping[str,
         drivers=_drivers(raw.get("drivers"), problems),
         source=source,
     )
+    if bool(config.server.certfile) != bool(config.server.keyfile):
+        problems.append("server.certfile: TLS needs both server.certfile and server.keyfile")
+    if config.server.client_ca and not config.server.certfile:
+        problems.append("server.client_ca: client certificates need TLS (server.certfile and server.keyfile)")
     if config.kernels.launch_timeout > config.kernels.max_launch_timeout:
         problems.append("kernels.launch_timeout: must not exceed kernels.max_launch_timeout")
     if problems:

@@ -9,7 +9,7 @@ from typing import Any
 from jupyter_core.paths import jupyter_runtime_dir
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
 from egd.api.app import GatewayAPI
@@ -23,12 +23,30 @@ from egd.service import AsyncMultiService
 log = Logger()
 
 
+def tls_options(config: Config) -> Any:
+    """Twisted TLS options from the configured PEM files (None without TLS); with ``client_ca``, clients must
+    present a certificate signed by it."""
+    server = config.server
+    if not server.certfile or not server.keyfile:
+        return None
+    from twisted.internet import ssl
+
+    with open(server.certfile, "rb") as cert, open(server.keyfile, "rb") as key:
+        private = ssl.PrivateCertificate.loadPEM(key.read() + cert.read())
+    if server.client_ca:
+        with open(server.client_ca, "rb") as ca:
+            return private.options(ssl.Certificate.loadPEM(ca.read()))
+    return private.options()
+
+
 class HTTPListener(Service):
     """Listens for HTTP and WebSocket connections; the last to start, the first to stop."""
 
-    def __init__(self, site: Any, reactor: Any, ip: str, port: int, base_url: str = "/") -> None:
+    def __init__(self, site: Any, reactor: Any, ip: str, port: int, base_url: str = "/",
+                 tls: Any = None) -> None:
         self.name = "http"
         self._base_url = base_url
+        self._tls = tls
         self._site = site
         self._reactor = reactor
         self._ip = ip
@@ -44,14 +62,20 @@ class HTTPListener(Service):
     def startService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Bind the port; fails (CannotListenError) if it is taken."""
         super().startService()
-        endpoint_type = TCP6ServerEndpoint if ":" in self._ip else TCP4ServerEndpoint
-        endpoint = endpoint_type(self._reactor, self._port, interface=self._ip, backlog=256)
+        endpoint: Any
+        if self._tls is not None:
+            endpoint = SSL4ServerEndpoint(self._reactor, self._port, self._tls, interface=self._ip, backlog=256)
+        else:
+            endpoint_type = TCP6ServerEndpoint if ":" in self._ip else TCP4ServerEndpoint
+            endpoint = endpoint_type(self._reactor, self._port, interface=self._ip, backlog=256)
 
         async def listen() -> None:
             self.port = await endpoint.listen(self._site)
             host, port = self.address
             shown = f"[{host}]" if ":" in host else host
-            log.info("egd is listening on http://{host}:{port}{base}", host=shown, port=port, base=self._base_url)
+            scheme = "https" if self._tls is not None else "http"
+            log.info("egd is listening on {scheme}://{host}:{port}{base}", scheme=scheme, host=shown, port=port,
+                     base=self._base_url)
 
         return ensureDeferred(listen())
 
@@ -87,5 +111,6 @@ class Gateway(AsyncMultiService):
             log.info("no credentials are configured: anyone who can reach {ip} can use this gateway; it listens "
                      "on loopback only", ip=ip)
         site = make_site(self.api.resource(), config.server.base_url, config.auth.token)
-        self.http = HTTPListener(site, reactor, ip, config.server.port, config.server.base_url)
+        self.http = HTTPListener(site, reactor, ip, config.server.port, config.server.base_url,
+                                 tls_options(config))
         self.http.setServiceParent(self)

@@ -38,9 +38,10 @@ class Response:
 class GatewayClient:
     """REST calls against one gateway."""
 
-    def __init__(self, url: str, token: str | None = None) -> None:
+    def __init__(self, url: str, token: str | None = None, context: Any = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
+        self.context = context
 
     def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 90) -> Response:
@@ -51,7 +52,7 @@ class GatewayClient:
             all_headers.setdefault("Authorization", f"token {self.token}")
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=all_headers)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.context) as resp:
                 return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
         except urllib.error.HTTPError as err:
             return Response(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,8 @@ class GatewayProcess:
     _count = 0
 
     def __init__(self, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, https: bool = False, cafile: str | None = None,
+                 client_cert: tuple[str, str] | None = None) -> None:
         GatewayProcess._count += 1
         self.dir = _ROOT / f"gateway-{GatewayProcess._count}"
         self.dir.mkdir()
@@ -103,8 +105,14 @@ class GatewayProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "egd", "run", "--config", str(self.config_path), *(args or [])],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}{self.base_url}"
-        self.client = GatewayClient(self.url, full_env.get("EGD_AUTH_TOKEN") or config.get("auth", {}).get("token"))
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}{self.base_url}"
+        context = None
+        if https:
+            context = ssl.create_default_context(cafile=cafile)
+            if client_cert:
+                context.load_cert_chain(*client_cert)
+        self.client = GatewayClient(self.url, full_env.get("EGD_AUTH_TOKEN") or config.get("auth", {}).get("token"),
+                                    context)
         try:
             wait_until(self._answers, 30, 0.05, f"egd on port {self.port} to answer (log: {self.log_path})")
         except BaseException:
@@ -187,8 +195,8 @@ def make_gateway() -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
     def make(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-             args: list[str] | None = None) -> GatewayProcess:
-        process = GatewayProcess(overrides, env, args)
+             args: list[str] | None = None, **tls: Any) -> GatewayProcess:
+        process = GatewayProcess(overrides, env, args, **tls)
         started.append(process)
         return process
 
