@@ -95,6 +95,8 @@ class KernelsConfig:
     working_dir: str | None = None
     port_range: tuple[int, int] | None = None
     runtime_dir: str | None = None
+    max_kernels: int | None = None
+    max_kernels_per_user: int | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "working_dir": _optional(_string),
         "port_range": _optional(_port_range),
         "runtime_dir": _optional(_string),
+        "max_kernels": _optional(_number(1, integer=True)),
+        "max_kernels_per_user": _optional(_number(1, integer=True)),
     },
 }
 

@@ -28,6 +28,7 @@ from egd.kernels.zmqio import QueueFull, ReactorZmqFactory
 from egd.util import Background, wait_for
 
 log = Logger()
+audit = Logger(namespace="egd.audit")
 
 _MAX_PENDING = 100_000
 _MAX_HELD = 1000
@@ -339,6 +340,8 @@ class Kernel:
         handle = self._require_running()
         self._touch()
         log.info("kernel {kernel_id}: interrupt ({mode})", kernel_id=self.id, mode=self.spec.interrupt_mode)
+        audit.info("kernel interrupt {kernel_id} user={user} spec={spec}", kernel_id=self.id,
+                   user=self.env.username, spec=self.spec.name)
         await self._send_interrupt(handle)
 
     async def _send_interrupt(self, handle: LaunchedKernel) -> None:
@@ -352,6 +355,8 @@ class Kernel:
         async with self._lock:
             handle = self._require_running()
             log.info("kernel {kernel_id}: restart requested", kernel_id=self.id)
+            audit.info("kernel restart {kernel_id} user={user} spec={spec}", kernel_id=self.id,
+                       user=self.env.username, spec=self.spec.name)
             self._set_state(KernelState.RESTARTING)
             self._announce("restarting")
             await self._release(handle, graceful=True, restart=True)
@@ -373,6 +378,8 @@ class Kernel:
             if self.state in (KernelState.TERMINATED, KernelState.DEAD):
                 return
             self._set_state(KernelState.TERMINATING)
+            audit.info("kernel stop {kernel_id} user={user} spec={spec}", kernel_id=self.id,
+                       user=self.env.username, spec=self.spec.name)
             if self._handle is not None:
                 await self._release(self._handle, graceful=True)
             self._set_state(KernelState.TERMINATED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +12,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
 from egd.config import Config
-from egd.errors import Conflict, KernelNotFound, ServiceUnavailable
+from egd.errors import Conflict, Forbidden, KernelNotFound, ServiceUnavailable
 from egd.kernels.env import build_kernel_env
 from egd.kernels.hub import ReplayLimits
 from egd.kernels.kernel import Kernel, KernelPolicy
@@ -21,6 +22,8 @@ from egd.registry import DriverRegistry
 from egd.util import shield
 
 log = Logger()
+#: One line per security-relevant event (who did what to which kernel); never a secret.
+audit = Logger(namespace="egd.audit")
 
 
 class KernelManager(Service):
@@ -37,6 +40,7 @@ class KernelManager(Service):
         self._zmq = ReactorZmqFactory(reactor)
         self.kernels: dict[str, Kernel] = {}
         self._launches: dict[str, Deferred[Any]] = {}
+        self._reserved: Counter[str] = Counter()
         self._accepting = True
         kc, sc = config.kernels, config.server
         self._policy = KernelPolicy(
@@ -71,10 +75,17 @@ class KernelManager(Service):
             default_launch_timeout=kc.launch_timeout, max_launch_timeout=kc.max_launch_timeout)
         if kernel_env.kernel_id in self.kernels:
             raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
-        spec = await self.specs.get(name or self.default_kernel_name)
-        driver = self._drivers.get(spec.driver)
-        if kernel_env.kernel_id in self.kernels:  # claimed while the spec was being read
-            raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
+        user = kernel_env.username
+        self._enforce_limits(user)
+        # Counted from here on, so that concurrent requests see this one before its kernel exists.
+        self._reserved[user] += 1
+        try:
+            spec = await self.specs.get(name or self.default_kernel_name)
+            driver = self._drivers.get(spec.driver)
+            if kernel_env.kernel_id in self.kernels:  # claimed while the spec was being read
+                raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
+        finally:
+            self._reserved[user] -= 1
         working_dir = kernel_env.client.get("KERNEL_WORKING_DIR") or kc.working_dir
         # A client may ask for more or less time (KERNEL_LAUNCH_TIMEOUT); otherwise the spec's default, then
         # the gateway's; never more than the gateway's maximum.
@@ -86,6 +97,8 @@ class KernelManager(Service):
         self.kernels[kernel.id] = kernel
         log.info("kernel {kernel_id}: starting {spec} for {user} with driver {driver}", kernel_id=kernel.id,
                  spec=spec.name, user=kernel_env.username, driver=spec.driver)
+        audit.info("kernel start {kernel_id} user={user} spec={spec}", kernel_id=kernel.id, user=user,
+                   spec=spec.name)
         launch = ensureDeferred(kernel.start())
         self._launches[kernel.id] = launch
         launch.addBoth(lambda result: (self._launches.pop(kernel.id, None), result)[1])
@@ -94,6 +107,21 @@ class KernelManager(Service):
         launch.addErrback(lambda _: None)  # the failure reaches the client through ``waiter``
         await waiter
         return kernel
+
+    def _enforce_limits(self, user: str) -> None:
+        """403 when the gateway's or the user's kernel limit is reached (kernels starting count too)."""
+        kc = self._config.kernels
+        total = len(self.kernels) + sum(self._reserved.values())
+        if kc.max_kernels is not None and total >= kc.max_kernels:
+            audit.warn("kernel start refused user={user}: gateway limit {limit}", user=user, limit=kc.max_kernels)
+            raise Forbidden(f"A max kernels limit has been set to {kc.max_kernels} and has been reached")
+        if kc.max_kernels_per_user is not None:
+            mine = sum(1 for k in self.kernels.values() if k.env.username == user) + self._reserved[user]
+            if mine >= kc.max_kernels_per_user:
+                audit.warn("kernel start refused user={user}: per-user limit {limit}", user=user,
+                           limit=kc.max_kernels_per_user)
+                raise Forbidden(f"A max kernels per user limit has been set to {kc.max_kernels_per_user} "
+                                f"and user '{user}' has reached it")
 
     def _forget(self, kernel: Kernel) -> None:
         if self.kernels.get(kernel.id) is kernel:
