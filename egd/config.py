@@ -97,6 +97,8 @@ class KernelsConfig:
     runtime_dir: str | None = None
     max_kernels: int | None = None
     max_kernels_per_user: int | None = None
+    authorized_users: tuple[str, ...] = ()
+    unauthorized_users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,8 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "runtime_dir": _optional(_string),
         "max_kernels": _optional(_number(1, integer=True)),
         "max_kernels_per_user": _optional(_number(1, integer=True)),
+        "authorized_users": _strings,
+        "unauthorized_users": _strings,
     },
 }
 

@@ -42,6 +42,11 @@ def read_json(request: Any) -> Any:
         raise BadRequest("The request body is not valid JSON") from None
 
 
+def _user_arg(request: Any) -> str:
+    """The ``?user=`` of a kernelspec request (EG's listing filter)."""
+    return str(request.args.get(b"user", [b""])[0].decode("utf-8", "replace"))
+
+
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()
@@ -81,7 +86,7 @@ class GatewayAPI:
     @app.route("/api/kernelspecs", methods=["GET"], strict_slashes=False)
     async def list_kernelspecs(self, request: Any) -> bytes:
         """Every kernelspec, and the default's name."""
-        user = request.args.get(b"user", [b""])[0].decode("utf-8", "replace")
+        user = _user_arg(request)
         if "/" in user:
             # Jupyter Server's gateway client appends the spec name after "?user=...": answer that spec.
             return await self.get_kernelspec(request, user.rsplit("/", 1)[1])
@@ -89,13 +94,17 @@ class GatewayAPI:
         default = self._kernels.default_kernel_name
         return json_response(request, 200, {
             "default": default,
-            "kernelspecs": {name: spec.model(self._base_url) for name, spec in specs.items()},
+            "kernelspecs": {name: spec.model(self._base_url) for name, spec in specs.items()
+                            if not user or self._kernels.allows(spec, user)},
         })
 
     @app.route("/api/kernelspecs/<string:name>", methods=["GET"], strict_slashes=False)
     async def get_kernelspec(self, request: Any, name: str) -> bytes:
         """One kernelspec."""
         spec = await self._kernels.specs.get(name)
+        user = _user_arg(request).split("/", 1)[0]
+        if user and not self._kernels.allows(spec, user):
+            raise Forbidden(f"User {user} is not authorized to use kernel spec {name}")
         return json_response(request, 200, spec.model(self._base_url))
 
     @app.route("/kernelspecs/<string:name>/<path:filename>", methods=["GET", "HEAD"])

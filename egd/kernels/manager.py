@@ -16,7 +16,7 @@ from egd.errors import Conflict, Forbidden, KernelNotFound, ServiceUnavailable
 from egd.kernels.env import build_kernel_env
 from egd.kernels.hub import ReplayLimits
 from egd.kernels.kernel import Kernel, KernelPolicy
-from egd.kernels.specs import KernelSpecStore
+from egd.kernels.specs import KernelSpecInfo, KernelSpecStore
 from egd.kernels.zmqio import ReactorZmqFactory, shutdown_factory
 from egd.registry import DriverRegistry
 from egd.util import shield
@@ -81,6 +81,9 @@ class KernelManager(Service):
         self._reserved[user] += 1
         try:
             spec = await self.specs.get(name or self.default_kernel_name)
+            if not self.allows(spec, user):
+                audit.warn("kernel start refused user={user}: not authorized for {spec}", user=user, spec=spec.name)
+                raise Forbidden(f"User '{user}' is not authorized to start kernel '{spec.display_name}'")
             driver = self._drivers.get(spec.driver)
             if kernel_env.kernel_id in self.kernels:  # claimed while the spec was being read
                 raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
@@ -107,6 +110,11 @@ class KernelManager(Service):
         launch.addErrback(lambda _: None)  # the failure reaches the client through ``waiter``
         await waiter
         return kernel
+
+    def allows(self, spec: KernelSpecInfo, user: str) -> bool:
+        """Whether ``user`` may use ``spec`` (per-spec and gateway-wide user lists)."""
+        kc = self._config.kernels
+        return spec.allows(user, kc.authorized_users, kc.unauthorized_users)
 
     def _enforce_limits(self, user: str) -> None:
         """403 when the gateway's or the user's kernel limit is reached (kernels starting count too)."""

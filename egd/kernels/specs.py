@@ -69,6 +69,27 @@ class KernelSpecInfo:
                 return dict(section["config"])
         return {}
 
+    def user_lists(self) -> tuple[frozenset[str], frozenset[str]]:
+        """``(authorized, unauthorized)`` users of this spec (lists, or EG's comma-separated strings)."""
+        config = self.driver_config
+
+        def names(key: str) -> frozenset[str]:
+            value = config.get(key) or []
+            items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else []
+            return frozenset(str(item).strip() for item in items if str(item).strip())
+
+        return names("authorized_users"), names("unauthorized_users")
+
+    def allows(self, user: str, authorized: tuple[str, ...], unauthorized: tuple[str, ...]) -> bool:
+        """Whether ``user`` may use this spec: exact names; the spec's lists, then the gateway's (EG's rules,
+        without EG's substring matching)."""
+        spec_authorized, spec_unauthorized = self.user_lists()
+        if user in spec_unauthorized or user in unauthorized:
+            return False
+        if spec_authorized:
+            return user in spec_authorized
+        return not authorized or user in authorized
+
     def model(self, base_url: str) -> dict[str, Any]:
         """The ``/api/kernelspecs`` model (Jupyter Server's shape)."""
         spec = {
