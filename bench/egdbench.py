@@ -1531,16 +1531,20 @@ def cleanup(doc: dict, ctx: zmq.Context) -> dict:
         signal.signal(signal.SIGINT, old)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run everything; return the exit status."""
-    args = parse_args(argv)
-
+def install_stop_signals() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP all raise KeyboardInterrupt, so every cleanup path runs."""
     def on_term(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run everything; return the exit status."""
+    args = parse_args(argv)
+    install_stop_signals()
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="egdbench-"))
     ctx = zmq.Context()

@@ -763,13 +763,7 @@ def cleanup(doc: dict, ctx: zmq.Context, lab: SshLab) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run everything; return the exit status."""
     args = parse_args(argv)
-
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
+    eb.install_stop_signals()
     eb.CACHE_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="remotebench-"))
     workdir.chmod(0o755)
