@@ -87,8 +87,3 @@ class KernelDriver(Protocol):
 
     def stopService(self) -> Any:  # noqa: N802 - Twisted's IService
         """Stop it; kernels are stopped by the kernel manager before this is called."""
-
-
-def driver_settings(settings: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A driver's setting from its YAML section, or ``default``."""
-    return settings.get(key, default)

@@ -120,11 +120,6 @@ class Kernel:
             model["reason"] = self.reason
         return model
 
-    @property
-    def handle(self) -> LaunchedKernel | None:
-        """What the driver returned for the current incarnation of the kernel."""
-        return self._handle
-
     def _set_state(self, new: KernelState) -> None:
         if new not in TRANSITIONS[self.state]:
             raise RuntimeError(f"kernel {self.id}: {self.state.value} -> {new.value} is not allowed")

@@ -89,10 +89,6 @@ class ZmqSocket(ZmqConnection):
             except Exception:
                 log.failure("handling a message from a kernel socket")
 
-    def messageReceived(self, message: list[bytes]) -> None:  # noqa: N802 - txzmq hook, unused by doRead
-        """Not used: :meth:`doRead` dispatches directly."""
-        self._on_message(message)
-
     def send(self, frames: list[bytes]) -> None:
         """Queue a multipart message; :class:`QueueFull` when the bounded outbound queue is full."""
         if self.factory is None:
