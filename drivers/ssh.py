@@ -18,17 +18,15 @@ import shlex
 import signal
 import sys
 import uuid
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import protocol
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from egd.driverapi import LaunchedKernel, LaunchRequest
+from egd.drivers.process import CapturedProcess
 from egd.errors import LaunchFailed, LaunchTimeout
 from egd.launchers import kernel_launcher
 from egd.remote import LaunchListener, LaunchRefused, RemoteKernel
@@ -42,37 +40,6 @@ _SETTINGS = frozenset({"hosts", "placement", "ssh_command", "ssh_config", "ssh_o
                        "multiplex",
                        "impersonation", "python", "launcher_path", "log_dir", "port_range", "callback_host",
                        "callback_port"})
-_TAIL = 8192
-
-
-class _SshProcess(protocol.ProcessProtocol):
-    """One ssh invocation: feeds stdin, keeps the tail of stdout/stderr, reports the exit code."""
-
-    def __init__(self, stdin: bytes | None) -> None:
-        self._stdin = stdin
-        self.out: deque[bytes] = deque(maxlen=64)
-        self.err: deque[bytes] = deque(maxlen=64)
-        self.ended: Deferred[int] = Deferred()
-
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted hook
-        transport: Any = self.transport
-        if self._stdin is not None:
-            transport.write(self._stdin)
-        transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted hook
-        self.out.append(data)
-
-    def errReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted hook
-        self.err.append(data)
-
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted hook
-        code = getattr(reason.value, "exitCode", None)
-        self.ended.callback(code if isinstance(code, int) else -1)
-
-    def stderr(self) -> str:
-        text = b"".join(self.err)[-_TAIL:].decode("utf-8", "replace").strip()
-        return "\n".join(line for line in text.splitlines()[-15:] if line.strip())
 
 
 class SshDriver(MultiService):
@@ -159,8 +126,8 @@ class SshDriver(MultiService):
         return [*argv, "--", host, " ".join(shlex.quote(part) for part in remote)]
 
     async def _run_ssh(self, host: str, remote: list[str], stdin: bytes | None = None,
-                       login: str | None = None) -> tuple[int, _SshProcess]:
-        proto = _SshProcess(stdin)
+                       login: str | None = None) -> tuple[int, CapturedProcess]:
+        proto = CapturedProcess(stdin)
         argv = self._ssh_argv(host, remote, login)
         self._reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ))
         code = await proto.ended
@@ -192,7 +159,7 @@ class SshDriver(MultiService):
             if self._multiplex:
                 for host in {*self._hosts, *self._running.values()}:
                     argv = [*self._ssh_argv(host, [])[:-3], "-O", "exit", host]
-                    proto = _SshProcess(None)
+                    proto = CapturedProcess(None)
                     self._reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ))
                     proto.ended.addTimeout(5, self._reactor)
                     try:
@@ -273,11 +240,11 @@ class SshDriver(MultiService):
         if not path:
             return ""
         code, proc = await self._run_ssh(host, ["tail", "-n", "15", "--", path], login=login)
-        return b"".join(proc.out).decode("utf-8", "replace").strip() if code == 0 else ""
+        return proc.stdout().strip() if code == 0 else ""
 
 
-def _parse_started(proc: _SshProcess) -> dict[str, Any]:
-    for line in reversed(b"".join(proc.out).decode("utf-8", "replace").splitlines()):
+def _parse_started(proc: CapturedProcess) -> dict[str, Any]:
+    for line in reversed(proc.stdout().splitlines()):
         try:
             data = json.loads(line)
         except ValueError:
