@@ -7,7 +7,7 @@ nothing of HTTP or WebSockets. Third-party drivers register under the ``egd.driv
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -26,6 +26,8 @@ class LaunchRequest:
     username: str
     working_dir: str | None
     timeout: float
+    #: Where a driver reports what the launch is waiting for (for example a queue); shown in the kernel model.
+    progress: Callable[[str], None] = lambda _: None
 
 
 @dataclass(frozen=True)
@@ -36,16 +38,20 @@ class ExitStatus:
     code: int | None = None
     signal: int | None = None
     lost: bool = False
+    #: What the resource manager said about the end (for example YARN's diagnostics).
+    detail: str = ""
 
     def describe(self) -> str:
         """Human words for the log and for error messages."""
         if self.lost:
-            return "was lost with its host"
-        if self.signal is not None:
-            return f"killed by signal {self.signal}"
-        if self.code is not None:
-            return f"exited with code {self.code}"
-        return "ended"
+            how = "was lost with its host"
+        elif self.signal is not None:
+            how = f"killed by signal {self.signal}"
+        elif self.code is not None:
+            how = f"exited with code {self.code}"
+        else:
+            how = "ended"
+        return f"{how} ({self.detail})" if self.detail else how
 
 
 @runtime_checkable

@@ -129,11 +129,16 @@ def _bind_control(ip: str, port_range: tuple[int, int] | None) -> socket.socket:
     return sock
 
 
-def _read_stdin_line(timeout: float) -> dict[str, Any]:
-    ready, _, _ = select.select([sys.stdin.buffer], [], [], timeout)
-    if not ready:
-        raise TimeoutError("no launch secrets on stdin")
-    line = sys.stdin.buffer.readline(MAX_LINE)
+def _read_secrets(timeout: float, path: str | None) -> dict[str, Any]:
+    """The launch secrets: one JSON line on stdin, or in ``path`` (a file YARN localized for this container)."""
+    if path:
+        with open(path, "rb") as handle:
+            line = handle.read(MAX_LINE)
+    else:
+        ready, _, _ = select.select([sys.stdin.buffer], [], [], timeout)
+        if not ready:
+            raise TimeoutError("no launch secrets on stdin")
+        line = sys.stdin.buffer.readline(MAX_LINE)
     data = json.loads(line)
     if not isinstance(data, dict) or not isinstance(data.get("secret"), str) or not isinstance(data.get("key"), str):
         raise ValueError("stdin must carry {\"secret\": ..., \"key\": ...}")
@@ -198,6 +203,9 @@ class Launcher:
         self.nonces = NonceCache()
         self.kernel: subprocess.Popen[bytes] | None = None
         self.workdir = tempfile.mkdtemp(prefix=f"egd-kernel-{self.kernel_id[:8]}-")
+        # Detached, the kernel shares the launcher's log file; in the foreground (YARN) it gets its own, whose
+        # tail goes into failure reports and, at the end, into the container's log.
+        self.kernel_log = os.path.join(self.workdir, "kernel.log") if args.foreground else log_path
 
     def report(self, message: dict[str, Any], attempts: int = 3) -> dict[str, Any] | None:
         """Send a signed message to the gateway's callback address; its JSON answer, or None."""
@@ -228,19 +236,46 @@ class Launcher:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(info, handle)
-        command = _kernel_command(self.args.kernel_argv, path, self.port_range)
+        argv = list(self.args.kernel_argv)
+        if self.args.foreground and argv and argv[0] in ("python", "python3"):
+            argv[0] = sys.executable  # the Python the resource manager started this launcher with
+        command = _kernel_command(argv, path, self.port_range)
+        if self.args.spark_session:
+            command += [f"--IPKernelApp.exec_files={self._spark_startup()}"]
         _log(f"starting kernel: {command[0]} ... ({len(command)} arguments)")
         cwd = self.args.working_dir if self.args.working_dir and os.path.isdir(self.args.working_dir) else None
-        self.kernel = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
-                                       start_new_session=True, cwd=cwd, env=self.env)
+        output: Any = sys.stderr
+        if self.args.foreground:
+            output = open(self.kernel_log, "ab")
+        try:
+            # Detached, the kernel gets its own session so the launcher can signal all of it; in the foreground
+            # it stays in the container's process group, which the resource manager kills as a whole.
+            self.kernel = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                           start_new_session=not self.args.foreground, cwd=cwd, env=self.env)
+        finally:
+            if output is not sys.stderr:
+                output.close()
         return _wait_for_ports(path, self.kernel, self.args.startup_timeout)
+
+    def _spark_startup(self) -> str:
+        """A startup file that creates the SparkSession (in the JVM that runs this launcher) as ``spark``/``sc``."""
+        path = os.path.join(self.workdir, "spark_session.py")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("from pyspark.sql import SparkSession as _EgdSparkSession\n"
+                         "spark = _EgdSparkSession.builder.getOrCreate()\n"
+                         "sc = spark.sparkContext\n"
+                         "del _EgdSparkSession\n")
+        return path
 
     def signal_kernel(self, signum: int) -> bool:
         """Signal the kernel's process group; False if it is gone."""
         if self.kernel is None or self.kernel.poll() is not None:
             return False
         try:
-            os.killpg(self.kernel.pid, signum)
+            if self.args.foreground:
+                os.kill(self.kernel.pid, signum)
+            else:
+                os.killpg(self.kernel.pid, signum)
         except ProcessLookupError:
             return False
         return True
@@ -307,7 +342,7 @@ class Launcher:
             _log(f"launch failed: {exc}")
             if self.kernel is not None and self.kernel.poll() is None:
                 self.signal_kernel(signal.SIGKILL)
-            self.report({"type": "failed", "reason": f"{exc}\n{_tail(self.log_path)}"})
+            self.report({"type": "failed", "reason": f"{exc}\n{_tail(self.kernel_log)}"})
             return 1
         assert self.kernel is not None
         info = {name: ports[name] for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")}
@@ -326,7 +361,9 @@ class Launcher:
         return 0
 
     def cleanup(self) -> None:
-        """Remove the private directory with the connection file."""
+        """Remove the private directory with the connection file (the kernel's own log goes to stderr first)."""
+        if self.kernel_log != self.log_path:
+            _log(f"the kernel's output ended with:\n{_tail(self.kernel_log, 40)}")
         for name in os.listdir(self.workdir):
             os.unlink(os.path.join(self.workdir, name))
         os.rmdir(self.workdir)
@@ -392,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--working-dir", default=None)
     parser.add_argument("--startup-timeout", type=float, default=60.0)
     parser.add_argument("--stdin-timeout", type=float, default=10.0)
+    parser.add_argument("--secrets-file", default=None,
+                        help="read the launch secrets from this file instead of stdin (YARN containers)")
+    parser.add_argument("--foreground", action="store_true",
+                        help="do not detach; the kernel stays in this process group (YARN: the container "
+                             "lives as long as this process, and YARN's kill reaches the kernel)")
+    parser.add_argument("--spark-session", action="store_true",
+                        help="create a SparkSession in the kernel before it is ready, as `spark` and `sc`")
     parser.add_argument("kernel_argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(args_list)
     if args.kernel_argv[:1] == ["--"]:
@@ -399,14 +443,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.kernel_argv:
         parser.error("the kernel's argv must follow --")
     try:
-        given = _read_stdin_line(args.stdin_timeout)
+        given = _read_secrets(args.stdin_timeout, args.secrets_file)
         _parse_range(args.port_range)
     except (ValueError, TimeoutError, OSError) as exc:
         _log(f"cannot start: {exc}")
         return 2
-    os.makedirs(args.log_dir, mode=0o700, exist_ok=True)
-    log_path = os.path.join(args.log_dir, LOG_NAME.format(kernel_id=args.kernel_id))
-    _detach(log_path)
+    if args.foreground:
+        log_path = ""  # stderr is the container's log
+    else:
+        os.makedirs(args.log_dir, mode=0o700, exist_ok=True)
+        log_path = os.path.join(args.log_dir, LOG_NAME.format(kernel_id=args.kernel_id))
+        _detach(log_path)
     launcher = Launcher(args, given["secret"].encode(), given["key"], log_path, given.get("env"))
     try:
         return launcher.run()

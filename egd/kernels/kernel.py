@@ -144,7 +144,7 @@ class Kernel:
 
     async def _launch(self) -> None:
         request = LaunchRequest(self.id, self.spec, self.env.for_spec(self.spec.env), self.env.username,
-                                self._working_dir, self._launch_timeout)
+                                self._working_dir, self._launch_timeout, self._launch_progress)
         self.reason = f"launching with driver {self.spec.driver}"
         self._started_at = self._clock.seconds()
         handle = await self._driver.launch(request)
@@ -166,6 +166,10 @@ class Kernel:
         handle.exited.addCallback(self._exited, handle)
         log.info("kernel {kernel_id} ({spec}) is ready: {where}", kernel_id=self.id, spec=self.spec.name,
                  where=handle.describe())
+
+    def _launch_progress(self, text: str) -> None:
+        if self.state in (KernelState.STARTING, KernelState.RESTARTING):
+            self.reason = text
 
     async def _wait_ready(self, handle: LaunchedKernel) -> None:
         """Until the kernel answers kernel_info *and* its iopub reaches us (so no client output is lost)."""

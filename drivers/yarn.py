@@ -1,0 +1,563 @@
+"""The ``yarn`` driver: kernels as applications on a Hadoop YARN cluster; the ResourceManager places them.
+
+Two kinds of kernel, chosen by the kernelspec (``metadata.egd.config.mode``):
+
+- ``spark``: a Spark driver in cluster mode. egd runs ``spark-submit`` as a process with an argv (no shell, no
+  ``eval``), with egd's launcher as the Python application; the launcher starts the kernel in the application
+  master's container, where the kernel creates the SparkSession (``spark``, ``sc``) before it reports ready.
+- ``python``: a plain kernel with no Spark. A kernel cannot be its own ApplicationMaster (YARN fails an AM that
+  never registers), so egd submits Hadoop's stock DistributedShell AM through the RM REST API; that AM registers,
+  asks for one container and runs egd's launch script there. No project-owned Java, no JVM client per kernel.
+
+Either way the launcher calls back with the kernel's ports (``docs/launcher-protocol.rst``); the launch secret
+travels in a file YARN localizes into the application's private directory, never on a command line. Every
+application carries two tags: the driver's (``application_tag``) and the kernel id. One RM request per interval
+watches all of them (:mod:`egd.drivers.yarn_watch`); kills go through ``PUT .../state`` as the kernel's user.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest
+from egd.drivers.process import CapturedProcess
+from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
+from egd.drivers.yarn_watch import AppWatch, AppWatcher
+from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
+from egd.launchers import kernel_launcher
+from egd.remote import LaunchListener, Registration, RemoteKernel
+
+log = Logger()
+
+_SETTINGS = frozenset({
+    "resource_managers", "request_timeout", "poll_interval", "fast_poll_interval", "application_tag", "user",
+    "impersonation", "prohibited_users", "callback_host", "callback_port", "python", "launcher_path",
+    "staging_dir", "kill_timeout", "queue", "spark_home", "spark_submit", "spark_conf", "hadoop_conf_dir",
+    "java_home", "env", "distributed_shell", "port_range",
+})
+_DS_SETTINGS = frozenset({"classpath", "am_memory_mb", "am_java_options"})
+_USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_SIZE = re.compile(r"^(\d{1,7})([mMgG]?)$")
+_DS_MAIN = "org.apache.hadoop.yarn.applications.distributedshell.ApplicationMaster"
+#: The classpath of a stock Hadoop installation (yarn.application.classpath's default plus the DS jar's folder).
+_DEFAULT_DS_CLASSPATH = "<CPS>".join([
+    "{{CLASSPATH}}", "./*", "{{HADOOP_CONF_DIR}}",
+    "{{HADOOP_COMMON_HOME}}/share/hadoop/common/*", "{{HADOOP_COMMON_HOME}}/share/hadoop/common/lib/*",
+    "{{HADOOP_HDFS_HOME}}/share/hadoop/hdfs/*", "{{HADOOP_HDFS_HOME}}/share/hadoop/hdfs/lib/*",
+    "{{HADOOP_YARN_HOME}}/share/hadoop/yarn/*", "{{HADOOP_YARN_HOME}}/share/hadoop/yarn/lib/*",
+])
+
+
+def parse_memory_mb(text: str, what: str) -> int:
+    """``"512m"``, ``"2g"`` or ``"1024"`` (MB) as megabytes; :class:`BadRequest` naming ``what`` otherwise."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise BadRequest(f"{what} must be a size such as 512m or 2g")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    return number * 1024 if unit == "g" else number
+
+
+def _positive_int(text: str, what: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1 or len(text.strip()) > 6:
+        raise BadRequest(f"{what} must be a positive whole number")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one kernel asks YARN for, validated against its kernelspec's limits."""
+
+    queue: str
+    memory_mb: int
+    cores: int
+    executors: int = 0
+    executor_memory_mb: int = 0
+    executor_cores: int = 0
+
+
+def kernel_resources(env: Mapping[str, str], config: Mapping[str, Any], default_queue: str, spark: bool) -> Resources:
+    """The queue and resources a kernel gets: its ``KERNEL_*`` requests within what the kernelspec allows.
+
+    Enterprise Gateway's names: ``KERNEL_QUEUE``, ``KERNEL_DRIVER_MEMORY``, ``KERNEL_DRIVER_CORES``,
+    ``KERNEL_EXECUTOR_MEMORY``, ``KERNEL_EXECUTOR_CORES``, ``KERNEL_NUM_EXECUTORS`` (Spark), and
+    ``KERNEL_MEMORY``, ``KERNEL_CPUS`` for plain kernels. The spec's ``queues`` lists the queues allowed (the first
+    is the default); ``max_memory``, ``max_cores``, ``max_executors`` bound the rest.
+    """
+    queues = [str(q) for q in config.get("queues") or [default_queue]]
+    queue = env.get("KERNEL_QUEUE") or queues[0]
+    if not _QUEUE.match(queue) or queue not in queues:
+        raise BadRequest(f"KERNEL_QUEUE must be one of the queues this kernelspec allows: {', '.join(queues)}")
+    max_memory = parse_memory_mb(str(config.get("max_memory", "4g")), "max_memory")
+    max_cores = int(config.get("max_cores", 4))
+
+    def memory(name: str, default: str) -> int:
+        value = parse_memory_mb(env.get(name) or str(config.get(name.lower()[7:], default)), name)
+        if not 1 <= value <= max_memory:
+            raise BadRequest(f"{name} must be at most {max_memory}m for this kernelspec")
+        return value
+
+    def cores(name: str) -> int:
+        value = _positive_int(env.get(name) or str(config.get(name.lower()[7:], 1)), name)
+        if value > max_cores:
+            raise BadRequest(f"{name} must be at most {max_cores} for this kernelspec")
+        return value
+
+    if not spark:
+        return Resources(queue, memory("KERNEL_MEMORY", "512m"), cores("KERNEL_CPUS"))
+    if env.get("KERNEL_EXTRA_SPARK_OPTS"):
+        raise BadRequest("KERNEL_EXTRA_SPARK_OPTS is not supported: Spark options come from the kernelspec; ask "
+                         "with KERNEL_DRIVER_MEMORY, KERNEL_EXECUTOR_MEMORY, KERNEL_NUM_EXECUTORS and the like")
+    executors_text = env.get("KERNEL_NUM_EXECUTORS") or str(config.get("num_executors", 0))
+    executors = 0 if executors_text.strip() == "0" else _positive_int(executors_text, "KERNEL_NUM_EXECUTORS")
+    if executors > int(config.get("max_executors", 2)):
+        raise BadRequest(f"KERNEL_NUM_EXECUTORS must be at most {int(config.get('max_executors', 2))} "
+                         "for this kernelspec")
+    return Resources(queue, memory("KERNEL_DRIVER_MEMORY", "512m"), cores("KERNEL_DRIVER_CORES"), executors,
+                     memory("KERNEL_EXECUTOR_MEMORY", "512m"), cores("KERNEL_EXECUTOR_CORES"))
+
+
+def describe_app(app: Mapping[str, Any]) -> str:
+    """``YARN application <id> <STATE> in queue <q>: <diagnostics>``, for the kernel model and errors."""
+    text = f"YARN application {app.get('id', '?')} {app.get('state', '?')}"
+    if app.get("finalStatus") not in (None, "", "UNDEFINED"):
+        text += f"/{app['finalStatus']}"
+    if app.get("queue"):
+        text += f" in queue {app['queue']}"
+    diagnostics = " ".join(str(app.get("diagnostics") or "").split())
+    return f"{text}: {diagnostics[:600]}" if diagnostics else text
+
+
+class YarnKernel:
+    """A kernel running in a YARN application (:class:`egd.driverapi.LaunchedKernel`)."""
+
+    def __init__(self, driver: YarnDriver, remote: RemoteKernel, watch: AppWatch, user: str) -> None:
+        self._driver = driver
+        self.remote = remote
+        self.watch = watch
+        self.user = user
+        self.connection_info = remote.connection_info
+        self.exited: Deferred[ExitStatus] = Deferred()
+        self._code: int | None = None
+        remote.registration.exited.addCallback(self._kernel_ended)
+        watch.ended.addCallback(self._app_ended)
+        watch.urgent = False
+
+    def _kernel_ended(self, status: ExitStatus) -> ExitStatus:
+        # The launcher saw the kernel end; the application finishes right after: watch it closely.
+        self._code = status.code
+        self.watch.urgent = True
+        self._driver.watcher.hurry()
+        return status
+
+    def _app_ended(self, app: dict[str, Any]) -> dict[str, Any]:
+        if not self.exited.called:
+            self.exited.callback(ExitStatus(self._code, detail=describe_app(app)))
+        return app
+
+    def describe(self) -> str:
+        """The application, its host and the kernel's pid."""
+        return f"YARN application {self.watch.app_id} on {self.remote.info.get('hostname', '?')} " \
+               f"({self.remote.info.get('ip')}) pid {self.remote.info.get('pid')}"
+
+    def failure_detail(self) -> str:
+        """What YARN says about the application."""
+        return describe_app(self.watch.report) if self.watch.report else ""
+
+    def signal(self, signum: int) -> Deferred[None]:
+        """Through the launcher beside the kernel."""
+        return self.remote.signal(signum)
+
+    def kill(self) -> Deferred[None]:
+        """Kill the application through the RM (as the kernel's user) and wait until YARN says it is over."""
+        if self.exited.called:
+            return Deferred.fromCoroutine(_nothing())
+        return Deferred.fromCoroutine(self._driver.kill_app(self.watch, self.user))
+
+    def cleanup(self) -> None:
+        """Forget the launch and the watch."""
+        self._driver.forget(self)
+
+
+async def _nothing() -> None:
+    return None
+
+
+class YarnDriver(MultiService):
+    """Launches kernels as YARN applications and watches them all with one RM request per interval."""
+
+    def __init__(self, reactor: Any, settings: Mapping[str, Any], runtime_dir: str,
+                 port_range: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.name = "yarn"
+        unknown = set(settings) - _SETTINGS
+        if unknown:
+            raise ValueError(f"drivers.yarn: unknown setting(s) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(_SETTINGS))})")
+        managers = settings.get("resource_managers")
+        if isinstance(managers, str):
+            managers = [managers]
+        if not managers or not all(isinstance(m, str) and m.startswith(("http://", "https://")) for m in managers):
+            raise ValueError("drivers.yarn.resource_managers: list the RM web addresses, e.g. http://rm1:8088 "
+                             "(a second one is tried when the first does not answer)")
+        ds = settings.get("distributed_shell") or {}
+        if not isinstance(ds, dict) or set(ds) - _DS_SETTINGS:
+            raise ValueError(f"drivers.yarn.distributed_shell: a mapping of {', '.join(sorted(_DS_SETTINGS))}")
+        self._reactor = reactor
+        self._user = str(settings.get("user") or getpass.getuser())
+        self._impersonation = bool(settings.get("impersonation", False))
+        self._prohibited = {str(u) for u in settings.get("prohibited_users", ["root"])}
+        self._tag = str(settings.get("application_tag", "egd")).lower()
+        self._queue = str(settings.get("queue", "default"))
+        self._python = str(settings.get("python") or sys.executable)
+        self._launcher = str(settings.get("launcher_path", os.path.abspath(kernel_launcher.__file__)))
+        self._staging = str(settings.get("staging_dir") or os.path.join(runtime_dir, "yarn"))
+        self._kill_timeout = float(settings.get("kill_timeout", 30))
+        self._spark_home = settings.get("spark_home")
+        self._spark_submit = str(settings.get("spark_submit") or (
+            os.path.join(str(self._spark_home), "bin", "spark-submit") if self._spark_home else "spark-submit"))
+        self._spark_conf = {str(k): str(v) for k, v in (settings.get("spark_conf") or {}).items()}
+        self._hadoop_conf_dir = settings.get("hadoop_conf_dir")
+        self._java_home = settings.get("java_home")
+        self._extra_env = {str(k): str(v) for k, v in (settings.get("env") or {}).items()}
+        self._ds_classpath = str(ds.get("classpath", _DEFAULT_DS_CLASSPATH))
+        self._ds_am_memory = int(ds.get("am_memory_mb", 256))
+        self._ds_java_options = str(ds.get("am_java_options", "-Xmx128m"))
+        self._port_range = port_range
+        if settings.get("port_range"):
+            low, _, high = str(settings["port_range"]).partition("..")
+            self._port_range = (int(low), int(high))
+        self.rm = ResourceManager(reactor, [str(m) for m in managers], float(settings.get("request_timeout", 10)))
+        self.watcher = AppWatcher(reactor, self.rm, self._tag, self._user, float(settings.get("poll_interval", 2.0)),
+                                  float(settings.get("fast_poll_interval", 0.5)))
+        self.listener = LaunchListener(reactor, str(settings.get("callback_host", "127.0.0.1")),
+                                       int(settings.get("callback_port", 0)))
+        self.listener.setServiceParent(self)
+        self._kernels: dict[str, YarnKernel] = {}
+
+    # -- service --------------------------------------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802 - Twisted hook
+        """Create the staging directory and start watching."""
+        os.makedirs(self._staging, mode=0o700, exist_ok=True)
+        super().startService()
+        self.watcher.start()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Stop watching, close the RM connections, stop the listener."""
+        async def stop() -> None:
+            polling = self.watcher.stop()
+            if polling is not None:
+                await polling
+            await self.rm.close()
+            await maybeDeferred(super(YarnDriver, self).stopService)
+
+        return Deferred.fromCoroutine(stop())
+
+    # -- launching --------------------------------------------------------------------------------------
+
+    def _yarn_user(self, request: LaunchRequest) -> str:
+        """The YARN user of the kernel: its own user when impersonating (checked), else the driver's."""
+        if not self._impersonation:
+            return self._user
+        user = request.username
+        if not _USERNAME.match(user) or user in self._prohibited:
+            raise LaunchFailed(f"cannot run a YARN application as {user!r}: not an allowed user name")
+        return user
+
+    def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
+        """Submit the kernel's application and wait for its launcher to report."""
+        return Deferred.fromCoroutine(self._launch(request))
+
+    async def _launch(self, request: LaunchRequest) -> LaunchedKernel:
+        config = request.spec.driver_config
+        mode = str(config.get("mode", "spark"))
+        if mode not in ("spark", "python"):
+            raise LaunchFailed(f"kernelspec {request.spec.name}: metadata.egd.config.mode must be spark or python")
+        resources = kernel_resources(request.env, config, self._queue, spark=mode == "spark")
+        user = self._yarn_user(request)
+        started = self._reactor.seconds()
+        registration = self.listener.register(request.kernel_id)
+        key = uuid.uuid4().hex
+        workdir = os.path.join(self._staging, f"{request.kernel_id}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(workdir, mode=0o700)
+
+        def progress(app: dict[str, Any]) -> None:
+            text = describe_app(app)
+            log.info("kernel {kernel_id}: {text}", kernel_id=request.kernel_id, text=text)
+            request.progress(text)
+
+        watch = AppWatch(request.kernel_id, user, int(started * 1000), progress)
+        secrets = json.dumps({"secret": registration.secret.decode(), "key": key, "env": dict(request.env)})
+        try:
+            if mode == "spark":
+                self.watcher.watch(watch)
+                await self._submit_spark(request, resources, user, workdir, secrets, started)
+            else:
+                watch.app_id = await self._submit_python(request, resources, user, workdir, secrets)
+                self.watcher.watch(watch)
+            request.progress(f"submitted to YARN queue {resources.queue}")
+            info = await self._wait_ready(request, registration, watch, started)
+        except BaseException:
+            self.listener.unregister(registration)
+            await self._abandon(watch, user)
+            raise
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        remote = RemoteKernel(self._reactor, registration, info, key, str(watch.app_id), lambda _: None,
+                              self._no_force_kill)
+        kernel = YarnKernel(self, remote, watch, user)
+        self._kernels[request.kernel_id] = kernel
+        log.info("kernel {kernel_id}: {app} runs it on {host}", kernel_id=request.kernel_id, app=watch.app_id,
+                 host=info.get("hostname"))
+        return kernel
+
+    async def _no_force_kill(self, kernel: RemoteKernel) -> None:
+        raise LaunchFailed("YARN kernels are killed through the ResourceManager")
+
+    def _launcher_args(self, request: LaunchRequest, callback: tuple[str, int], secrets_file: str | None,
+                       spark: bool) -> list[str]:
+        host, port = callback
+        args = ["--kernel-id", request.kernel_id, "--callback", f"{host}:{port}", "--foreground",
+                "--startup-timeout", f"{request.timeout:g}"]
+        if secrets_file:
+            args += ["--secrets-file", secrets_file]
+        if spark:
+            args.append("--spark-session")
+        if self._port_range:
+            args += ["--port-range", f"{self._port_range[0]}..{self._port_range[1]}"]
+        if request.working_dir:
+            args += ["--working-dir", request.working_dir]
+        return [*args, "--", *request.spec.argv]
+
+    def _process_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EGD_")}
+        for name, value in (("HADOOP_CONF_DIR", self._hadoop_conf_dir), ("YARN_CONF_DIR", self._hadoop_conf_dir),
+                            ("JAVA_HOME", self._java_home), ("SPARK_HOME", self._spark_home)):
+            if value:
+                env[name] = str(value)
+        env.update(self._extra_env)
+        return env
+
+    def spark_submit_argv(self, request: LaunchRequest, resources: Resources, user: str,
+                          secrets_path: str) -> list[str]:
+        """The ``spark-submit`` command line of a Spark kernel (an argv: nothing here is parsed by a shell)."""
+        conf: dict[str, str] = {
+            "spark.yarn.tags": f"{self._tag},{request.kernel_id}",
+            "spark.yarn.submit.waitAppCompletion": "false",
+            # A second attempt would start a second launcher with the same one-time secret: never useful.
+            "spark.yarn.maxAppAttempts": "1",
+            "spark.yarn.am.waitTime": f"{max(100, int(request.timeout) + 30)}s",
+            "spark.driver.memory": f"{resources.memory_mb}m",
+            "spark.driver.cores": str(resources.cores),
+            "spark.executor.instances": str(resources.executors),
+            "spark.executor.memory": f"{resources.executor_memory_mb}m",
+            "spark.executor.cores": str(resources.executor_cores),
+            "spark.yarn.appMasterEnv.PYSPARK_PYTHON": self._python,
+            "spark.yarn.appMasterEnv.PYSPARK_DRIVER_PYTHON": self._python,
+            "spark.executorEnv.PYSPARK_PYTHON": self._python,
+        }
+        for name, value in self._spark_conf.items():
+            conf.setdefault(name, value)
+        for name, value in (request.spec.driver_config.get("spark_conf") or {}).items():
+            conf.setdefault(str(name), str(value))
+        argv = [self._spark_submit, "--master", "yarn", "--deploy-mode", "cluster",
+                "--name", f"egd-{request.spec.name}-{request.kernel_id}", "--queue", resources.queue]
+        for name, value in conf.items():
+            argv += ["--conf", f"{name}={value}"]
+        if self._impersonation:
+            argv += ["--proxy-user", user]
+        argv += ["--files", secrets_path, self._launcher,
+                 *self._launcher_args(request, self.listener.address, os.path.basename(secrets_path), spark=True)]
+        return argv
+
+    async def _submit_spark(self, request: LaunchRequest, resources: Resources, user: str, workdir: str,
+                            secrets: str, started: float) -> None:
+        secrets_path = os.path.join(workdir, "egd-launch.json")
+        fd = os.open(secrets_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets)
+        argv = self.spark_submit_argv(request, resources, user, secrets_path)
+        proto = CapturedProcess(None)
+        process = self._reactor.spawnProcess(proto, argv[0], argv, env=self._process_env(), path=workdir)
+        remaining = max(1.0, request.timeout - (self._reactor.seconds() - started))
+        ended = proto.ended
+        ended.addTimeout(remaining, self._reactor, onTimeoutCancel=lambda *_: None)
+        code = await ended
+        if code is None:
+            try:
+                process.signalProcess("KILL")
+            except Exception:
+                pass
+            raise LaunchTimeout(f"spark-submit did not return within {remaining:.0f} seconds: {proto.stderr(5)}")
+        if code != 0:
+            raise LaunchFailed(f"spark-submit exited with code {code}: {proto.stderr()}")
+
+    def python_submission(self, request: LaunchRequest, resources: Resources, app_id: str,
+                          script: str) -> dict[str, Any]:
+        """The RM REST submission of a plain kernel: DistributedShell's AM, running egd's launch script."""
+        stat = os.stat(script)
+        command = (f"{{{{JAVA_HOME}}}}/bin/java {self._ds_java_options} {_DS_MAIN}"
+                   f" --container_memory {resources.memory_mb} --container_vcores {resources.cores}"
+                   " --num_containers 1 --priority 0"
+                   " 1><LOG_DIR>/AppMaster.stdout 2><LOG_DIR>/AppMaster.stderr")
+        environment = {
+            "CLASSPATH": self._ds_classpath,
+            "DISTRIBUTEDSHELLSCRIPTLOCATION": f"file://{os.path.abspath(script)}",
+            "DISTRIBUTEDSHELLSCRIPTTIMESTAMP": str(stat.st_mtime_ns // 1_000_000),
+            "DISTRIBUTEDSHELLSCRIPTLEN": str(stat.st_size),
+        }
+        return {
+            "application-id": app_id,
+            "application-name": f"egd-{request.spec.name}-{request.kernel_id}",
+            "application-type": "JUPYTER",
+            "queue": resources.queue,
+            "max-app-attempts": 1,
+            "unmanaged-AM": False,
+            "keep-containers-across-application-attempts": False,
+            "resource": {"memory": self._ds_am_memory, "vCores": 1},
+            "application-tags": {"tag": [self._tag, request.kernel_id]},
+            "am-container-spec": {
+                "commands": {"command": command},
+                "environment": {"entry": [{"key": k, "value": v} for k, v in environment.items()]},
+            },
+        }
+
+    def launch_script(self, request: LaunchRequest, callback: tuple[str, int], secrets: str) -> str:
+        """The script DistributedShell runs: ``exec`` of the launcher, secrets on its stdin from a quoted
+        here-document (one JSON line, so it cannot end the document early; nothing in it is expanded)."""
+        argv = [self._python, self._launcher, *self._launcher_args(request, callback, None, spark=False)]
+        return ("#!/bin/sh\n# egd kernel launch; generated, do not edit\n"
+                f"exec {' '.join(shlex.quote(a) for a in argv)} <<'EGD_LAUNCH_SECRETS'\n"
+                f"{secrets}\nEGD_LAUNCH_SECRETS\n")
+
+    async def _submit_python(self, request: LaunchRequest, resources: Resources, user: str, workdir: str,
+                             secrets: str) -> str:
+        script = os.path.join(workdir, "launch.sh")
+        fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.launch_script(request, self.listener.address, secrets))
+        try:
+            new = await self.rm.new_application(user)
+            app_id = str(new["application-id"])
+            await self.rm.submit(self.python_submission(request, resources, app_id, script), user)
+        except (RMError, RMUnavailable) as exc:
+            raise LaunchFailed(f"YARN refused the kernel's application: {exc}") from None
+        log.info("kernel {kernel_id}: submitted {app} to queue {queue} as {user}", kernel_id=request.kernel_id,
+                 app=app_id, queue=resources.queue, user=user)
+        return app_id
+
+    async def _wait_ready(self, request: LaunchRequest, registration: Registration, watch: AppWatch,
+                          started: float) -> dict[str, Any]:
+        """The launcher's connection info, unless the application ends first or the launch timeout passes."""
+        outcome: Deferred[tuple[str, Any]] = Deferred()
+
+        def settle(kind: str, value: Any) -> Any:
+            if not outcome.called:
+                outcome.callback((kind, value))
+            return value
+
+        registration.ready.addCallbacks(lambda info: settle("ready", info),
+                                        lambda failure: settle("refused", failure.value))
+        watch.ended.addCallback(lambda app: settle("ended", app))
+        remaining = max(0.0, request.timeout - (self._reactor.seconds() - started))
+        timer = self._reactor.callLater(remaining, settle, "timeout", None)
+        try:
+            kind, value = await outcome
+        finally:
+            if timer.active():
+                timer.cancel()
+        if kind == "ready":
+            return dict(value)
+        if kind == "refused":
+            raise LaunchFailed(f"the kernel failed to start in YARN: {value}")
+        if kind == "ended":
+            raise LaunchFailed(f"{describe_app(value)} (it ended before the kernel reported)")
+        if watch.report:
+            raise LaunchTimeout(f"the kernel did not start within {request.timeout:g} seconds: "
+                                f"{describe_app(watch.report)}")
+        raise LaunchTimeout(f"the kernel did not start within {request.timeout:g} seconds: no YARN application "
+                            f"tagged {request.kernel_id} appeared")
+
+    async def _abandon(self, watch: AppWatch, user: str) -> None:
+        """A launch failed: kill its application if there is one, leaving nothing behind."""
+        if watch.app_id is None:
+            # spark-submit may have submitted it after all: one last look, by tag.
+            try:
+                apps = await self.rm.apps(self._user, [watch.kernel_id], watch.since_ms - 60_000)
+            except (RMError, RMUnavailable):
+                apps = []
+            live = [a for a in apps if a.get("state") not in FINAL_STATES]
+            if not live:
+                self.watcher.forget(watch)
+                return
+            watch.app_id = str(live[0].get("id"))
+        if watch.state not in FINAL_STATES:
+            await self.kill_app(watch, user)
+        self.watcher.forget(watch)
+
+    async def kill_app(self, watch: AppWatch, user: str) -> None:
+        """``PUT .../state KILLED`` as ``user``, repeated until YARN reports the application final."""
+        app_id = watch.app_id
+        if app_id is None:
+            return
+        deadline = self._reactor.seconds() + self._kill_timeout
+        last = ""
+        asked = 0.0
+        while True:
+            now = self._reactor.seconds()
+            try:
+                if now - asked >= 3.0:
+                    asked = now
+                    state = await self.rm.kill(app_id, user)
+                else:
+                    app = await self.rm.app(app_id, self._user)
+                    state = app.get("state") if app else "KILLED"
+                if state in FINAL_STATES:
+                    app = await self.rm.app(app_id, self._user)
+                    self._finish(watch, app or {"id": app_id, "state": state})
+                    log.info("kernel {kernel_id}: {app} is {state}", kernel_id=watch.kernel_id, app=app_id,
+                             state=state)
+                    return
+                last = str(state)
+            except (RMError, RMUnavailable) as exc:
+                last = str(exc)
+            if self._reactor.seconds() >= deadline:
+                log.error("kernel {kernel_id}: YARN did not kill {app} within {timeout:g}s (last: {last})",
+                          kernel_id=watch.kernel_id, app=app_id, timeout=self._kill_timeout, last=last)
+                self._finish(watch, {"id": app_id, "state": "UNKNOWN",
+                                     "diagnostics": f"not confirmed killed: {last}"}, lost=True)
+                return
+            await deferLater(self._reactor, 0.5, lambda: None)
+
+    def _finish(self, watch: AppWatch, app: dict[str, Any], lost: bool = False) -> None:
+        """The application is over (or given up on): end the watch and the kernel."""
+        self.watcher.forget(watch)
+        watch.report = app
+        kernel = self._kernels.get(watch.kernel_id)
+        if lost and kernel is not None and kernel.watch is watch and not kernel.exited.called:
+            kernel.exited.callback(ExitStatus(lost=True, detail=describe_app(app)))
+        if not watch.ended.called:
+            watch.ended.callback(app)
+
+    def forget(self, kernel: YarnKernel) -> None:
+        """A kernel has ended: drop its launch registration and its watch."""
+        self.listener.unregister(kernel.remote.registration)
+        self.watcher.forget(kernel.watch)
+        if self._kernels.get(kernel.watch.kernel_id) is kernel:
+            del self._kernels[kernel.watch.kernel_id]
