@@ -89,6 +89,7 @@ class Resources:
     executors: int = 0
     executor_memory_mb: int = 0
     executor_cores: int = 0
+    max_executors: int = 0
 
 
 def kernel_resources(env: Mapping[str, str], config: Mapping[str, Any], default_queue: str, spark: bool) -> Resources:
@@ -125,11 +126,11 @@ def kernel_resources(env: Mapping[str, str], config: Mapping[str, Any], default_
                          "with KERNEL_DRIVER_MEMORY, KERNEL_EXECUTOR_MEMORY, KERNEL_NUM_EXECUTORS and the like")
     executors_text = env.get("KERNEL_NUM_EXECUTORS") or str(config.get("num_executors", 0))
     executors = 0 if executors_text.strip() == "0" else _positive_int(executors_text, "KERNEL_NUM_EXECUTORS")
-    if executors > int(config.get("max_executors", 2)):
-        raise BadRequest(f"KERNEL_NUM_EXECUTORS must be at most {int(config.get('max_executors', 2))} "
-                         "for this kernelspec")
+    max_executors = int(config.get("max_executors", 2))
+    if executors > max_executors:
+        raise BadRequest(f"KERNEL_NUM_EXECUTORS must be at most {max_executors} for this kernelspec")
     return Resources(queue, memory("KERNEL_DRIVER_MEMORY", "512m"), cores("KERNEL_DRIVER_CORES"), executors,
-                     memory("KERNEL_EXECUTOR_MEMORY", "512m"), cores("KERNEL_EXECUTOR_CORES"))
+                     memory("KERNEL_EXECUTOR_MEMORY", "512m"), cores("KERNEL_EXECUTOR_CORES"), max_executors)
 
 
 def describe_app(app: Mapping[str, Any]) -> str:
@@ -365,13 +366,20 @@ class YarnDriver(MultiService):
             "spark.yarn.am.waitTime": f"{max(100, int(request.timeout) + 30)}s",
             "spark.driver.memory": f"{resources.memory_mb}m",
             "spark.driver.cores": str(resources.cores),
-            "spark.executor.instances": str(resources.executors),
             "spark.executor.memory": f"{resources.executor_memory_mb}m",
             "spark.executor.cores": str(resources.executor_cores),
             "spark.yarn.appMasterEnv.PYSPARK_PYTHON": self._python,
             "spark.yarn.appMasterEnv.PYSPARK_DRIVER_PYTHON": self._python,
             "spark.executorEnv.PYSPARK_PYTHON": self._python,
         }
+        if resources.executors:
+            conf["spark.executor.instances"] = str(resources.executors)
+        else:
+            # None at the start (spark-submit refuses 0 instances); dynamic allocation adds them when a job runs.
+            conf.update({"spark.dynamicAllocation.enabled": "true",
+                         "spark.dynamicAllocation.shuffleTracking.enabled": "true",
+                         "spark.dynamicAllocation.minExecutors": "0", "spark.dynamicAllocation.initialExecutors": "0",
+                         "spark.dynamicAllocation.maxExecutors": str(max(1, resources.max_executors))})
         for name, value in self._spark_conf.items():
             conf.setdefault(name, value)
         for name, value in (request.spec.driver_config.get("spark_conf") or {}).items():

@@ -39,7 +39,7 @@ def test_resources_default_and_requested() -> None:
     assert kernel_resources({}, SPEC_CONFIG, "default", spark=False) == Resources("interactive", 512, 1)
     asked = {"KERNEL_QUEUE": "batch", "KERNEL_DRIVER_MEMORY": "1g", "KERNEL_DRIVER_CORES": "2",
              "KERNEL_NUM_EXECUTORS": "3", "KERNEL_EXECUTOR_MEMORY": "768m", "KERNEL_EXECUTOR_CORES": "1"}
-    assert kernel_resources(asked, SPEC_CONFIG, "default", spark=True) == Resources("batch", 1024, 2, 3, 768, 1)
+    assert kernel_resources(asked, SPEC_CONFIG, "default", spark=True) == Resources("batch", 1024, 2, 3, 768, 1, 3)
     assert kernel_resources({}, {}, "default", spark=False).queue == "default"
 
 

@@ -118,6 +118,9 @@ class Kernel:
         }
         if self.reason:
             model["reason"] = self.reason
+        if self._handle is not None and self.state is KernelState.RUNNING:
+            # Where the driver runs it (host, pid, YARN application): what an operator looks for first.
+            model["location"] = self._handle.describe()
         return model
 
     def _set_state(self, new: KernelState) -> None:
