@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -25,7 +24,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
-from egd.driverapi import LaunchedKernel, LaunchRequest
+from egd.driverapi import LaunchedKernel, LaunchRequest, impersonated_user
 from egd.drivers.process import CapturedProcess
 from egd.errors import LaunchFailed, LaunchTimeout
 from egd.launchers import kernel_launcher
@@ -35,7 +34,6 @@ log = Logger()
 
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
 SSH_FAILED = 255
-_USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _SETTINGS = frozenset({"hosts", "placement", "ssh_command", "ssh_config", "ssh_options", "connect_timeout", "user",
                        "multiplex",
                        "impersonation", "python", "launcher_path", "log_dir", "port_range", "callback_host",
@@ -104,10 +102,7 @@ class SshDriver(MultiService):
         """The remote user: the kernel's user when impersonating (checked), else the configured one."""
         if request is None or not self._impersonation:
             return str(self._user) if self._user else None
-        user = request.username
-        if not _USERNAME.match(user) or user == "root":
-            raise LaunchFailed(f"cannot run a kernel as {user!r}: not an allowed user name")
-        return user
+        return impersonated_user(request.username)
 
     def _ssh_argv(self, host: str, remote: list[str], login: str | None = None) -> list[str]:
         argv = [self._ssh]

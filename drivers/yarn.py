@@ -34,7 +34,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest
+from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest, impersonated_user
 from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
@@ -51,7 +51,6 @@ _SETTINGS = frozenset({
     "java_home", "env", "distributed_shell", "port_range",
 })
 _DS_SETTINGS = frozenset({"classpath", "am_memory_mb", "am_java_options"})
-_USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 _SIZE = re.compile(r"^(\d{1,7})([mMgG]?)$")
 _DS_MAIN = "org.apache.hadoop.yarn.applications.distributedshell.ApplicationMaster"
@@ -274,12 +273,7 @@ class YarnDriver(MultiService):
 
     def _yarn_user(self, request: LaunchRequest) -> str:
         """The YARN user of the kernel: its own user when impersonating (checked), else the driver's."""
-        if not self._impersonation:
-            return self._user
-        user = request.username
-        if not _USERNAME.match(user) or user in self._prohibited:
-            raise LaunchFailed(f"cannot run a YARN application as {user!r}: not an allowed user name")
-        return user
+        return impersonated_user(request.username, self._prohibited) if self._impersonation else self._user
 
     def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
         """Submit the kernel's application and wait for its launcher to report."""

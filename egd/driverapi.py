@@ -7,13 +7,25 @@ nothing of HTTP or WebSockets. Third-party drivers register under the ``egd.driv
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
+from egd.errors import Forbidden
 from egd.kernels.specs import KernelSpecInfo
+
+#: A user name a driver may log in or submit as when impersonating (POSIX portable, no leading dash or digit).
+_LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+def impersonated_user(username: str, prohibited: frozenset[str] | set[str] = frozenset({"root"})) -> str:
+    """``username`` if a kernel may run as that user; :class:`Forbidden` (403) otherwise."""
+    if not _LOGIN_NAME.match(username) or username in prohibited or username == "root":
+        raise Forbidden(f"kernels cannot run as user {username[:40]!r} here")
+    return username
 
 
 @dataclass(frozen=True)

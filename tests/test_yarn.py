@@ -252,3 +252,45 @@ def test_spark_kernel_in_cluster_mode(client: GatewayClient, yarn_cluster: YarnC
     finally:
         assert client.delete_kernel(kernel_id) == 204
     assert yarn_cluster.app(app_id)["state"] in FINAL
+
+
+def test_jupyter_server_drives_a_yarn_kernel(yarn_gw: GatewayProcess, yarn_cluster: YarnCluster,
+                                             tmp_path: Path) -> None:
+    """An unchanged Jupyter Server with --gateway-url runs a cell in a kernel that is a YARN application."""
+    from tests.test_jupyter_server import JupyterServer
+
+    server = JupyterServer(yarn_gw.url, tmp_path)
+    try:
+        kernel_id = server.start_kernel("yarn_python")
+        sock = server.connect(kernel_id)
+        assert sock.execute("import os; print(os.environ['CONTAINER_ID'][:10])").stdout.strip() == "container_"
+        sock.close()
+        app_id = app_of(yarn_gw.client, kernel_id)
+        assert server.client.request("DELETE", f"/api/kernels/{kernel_id}").status == 204
+        assert yarn_gw.client.kernel(kernel_id).status == 404
+        assert yarn_cluster.app(app_id)["state"] in FINAL
+    finally:
+        server.stop()
+
+
+def test_impersonation_runs_the_application_as_the_kernel_user(yarn_cluster: YarnCluster, tmp_path: Path) -> None:
+    """With impersonation, the application's YARN user is the kernel's user (the kernel sees it as USER);
+    root and prohibited users are refused with 403 and nothing is submitted."""
+    gw = yarn_gateway(yarn_cluster, tmp_path, impersonation=True, prohibited_users=["hdfs"])
+    try:
+        client = gw.client
+        kernel_id = client.start_kernel("yarn_python", env={"KERNEL_USERNAME": "alice"})
+        app_id = app_of(client, kernel_id)
+        assert yarn_cluster.app(app_id)["user"] == "alice"
+        sock = client.connect(kernel_id)
+        assert sock.execute("import os; print(os.environ['USER'])").stdout.strip() == "alice"
+        sock.close()
+        assert client.delete_kernel(kernel_id) == 204
+        since = int(time.time() * 1000)
+        for user in ("root", "hdfs", "-oProxyCommand=x", "Alice Smith"):
+            resp = client.request("POST", "/api/kernels", {"name": "yarn_python", "env": {"KERNEL_USERNAME": user}})
+            assert resp.status == 403, (user, resp.json)
+            assert "cannot run as user" in resp.json["message"]
+        assert not yarn_cluster.apps(startedTimeBegin=since), "an application was submitted for a refused user"
+    finally:
+        gw.stop()
