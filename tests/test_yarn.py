@@ -214,7 +214,7 @@ def test_kernel_waiting_in_queue_fails_at_timeout_with_diagnostics(client: Gatew
 
     def start() -> None:
         result["resp"] = client.request("POST", "/api/kernels", {
-            "name": "yarn_spark_small", "env": {"KERNEL_DRIVER_MEMORY": "3g", "KERNEL_LAUNCH_TIMEOUT": "40"}},
+            "name": "yarn_spark_small", "env": {"KERNEL_DRIVER_MEMORY": "3g", "KERNEL_LAUNCH_TIMEOUT": "30"}},
             timeout=120)
 
     thread = threading.Thread(target=start)
@@ -230,7 +230,8 @@ def test_kernel_waiting_in_queue_fails_at_timeout_with_diagnostics(client: Gatew
     thread.join(120)
     resp = result["resp"]
     assert resp.status == 503, resp.json
-    assert "ACCEPTED" in resp.json["message"] and "queue small" in resp.json["message"]
+    assert "ACCEPTED in queue root.small" in resp.json["message"]
+    assert "waiting for resources to be assigned for AM" in resp.json["message"]  # YARN's own words
     apps = yarn_cluster.apps(applicationTags=model["id"])
     assert apps and all(a["state"] in FINAL for a in apps), apps
     assert client.kernel(model["id"]).status == 404
@@ -286,6 +287,12 @@ def test_impersonation_runs_the_application_as_the_kernel_user(yarn_cluster: Yar
         assert sock.execute("import os; print(os.environ['USER'])").stdout.strip() == "alice"
         sock.close()
         assert client.delete_kernel(kernel_id) == 204
+        spark_id = client.start_kernel("yarn_spark", env={"KERNEL_USERNAME": "alice"})  # spark-submit --proxy-user
+        assert yarn_cluster.app(app_of(client, spark_id))["user"] == "alice"
+        sock = client.connect(spark_id)
+        assert sock.execute("print(sc.sparkUser())", timeout=120).stdout.strip() == "alice"
+        sock.close()
+        assert client.delete_kernel(spark_id) == 204
         since = int(time.time() * 1000)
         for user in ("root", "hdfs", "-oProxyCommand=x", "Alice Smith"):
             resp = client.request("POST", "/api/kernels", {"name": "yarn_python", "env": {"KERNEL_USERNAME": user}})
