@@ -26,6 +26,7 @@ import http.client
 import http.server
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +41,8 @@ sys.path.insert(0, str(REPO))
 from tests.client import GatewayClient  # noqa: E402
 from tests.conftest import GatewayProcess, wait_until  # noqa: E402
 from tests.test_yarn import write_spec, yarn_settings  # noqa: E402
-from tests.yarncluster import YarnCluster  # noqa: E402
+from tests.test_yarncluster import SPARK_PROGRAM  # noqa: E402
+from tests.yarncluster import YarnCluster, ds_submission, spark_submit  # noqa: E402
 
 
 class CountingProxy(http.server.ThreadingHTTPServer):
@@ -74,7 +76,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.server.counts.append((time.monotonic(), f"{self.command} {self.path}"))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        conn = http.client.HTTPConnection(self.server.target.hostname, self.server.target.port, timeout=30)
+        conn = http.client.HTTPConnection(self.server.target.hostname or "127.0.0.1", self.server.target.port,
+                                          timeout=30)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
@@ -101,23 +104,35 @@ def timed_start(client: GatewayClient, spec: str, timeout: float) -> tuple[str, 
     return kernel_id, time.monotonic() - started
 
 
-def floor_plain(cluster: YarnCluster, tmp: Path) -> float:
-    """A bare DistributedShell app (``sleep``) from submission to RUNNING, then killed."""
+def floor_plain(cluster: YarnCluster, tmp: Path, n: int) -> float:
+    """A bare DistributedShell application over REST: from submission until its script runs."""
+    work = tmp / f"floor-plain-{n}"
+    work.mkdir(parents=True)
+    marker = work / "started"
+    script = work / "launch.sh"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\nexec sleep 600\n")
     started = time.monotonic()
-    app_id = cluster.submit_distributed_shell(tmp, "exec sleep 600")
-    wait_until(lambda: cluster.app(app_id)["state"] == "RUNNING", 120, 0.1, what="the bare DS app to run")
+    app_id = cluster.new_application()
+    cluster.submit(ds_submission(cluster, app_id, f"floor-{n}", script, tags=["yarnbench"]))
+    wait_until(marker.exists, 120, 0.02, what="the bare DS app's script to run")
     elapsed = time.monotonic() - started
     cluster.kill(app_id)
     return elapsed
 
 
-def floor_spark(cluster: YarnCluster, tmp: Path) -> float:
-    """``spark-submit`` of a PySpark program that only creates its SparkSession, until RUNNING."""
+def floor_spark(cluster: YarnCluster, tmp: Path, n: int) -> float:
+    """``spark-submit`` (cluster mode) of a PySpark program: until its SparkSession exists."""
+    work = tmp / f"floor-spark-{n}"
+    work.mkdir(parents=True)
+    program = work / "sleeper.py"
+    program.write_text(SPARK_PROGRAM)
+    marker = work / "app-id"
+    argv, env = spark_submit(cluster, program, f"floor-spark-{n}", tags=[f"yarnbench-{n}"], args=[str(marker)])
     started = time.monotonic()
-    app_id = cluster.submit_spark_sleeper(tmp)
-    wait_until(lambda: cluster.app(app_id)["state"] == "RUNNING", 240, 0.1, what="the bare Spark app to run")
+    subprocess.run(argv, env=env, cwd=work, capture_output=True, check=True, timeout=180)
+    wait_until(marker.exists, 240, 0.05, what="the bare Spark app's SparkSession")
     elapsed = time.monotonic() - started
-    cluster.kill(app_id)
+    cluster.kill(marker.read_text().strip())
     return elapsed
 
 
@@ -133,6 +148,7 @@ def main() -> int:
     sections = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="yarnbench-"))
     results: dict[str, Any] = {"reps": args.reps, "poll_interval": args.poll_interval}
+    (tmp / "yarn").mkdir()
     cluster = YarnCluster(tmp / "yarn")
     gw = None
     proxy = None
@@ -153,8 +169,8 @@ def main() -> int:
             for kind, floor in (("plain", floor_plain), ("spark", floor_spark)):
                 spec = "yarn_python" if kind == "plain" else "yarn_spark"
                 egd_times, floor_times = [], []
-                for _ in range(args.reps):
-                    floor_times.append(floor(cluster, tmp))
+                for n in range(args.reps):
+                    floor_times.append(floor(cluster, tmp, n))
                     kernel_id, seconds = timed_start(client, spec, 300)
                     egd_times.append(seconds)
                     client.delete_kernel(kernel_id)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
@@ -36,8 +35,6 @@ class AppWatch:
     since_ms: int
     on_report: Callable[[dict[str, Any]], None]
     app_id: str | None = None
-    #: Applications of earlier incarnations of this kernel (restarts reuse the kernel id tag).
-    exclude: frozenset[str] = frozenset()
     report: dict[str, Any] = field(default_factory=dict)
     found: Deferred[dict[str, Any]] = field(default_factory=Deferred)
     ended: Deferred[dict[str, Any]] = field(default_factory=Deferred)
@@ -68,7 +65,6 @@ class AppWatcher:
         self._interval = interval
         self._fast = fast_interval
         self._watches: dict[str, AppWatch] = {}
-        self._loop: LoopingCall | None = None
         self._pending: Any = None
         self._running = False
         self._polling: Deferred[None] | None = None
@@ -157,8 +153,10 @@ class AppWatcher:
                 self._deliver(watch, app)
 
     def _find(self, watch: AppWatch, apps: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """The newest application tagged exactly with the kernel id that is not a former incarnation's."""
-        mine = [a for a in apps if watch.kernel_id in _tags(a) and str(a.get("id")) not in watch.exclude]
+        """The newest application tagged exactly with the kernel id that is not a former incarnation's (a
+        restart reuses the kernel id: the former one ended before this launch began)."""
+        mine = [a for a in apps if watch.kernel_id in _tags(a)
+                and not (a.get("state") in FINAL_STATES and int(a.get("startedTime") or 0) < watch.since_ms)]
         if not mine:
             return None
         return max(mine, key=lambda a: (int(a.get("startedTime") or 0), str(a.get("id"))))

@@ -239,20 +239,27 @@ def test_kernel_waiting_in_queue_fails_at_timeout_with_diagnostics(client: Gatew
 
 def test_spark_kernel_in_cluster_mode(client: GatewayClient, yarn_cluster: YarnCluster) -> None:
     """A Spark driver in cluster mode: ``spark`` and ``sc`` are ready, a job runs on an executor, and
-    ``sc.applicationId`` is the application egd reports."""
+    ``sc.applicationId`` is the application egd reports; a restart finds its new application by tag."""
     kernel_id = client.start_kernel("yarn_spark")
+    apps = []
     try:
-        app_id = app_of(client, kernel_id)
+        apps.append(app_of(client, kernel_id))
         sock = client.connect(kernel_id)
         run = sock.execute("print(spark.range(1000).groupBy().sum('id').first()[0], sc.applicationId)",
                            timeout=180)
         sock.close()
         total, reported = run.stdout.split()
-        assert total == "499500" and reported == app_id
-        assert tags(yarn_cluster.app(app_id)) == {"egd", kernel_id}
+        assert total == "499500" and reported == apps[0]
+        assert tags(yarn_cluster.app(apps[0])) == {"egd", kernel_id}
+        assert client.request("POST", f"/api/kernels/{kernel_id}/restart", {}, timeout=300).status == 200
+        apps.append(app_of(client, kernel_id))
+        assert apps[1] != apps[0] and yarn_cluster.app(apps[0])["state"] in FINAL
+        sock = client.connect(kernel_id)
+        assert sock.execute("print(sc.applicationId)", timeout=60).stdout.strip() == apps[1]
+        sock.close()
     finally:
         assert client.delete_kernel(kernel_id) == 204
-    assert yarn_cluster.app(app_id)["state"] in FINAL
+    assert all(yarn_cluster.app(a)["state"] in FINAL for a in apps)
 
 
 def test_jupyter_server_drives_a_yarn_kernel(yarn_gw: GatewayProcess, yarn_cluster: YarnCluster,
