@@ -131,5 +131,9 @@ def test_cli_check_config_checks_driver_settings(tmp_path: Path) -> None:
     bad.write_text("drivers:\n  ssh: {hosts: [a], placment: least-connection}\n")
     result = egd("check-config", str(bad))
     assert result.returncode == 1 and "drivers.ssh: unknown setting(s) placment" in result.stderr
-    example = egd("check-config", str(REPO / "conf" / "ssh-pool.yaml"))
-    assert example.returncode == 0, example.stderr
+    for name in ("ssh-pool.yaml", "yarn-cluster.yaml"):
+        example = egd("check-config", str(REPO / "conf" / name))
+        assert example.returncode == 0, example.stderr
+    bad.write_text("drivers:\n  yarn: {resource_managers: [rm1:8088]}\n")
+    result = egd("check-config", str(bad))
+    assert result.returncode == 1 and "drivers.yarn.resource_managers: list the RM web addresses" in result.stderr
