@@ -1,16 +1,18 @@
-"""The ``egd`` command: run the gateway, check a config file, list kernelspecs."""
+"""The ``egd`` command: run the gateway, check a config file, list kernelspecs, make a user token."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from typing import Any
 
 from egd import __version__
+from egd.auth import token_digest
 from egd.config import ENV_OVERRIDES, ConfigError, load_config, with_overrides
 
-_COMMANDS = ("run", "check-config", "kernelspecs")
+_COMMANDS = ("run", "check-config", "kernelspecs", "token")
 
 _EPILOG = """\
 With no command, egd runs the gateway. With no config file, it serves local kernels of every kernelspec
@@ -40,7 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     specs = commands.add_parser("kernelspecs", help="list the kernelspecs egd would offer, and their drivers")
     specs.add_argument("--config", metavar="FILE", help="YAML config file")
     specs.add_argument("--json", action="store_true", help="print JSON")
+    token = commands.add_parser("token", help="make a new per-user token and the line for auth.users",
+                                description="Print a new random token (give it to the user) and its SHA-256 "
+                                            "as the auth.users entry to put in the config (egd stores only "
+                                            "the hash).")
+    token.add_argument("user", metavar="USER", help="the user the token belongs to")
     return parser
+
+
+def _token(user: str) -> int:
+    value = secrets.token_urlsafe(32)
+    print(f"token for {user} (give it to them; egd keeps only its hash):\n  {value}\n"
+          f"config (auth.users):\n  {user}: {{token_sha256: {token_digest(value)}}}")
+    return 0
 
 
 def _fail(message: str) -> int:
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check_config(args.file)
         if args.command == "kernelspecs":
             return _kernelspecs(args)
+        if args.command == "token":
+            return _token(args.user)
         return _run(args)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)

@@ -102,15 +102,43 @@ class KernelsConfig:
 
 
 @dataclass(frozen=True)
+class UserCredential:
+    """One user's own token, stored as its SHA-256 (``egd token`` makes a token and its hash)."""
+
+    name: str
+    token_sha256: str
+    groups: tuple[str, ...] = ()
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class JWTConfig:
+    """Signed JSON Web Tokens: the user comes from a claim of a token egd can verify."""
+
+    algorithm: str
+    key: str  # the HS256 secret or the RS256 public key (PEM)
+    audience: str
+    issuer: str | None = None
+    user_claim: str = "sub"
+    groups_claim: str = "groups"
+    leeway: float = 30.0
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Who may use the gateway."""
 
     token: str | None = None
+    users: tuple[UserCredential, ...] = ()
+    jwt: JWTConfig | None = None
+    admin_users: tuple[str, ...] = ()
+    admin_groups: tuple[str, ...] = ()
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def configured(self) -> bool:
         """Whether any credential is configured (without one, egd serves loopback only)."""
-        return bool(self.token)
+        return bool(self.token or self.users or self.jwt)
 
 
 @dataclass(frozen=True)
@@ -185,6 +213,94 @@ def _token(value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
+_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _users(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{path}: must map user names to {{token_sha256, groups, admin}}")
+        return None
+    users = []
+    for name, entry in value.items():
+        where = f"{path}.{name}"
+        if not isinstance(name, str) or not _USER_NAME.match(name):
+            problems.append(f"{where}: not a user name")
+            continue
+        if not isinstance(entry, dict) or set(entry) - {"token_sha256", "groups", "admin"}:
+            problems.append(f"{where}: must be a mapping with token_sha256 (and optionally groups, admin)")
+            continue
+        digest = entry.get("token_sha256")
+        if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
+            problems.append(f"{where}.token_sha256: must be the 64 hex digits of the token's SHA-256 "
+                            "(`egd token` prints a new token and its hash)")
+            continue
+        groups = _strings(entry.get("groups", []), f"{where}.groups", problems)
+        admin = _boolean(entry.get("admin", False), f"{where}.admin", problems)
+        if groups is not None and admin is not None:
+            users.append(UserCredential(name, digest.lower(), groups, admin))
+    digests = [u.token_sha256 for u in users]
+    if len(set(digests)) != len(digests):
+        problems.append(f"{path}: two users have the same token")
+    return tuple(users)
+
+
+def _read_key(value: Any, path: str, problems: list[str]) -> str | None:
+    checked = _readable_file(value, path, problems)
+    if checked is None:
+        return None
+    with open(checked, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _jwt(value: Any, path: str, problems: list[str]) -> Any:
+    known = {"algorithm", "secret", "secret_file", "public_key_file", "audience", "issuer", "user_claim",
+             "groups_claim", "leeway"}
+    if not isinstance(value, dict):
+        problems.append(f"{path}: must be a mapping ({', '.join(sorted(known))})")
+        return None
+    for unknown in set(value) - known:
+        problems.append(f"{path}.{unknown}: unknown key (known: {', '.join(sorted(known))})")
+    algorithm = str(value.get("algorithm", "")).upper()
+    key: str | None = None
+    if algorithm == "HS256":
+        if value.get("secret_file"):
+            key = _read_key(value["secret_file"], f"{path}.secret_file", problems)
+            key = key.strip() if key else None
+        else:
+            key = _token(value.get("secret"), f"{path}.secret", problems)
+        if key is not None and len(key) < 32:
+            problems.append(f"{path}.secret: an HS256 secret needs at least 32 characters")
+            key = None
+    elif algorithm == "RS256":
+        key = _read_key(value.get("public_key_file"), f"{path}.public_key_file", problems)
+        if key is not None and "PUBLIC KEY" not in key:
+            problems.append(f"{path}.public_key_file: not a PEM public key")
+            key = None
+    else:
+        problems.append(f"{path}.algorithm: must be HS256 or RS256")
+    audience = _string(value.get("audience"), f"{path}.audience", problems)
+    issuer = _optional(_string)(value.get("issuer"), f"{path}.issuer", problems)
+    user_claim = _string(value.get("user_claim", "sub"), f"{path}.user_claim", problems)
+    groups_claim = _string(value.get("groups_claim", "groups"), f"{path}.groups_claim", problems)
+    leeway = _number(0, 600)(value.get("leeway", 30), f"{path}.leeway", problems)
+    if None in (key, audience, user_claim, groups_claim, leeway):
+        return None
+    return JWTConfig(algorithm, str(key), audience, issuer, user_claim, groups_claim, float(leeway))
+
+
+def _groups(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{path}: must map group names to lists of users")
+        return None
+    result = {}
+    for name, members in value.items():
+        checked = _strings(members, f"{path}.{name}", problems)
+        if checked is not None:
+            result[str(name)] = checked
+    return result
+
+
 def _optional(check: Checker) -> Checker:
     def optional(value: Any, path: str, problems: list[str]) -> Any:
         return None if value is None else check(value, path, problems)
@@ -257,6 +373,11 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
     },
     AuthConfig: {
         "token": _optional(_token),
+        "users": _users,
+        "jwt": _optional(_jwt),
+        "admin_users": _strings,
+        "admin_groups": _strings,
+        "groups": _groups,
     },
     LoggingConfig: {
         "level": _choice("debug", "info", "warn", "error", "critical"),

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from egd.api.app import GatewayAPI
 from egd.api.site import make_site
+from egd.auth import Authenticator
 from egd.config import Config
 from egd.kernels.manager import KernelManager
 from egd.kernels.specs import KernelSpecStore
@@ -110,7 +111,7 @@ class Gateway(AsyncMultiService):
         elif not config.auth.configured:
             log.info("no credentials are configured: anyone who can reach {ip} can use this gateway; it listens "
                      "on loopback only", ip=ip)
-        site = make_site(self.api.resource(), config.server.base_url, config.auth.token)
+        site = make_site(self.api.resource(), config.server.base_url, Authenticator(config.auth))
         self.http = HTTPListener(site, reactor, ip, config.server.port, config.server.base_url,
                                  tls_options(config))
         self.http.setServiceParent(self)

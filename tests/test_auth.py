@@ -61,7 +61,7 @@ def test_refusals_are_logged_without_the_token(guarded: GatewayProcess) -> None:
     GatewayClient(guarded.url).request("GET", "/api?token=not-the-right-one-xyz")
     GatewayClient(guarded.url).request("GET", f"/api/kernels?token={TOKEN}")
     log = guarded.log()
-    assert "refused authentication from 127.0.0.1 for GET /api?token=*** (wrong token)" in log
+    assert "refused authentication from 127.0.0.1 for GET /api?token=*** (unknown credentials)" in log
     assert TOKEN not in log and "not-the-right-one-xyz" not in log
 
 

@@ -17,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 
 from egd import API_VERSION, __version__
 from egd.api.errors import json_response, render_failure
+from egd.api.site import identity_of
 from egd.api.websocket import KernelChannelsResource, make_factory
 from egd.config import Config
 from egd.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
@@ -85,16 +86,18 @@ class GatewayAPI:
 
     @app.route("/api/kernelspecs", methods=["GET"], strict_slashes=False)
     async def list_kernelspecs(self, request: Any) -> bytes:
-        """Every kernelspec, and the default's name."""
+        """Every kernelspec the caller may use, and the default's name."""
         user = _user_arg(request)
         if "/" in user:
             # Jupyter Server's gateway client appends the spec name after "?user=...": answer that spec.
             return await self.get_kernelspec(request, user.rsplit("/", 1)[1])
+        identity = identity_of(request)
+        user = identity.user or user  # a user-bound caller sees what it may use, whatever ?user= says
         specs = await self._kernels.specs.all()
         default = self._kernels.default_kernel_name
         return json_response(request, 200, {
             "default": default,
-            "kernelspecs": {name: spec.model(self._base_url) for name, spec in specs.items()
+            "kernelspecs": {name: spec.model(self._base_url, identity.admin) for name, spec in specs.items()
                             if not user or self._kernels.allows(spec, user)},
         })
 
@@ -102,10 +105,11 @@ class GatewayAPI:
     async def get_kernelspec(self, request: Any, name: str) -> bytes:
         """One kernelspec."""
         spec = await self._kernels.specs.get(name)
-        user = _user_arg(request).split("/", 1)[0]
+        identity = identity_of(request)
+        user = identity.user or _user_arg(request).split("/", 1)[0]
         if user and not self._kernels.allows(spec, user):
             raise Forbidden(f"User {user} is not authorized to use kernel spec {name}")
-        return json_response(request, 200, spec.model(self._base_url))
+        return json_response(request, 200, spec.model(self._base_url, identity.admin))
 
     @app.route("/kernelspecs/<string:name>/<path:filename>", methods=["GET", "HEAD"])
     async def kernelspec_resource(self, request: Any, name: str, filename: str) -> bytes:
@@ -130,7 +134,7 @@ class GatewayAPI:
         """Every kernel (Jupyter Server's gateway client polls this)."""
         if not self._config.server.list_kernels:
             raise Forbidden("Listing kernels is disabled on this gateway")
-        return json_response(request, 200, [k.model() for k in self._kernels.list()])
+        return json_response(request, 200, [k.model() for k in self._kernels.visible(identity_of(request))])
 
     @app.route("/api/kernels", methods=["POST"], strict_slashes=False)
     async def start_kernel(self, request: Any) -> bytes:
@@ -143,40 +147,40 @@ class GatewayAPI:
             raise BadRequest("name must be a string")
         if isinstance(name, str) and not name:
             name = None
-        kernel = await self._kernels.start_kernel(name, body.get("env"))
+        kernel = await self._kernels.start_kernel(name, body.get("env"), identity_of(request))
         request.setHeader(b"Location", f"{self._base_url}api/kernels/{kernel.id}".encode())
         return json_response(request, 201, kernel.model())
 
     @app.route("/api/kernels/<string:kernel_id>", methods=["GET"], strict_slashes=False)
     def get_kernel(self, request: Any, kernel_id: str) -> bytes:
         """One kernel's model."""
-        return json_response(request, 200, self._kernels.get(kernel_id).model())
+        return json_response(request, 200, self._kernels.owned(kernel_id, identity_of(request), "read").model())
 
     @app.route("/api/kernels/<string:kernel_id>", methods=["DELETE"], strict_slashes=False)
     async def delete_kernel(self, request: Any, kernel_id: str) -> bytes:
         """Shut a kernel down."""
-        await self._kernels.shutdown_kernel(kernel_id)
+        await self._kernels.shutdown_kernel(kernel_id, identity_of(request))
         request.setResponseCode(204)
         return b""
 
     @app.route("/api/kernels/<string:kernel_id>/interrupt", methods=["POST"], strict_slashes=False)
     async def interrupt_kernel(self, request: Any, kernel_id: str) -> bytes:
         """Interrupt what the kernel is running."""
-        await self._kernels.get(kernel_id).interrupt()
+        await self._kernels.owned(kernel_id, identity_of(request), "interrupt").interrupt()
         request.setResponseCode(204)
         return b""
 
     @app.route("/api/kernels/<string:kernel_id>/restart", methods=["POST"], strict_slashes=False)
     async def restart_kernel(self, request: Any, kernel_id: str) -> bytes:
         """Restart the kernel under the same id."""
-        kernel = self._kernels.get(kernel_id)
+        kernel = self._kernels.owned(kernel_id, identity_of(request), "restart")
         await kernel.restart()
         return json_response(request, 200, kernel.model())
 
     @app.route("/api/kernels/<string:kernel_id>/channels", methods=["GET"])
     def kernel_channels(self, request: Any, kernel_id: str) -> Any:
         """The kernel's WebSocket."""
-        kernel = self._kernels.get(kernel_id)
+        kernel = self._kernels.owned(kernel_id, identity_of(request), "connection")
         if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
             raise BadRequest("This URL is a WebSocket endpoint; connect with a WebSocket client")
         return KernelChannelsResource(self._ws_factory, kernel)
@@ -186,29 +190,31 @@ class GatewayAPI:
     @app.route("/api/sessions", methods=["GET"], strict_slashes=False)
     def list_sessions(self, request: Any) -> bytes:
         """Every session."""
-        return json_response(request, 200, self._sessions.list())
+        return json_response(request, 200, self._sessions.list(identity_of(request)))
 
     @app.route("/api/sessions", methods=["POST"], strict_slashes=False)
     async def create_session(self, request: Any) -> bytes:
         """Create a session (or return the existing one for the path)."""
-        model = await self._sessions.create(read_json(request))
+        model = await self._sessions.create(read_json(request), identity_of(request))
         request.setHeader(b"Location", f"{self._base_url}api/sessions/{model['id']}".encode())
         return json_response(request, 201, model)
 
     @app.route("/api/sessions/<string:session_id>", methods=["GET"], strict_slashes=False)
     def get_session(self, request: Any, session_id: str) -> bytes:
         """One session."""
-        return json_response(request, 200, self._sessions.model(self._sessions.get(session_id)))
+        session = self._sessions.get(session_id, identity_of(request))
+        return json_response(request, 200, self._sessions.model(session))
 
     @app.route("/api/sessions/<string:session_id>", methods=["PATCH"], strict_slashes=False)
     async def update_session(self, request: Any, session_id: str) -> bytes:
         """Change a session."""
-        return json_response(request, 200, await self._sessions.update(session_id, read_json(request)))
+        return json_response(request, 200, await self._sessions.update(session_id, read_json(request),
+                                                                       identity_of(request)))
 
     @app.route("/api/sessions/<string:session_id>", methods=["DELETE"], strict_slashes=False)
     async def delete_session(self, request: Any, session_id: str) -> bytes:
         """Delete a session and its kernel."""
-        await self._sessions.delete(session_id)
+        await self._sessions.delete(session_id, identity_of(request))
         request.setResponseCode(204)
         return b""
 

@@ -5,7 +5,6 @@ Requests outside the base URL get the same JSON 404 as unknown paths inside it.
 
 from __future__ import annotations
 
-import hmac
 import re
 from typing import Any
 
@@ -16,6 +15,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from egd.api.errors import error_response
+from egd.auth import LOCAL_OPERATOR, AuthenticationFailed, Authenticator, Identity
 
 access_log = Logger(namespace="egd.access")
 security_log = Logger(namespace="egd.security")
@@ -92,17 +92,23 @@ class GatewaySite(Site):
                          status=request.code, size=request.sentLength)
 
 
-class TokenGuard(Resource):
-    """Lets a request through only with the gateway's token: ``Authorization: token <t>`` (also ``Bearer``)
-    or ``?token=<t>``, as Enterprise Gateway and Jupyter Server's gateway client send it. CORS preflights
-    (OPTIONS) pass. Compared in constant time; a refusal is logged, never the token."""
+def identity_of(request: Any) -> Identity:
+    """Who sent ``request`` (set by :class:`AuthGuard`; the local operator when no auth is configured)."""
+    return getattr(request, "egd_identity", LOCAL_OPERATOR)
+
+
+class AuthGuard(Resource):
+    """Lets a request through only with a valid credential: ``Authorization: token <t>`` (also ``Bearer``)
+    or ``?token=<t>``, as Enterprise Gateway and Jupyter Server's gateway client send it; the caller's
+    :class:`egd.auth.Identity` goes on the request. CORS preflights (OPTIONS) pass. A refusal is logged with
+    the reason, never the credential."""
 
     isLeaf = True
 
-    def __init__(self, wrapped: Any, token: str) -> None:
+    def __init__(self, wrapped: Any, authenticator: Authenticator) -> None:
         super().__init__()
         self._wrapped = wrapped
-        self._token = token.encode()
+        self._authenticator = authenticator
 
     def _presented(self, request: Any) -> bytes | None:
         header = request.getHeader(b"authorization") or b""
@@ -114,20 +120,22 @@ class TokenGuard(Resource):
 
     def render(self, request: Any) -> Any:
         """Authenticate, then hand the request to the application."""
-        presented = self._presented(request)
-        if request.method != b"OPTIONS" and not (presented and hmac.compare_digest(presented, self._token)):
-            security_log.warn("refused authentication from {client} for {method} {uri} ({why})",
-                              client=client_host(request), method=request.method.decode("ascii", "replace"),
-                              uri=loggable_uri(request), why="wrong token" if presented else "no token")
-            return error_response(request, 401, "Unauthorized", "A valid token is required: send the header "
-                                  "'Authorization: token <token>' or the query parameter token=<token>")
+        if request.method != b"OPTIONS":
+            try:
+                request.egd_identity = self._authenticator.authenticate(self._presented(request))
+            except AuthenticationFailed as exc:
+                security_log.warn("refused authentication from {client} for {method} {uri} ({why})",
+                                  client=client_host(request), method=request.method.decode("ascii", "replace"),
+                                  uri=loggable_uri(request), why=str(exc))
+                return error_response(request, 401, "Unauthorized", "A valid token is required: send the header "
+                                      "'Authorization: token <token>' or the query parameter token=<token>")
         return self._wrapped.render(request)
 
 
-def make_site(app_resource: Any, base_url: str, token: str | None = None) -> Site:
-    """The Site serving ``app_resource`` under ``base_url`` (behind ``token`` when one is configured)."""
-    if token:
-        app_resource = TokenGuard(app_resource, token)
+def make_site(app_resource: Any, base_url: str, authenticator: Authenticator) -> Site:
+    """The Site serving ``app_resource`` under ``base_url``, behind ``authenticator`` when it requires a credential."""
+    if authenticator.required:
+        app_resource = AuthGuard(app_resource, authenticator)
     segments = [s.encode() for s in base_url.strip("/").split("/") if s]
     root = app_resource if not segments else BaseURLResource(segments, app_resource)
     site = GatewaySite(root)

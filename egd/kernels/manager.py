@@ -11,6 +11,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
+from egd.auth import LOCAL_OPERATOR, Identity
 from egd.config import Config
 from egd.errors import Conflict, Forbidden, KernelNotFound, ServiceUnavailable
 from egd.kernels.env import build_kernel_env
@@ -54,6 +55,20 @@ class KernelManager(Service):
         """The kernelspec used when a request names none."""
         return self._config.kernels.default_kernel_name
 
+    def owned(self, kernel_id: str, identity: Identity, action: str) -> Kernel:
+        """The kernel if ``identity`` may use it; otherwise 404, exactly as if it did not exist (a user must not
+        learn the ids of other users' kernels), with an audit line."""
+        kernel = self.get(kernel_id)
+        if not identity.owns(kernel.env.username):
+            audit.warn("refused {action} of kernel {kernel_id} (user={owner}) to {who}", action=action,
+                       kernel_id=kernel_id, owner=kernel.env.username, who=identity.describe())
+            raise KernelNotFound(kernel_id)
+        return kernel
+
+    def visible(self, identity: Identity) -> list[Kernel]:
+        """The kernels ``identity`` may see (all of them for admins and trusted clients)."""
+        return [k for k in self.kernels.values() if identity.owns(k.env.username)]
+
     def get(self, kernel_id: str) -> Kernel:
         """The kernel with this id; :class:`KernelNotFound` otherwise."""
         try:
@@ -65,11 +80,19 @@ class KernelManager(Service):
         """Every kernel, including those still starting."""
         return list(self.kernels.values())
 
-    async def start_kernel(self, name: str | None, env: Any) -> Kernel:
-        """Start a kernel of kernelspec ``name`` (default if None) with the request's ``env``."""
+    async def start_kernel(self, name: str | None, env: Any, identity: Identity = LOCAL_OPERATOR) -> Kernel:
+        """Start a kernel of kernelspec ``name`` (default if None) with the request's ``env``, for ``identity``
+        (a user-bound identity starts kernels as itself only)."""
         if not self._accepting:
             raise ServiceUnavailable("The gateway is shutting down")
         kc = self._config.kernels
+        if identity.user is not None and (env is None or isinstance(env, dict)):
+            claimed = (env or {}).get("KERNEL_USERNAME")
+            if claimed is not None and claimed != identity.user:
+                audit.warn("kernel start refused: {who} claimed KERNEL_USERNAME={claimed!r}",
+                           who=identity.describe(), claimed=str(claimed)[:64])
+                raise Forbidden("KERNEL_USERNAME must be your own user name with these credentials")
+            env = {**(env or {}), "KERNEL_USERNAME": identity.user}
         kernel_env = build_kernel_env(
             env, client_envs=kc.client_envs, inherited_envs=kc.inherited_envs, gateway_environ=self._environ,
             default_launch_timeout=kc.launch_timeout, max_launch_timeout=kc.max_launch_timeout)
@@ -135,9 +158,9 @@ class KernelManager(Service):
         if self.kernels.get(kernel.id) is kernel:
             del self.kernels[kernel.id]
 
-    async def shutdown_kernel(self, kernel_id: str) -> None:
-        """Stop one kernel (graceful, then forceful)."""
-        await self.get(kernel_id).shutdown()
+    async def shutdown_kernel(self, kernel_id: str, identity: Identity = LOCAL_OPERATOR) -> None:
+        """Stop one of ``identity``'s kernels (graceful, then forceful)."""
+        await self.owned(kernel_id, identity, "shutdown").shutdown()
 
     async def shutdown_all(self) -> None:
         """Stop every kernel, in parallel; wait for launches in flight first."""

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from egd.auth import Identity
 from egd.errors import BadRequest, KernelNotFound, SessionNotFound
 from egd.kernels.manager import KernelManager
 
@@ -70,27 +71,33 @@ class SessionManager:
             model["notebook"] = {"path": session.path, "name": session.name}
         return model
 
-    def list(self) -> list[dict[str, Any]]:
-        """Every session whose kernel still exists."""
-        return [self.model(s) for s in self._live()]
+    def _mine(self, session: _Session, identity: Identity) -> bool:
+        kernel = self._kernels.kernels.get(session.kernel_id)
+        return kernel is not None and identity.owns(kernel.env.username)
 
-    def get(self, session_id: str) -> _Session:
-        """One session; :class:`SessionNotFound` if it does not exist (or its kernel is gone)."""
+    def list(self, identity: Identity) -> list[dict[str, Any]]:
+        """Every session whose kernel still exists and is the caller's."""
+        return [self.model(s) for s in self._live() if self._mine(s, identity)]
+
+    def get(self, session_id: str, identity: Identity) -> _Session:
+        """One of the caller's sessions; :class:`SessionNotFound` if there is none (or its kernel is gone)."""
         self._live()
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise SessionNotFound(session_id) from None
+        session = self._sessions.get(session_id)
+        if session is None or not self._mine(session, identity):
+            raise SessionNotFound(session_id)
+        return session
 
-    async def _kernel_for(self, kernel_id: str | None, kernel_name: str | None, env: Any) -> str:
+    async def _kernel_for(self, kernel_id: str | None, kernel_name: str | None, env: Any,
+                          identity: Identity) -> str:
         if kernel_id is not None:
-            if kernel_id not in self._kernels.kernels:
+            kernel = self._kernels.kernels.get(kernel_id)
+            if kernel is None or not identity.owns(kernel.env.username):
                 raise KernelNotFound(kernel_id)
             return kernel_id
-        kernel = await self._kernels.start_kernel(kernel_name, env)
+        kernel = await self._kernels.start_kernel(kernel_name, env, identity)
         return kernel.id
 
-    async def create(self, model: Any) -> dict[str, Any]:
+    async def create(self, model: Any, identity: Identity) -> dict[str, Any]:
         """Create a session, or return the one that exists for that path (Jupyter Server's rule)."""
         if not isinstance(model, dict):
             raise BadRequest("The request body must be a JSON object")
@@ -100,27 +107,28 @@ class SessionManager:
         kernel_id, kernel_name, env = _kernel_request(model)
         assert path is not None and mtype is not None
         for session in self._live():
-            if session.path == path:
+            if session.path == path and self._mine(session, identity):
                 return self.model(session)
-        kid = await self._kernel_for(kernel_id, kernel_name, env)
+        kid = await self._kernel_for(kernel_id, kernel_name, env, identity)
         session = _Session(str(uuid.uuid4()), path, name, mtype, kid)
         self._sessions[session.id] = session
         return self.model(session)
 
-    async def update(self, session_id: str, model: Any) -> dict[str, Any]:
+    async def update(self, session_id: str, model: Any, identity: Identity) -> dict[str, Any]:
         """Change a session's path, name, type or kernel; a replaced kernel is shut down."""
         if not isinstance(model, dict):
             raise BadRequest("The request body must be a JSON object")
-        session = self.get(session_id)
+        session = self.get(session_id, identity)
         changes = {key: _text(model, key, False) for key in ("path", "name", "type") if key in model}
         old_kernel = session.kernel_id
         new_kernel = old_kernel
         if "kernel" in model:
             kernel_id, kernel_name, env = _kernel_request(model)
             if kernel_id is not None or kernel_name is not None:
-                if kernel_id is not None and kernel_id not in self._kernels.kernels:
+                existing = self._kernels.kernels.get(kernel_id) if kernel_id is not None else None
+                if kernel_id is not None and (existing is None or not identity.owns(existing.env.username)):
                     raise BadRequest(f"No such kernel: {kernel_id}")
-                new_kernel = await self._kernel_for(kernel_id, kernel_name, env)
+                new_kernel = await self._kernel_for(kernel_id, kernel_name, env, identity)
         for key, value in changes.items():
             if value is not None:
                 setattr(session, key, value)
@@ -129,9 +137,9 @@ class SessionManager:
             await self._kernels.shutdown_kernel(old_kernel)
         return self.model(session)
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, identity: Identity) -> None:
         """Delete a session and shut its kernel down."""
-        session = self.get(session_id)
+        session = self.get(session_id, identity)
         del self._sessions[session_id]
         if session.kernel_id in self._kernels.kernels:
             await self._kernels.shutdown_kernel(session.kernel_id)

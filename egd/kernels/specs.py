@@ -90,15 +90,20 @@ class KernelSpecInfo:
             return user in spec_authorized
         return not authorized or user in authorized
 
-    def model(self, base_url: str) -> dict[str, Any]:
-        """The ``/api/kernelspecs`` model (Jupyter Server's shape)."""
+    def model(self, base_url: str, full: bool = True) -> dict[str, Any]:
+        """The ``/api/kernelspecs`` model (Jupyter Server's shape). Without ``full`` (for callers who are not
+        admins) the command line, environment and driver configuration are left out: they can carry paths,
+        hosts and credentials that are the operator's business."""
+        metadata = dict(self.metadata)
+        if not full:
+            metadata = {k: v for k, v in metadata.items() if k not in ("egd", "process_proxy")}
         spec = {
-            "argv": list(self.argv),
-            "env": dict(self.env),
+            "argv": list(self.argv) if full else [],
+            "env": dict(self.env) if full else {},
             "display_name": self.display_name,
             "language": self.language,
             "interrupt_mode": self.interrupt_mode,
-            "metadata": dict(self.metadata),
+            "metadata": metadata,
         }
         resources = {key: f"{base_url}kernelspecs/{self.name}/{filename}" for key, filename in self.resources.items()}
         return {"name": self.name, "spec": spec, "resources": resources}
