@@ -299,6 +299,8 @@ class YarnDriver(MultiService):
 
         watch = AppWatch(request.kernel_id, user, int(started * 1000), progress)
         secrets = json.dumps({"secret": registration.secret.decode(), "key": key, "env": dict(request.env)})
+        # Until the watcher reports YARN's own view of the application (which then replaces this text).
+        request.progress(f"submitting to YARN queue {resources.queue} as {user}")
         try:
             if mode == "spark":
                 self.watcher.watch(watch)
@@ -306,7 +308,6 @@ class YarnDriver(MultiService):
             else:
                 watch.app_id = await self._submit_python(request, resources, user, workdir, secrets)
                 self.watcher.watch(watch)
-            request.progress(f"submitted to YARN queue {resources.queue}")
             info = await self._wait_ready(request, registration, watch, started)
         except BaseException:
             self.listener.unregister(registration)

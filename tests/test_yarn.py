@@ -214,7 +214,7 @@ def test_kernel_waiting_in_queue_fails_at_timeout_with_diagnostics(client: Gatew
 
     def start() -> None:
         result["resp"] = client.request("POST", "/api/kernels", {
-            "name": "yarn_spark_small", "env": {"KERNEL_DRIVER_MEMORY": "3g", "KERNEL_LAUNCH_TIMEOUT": "30"}},
+            "name": "yarn_spark_small", "env": {"KERNEL_DRIVER_MEMORY": "3g", "KERNEL_LAUNCH_TIMEOUT": "45"}},
             timeout=120)
 
     thread = threading.Thread(target=start)
@@ -226,7 +226,7 @@ def test_kernel_waiting_in_queue_fails_at_timeout_with_diagnostics(client: Gatew
                 return dict(model)
         return None
 
-    model = wait_until(waiting, 60, 0.5, what="the kernel model to show the ACCEPTED state")
+    model = wait_until(waiting, 90, 0.5, what="the kernel model to show the ACCEPTED state")
     thread.join(120)
     resp = result["resp"]
     assert resp.status == 503, resp.json
