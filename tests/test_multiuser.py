@@ -206,3 +206,31 @@ def test_config_refuses_bad_credentials_config(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "auth.users.alice.token_sha256: must be the 64 hex digits" in result.stderr
     assert "auth.jwt.algorithm: must be HS256 or RS256" in result.stderr
+
+
+def test_kernelspec_groups(tmp_path: Path) -> None:
+    """``@group`` in a spec's authorized_users admits the group's members: from the JWT's groups claim or from
+    auth.groups for per-user tokens; others are refused and do not see the spec."""
+    spec_dir = tmp_path / "specs" / "data_only"
+    spec_dir.mkdir(parents=True)
+    spec_dir.joinpath("kernel.json").write_text(json.dumps({
+        "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "Data team",
+        "language": "python", "metadata": {"egd": {"config": {"authorized_users": ["@data"]}}}}))
+    gw = GatewayProcess({"auth": {"users": _users(), "groups": {"data": ["bob"]},
+                                  "jwt": {"algorithm": "HS256", "secret": HS_SECRET, "audience": "egd"}},
+                         "kernels": {"kernelspec_dirs": [str(tmp_path / "specs")]}})
+    try:
+        def names(client: GatewayClient) -> set[str]:
+            return set(client.request("GET", "/api/kernelspecs").json["kernelspecs"])
+
+        member = GatewayClient(gw.url, hs256({"sub": "gina", "aud": "egd", "exp": int(time.time()) + 60,
+                                              "groups": ["data"]}))
+        outsider = GatewayClient(gw.url, hs256({"sub": "hank", "aud": "egd", "exp": int(time.time()) + 60}))
+        assert "data_only" in names(member) and "data_only" in names(as_user(gw, "bob"))
+        assert "data_only" not in names(outsider) and "data_only" not in names(as_user(gw, "carol"))
+        resp = outsider.request("POST", "/api/kernels", {"name": "data_only"})
+        assert resp.status == 403
+        kernel_id = as_user(gw, "bob").start_kernel("data_only")
+        assert as_user(gw, "bob").delete_kernel(kernel_id) == 204
+    finally:
+        gw.stop()

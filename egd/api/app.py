@@ -19,6 +19,7 @@ from egd import API_VERSION, __version__
 from egd.api.errors import json_response, render_failure
 from egd.api.site import identity_of
 from egd.api.websocket import KernelChannelsResource, make_factory
+from egd.auth import Identity
 from egd.config import Config
 from egd.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from egd.kernels.manager import KernelManager
@@ -71,6 +72,11 @@ class GatewayAPI:
         """The Klein resource to mount."""
         return self.app.resource()
 
+    @staticmethod
+    def _groups(identity: Identity, user: str) -> frozenset[str] | None:
+        """The caller's own groups when it asks about itself (None: the configured groups of ``user``)."""
+        return identity.groups if identity.user == user else None
+
     @app.handle_errors(Exception)
     def _error(self, request: Any, failure: Any) -> bytes:
         return render_failure(request, failure)
@@ -98,7 +104,7 @@ class GatewayAPI:
         return json_response(request, 200, {
             "default": default,
             "kernelspecs": {name: spec.model(self._base_url, identity.admin) for name, spec in specs.items()
-                            if not user or self._kernels.allows(spec, user)},
+                            if not user or self._kernels.allows(spec, user, self._groups(identity, user))},
         })
 
     @app.route("/api/kernelspecs/<string:name>", methods=["GET"], strict_slashes=False)
@@ -107,7 +113,7 @@ class GatewayAPI:
         spec = await self._kernels.specs.get(name)
         identity = identity_of(request)
         user = identity.user or _user_arg(request).split("/", 1)[0]
-        if user and not self._kernels.allows(spec, user):
+        if user and not self._kernels.allows(spec, user, self._groups(identity, user)):
             raise Forbidden(f"User {user} is not authorized to use kernel spec {name}")
         return json_response(request, 200, spec.model(self._base_url, identity.admin))
 

@@ -104,7 +104,7 @@ class KernelManager(Service):
         self._reserved[user] += 1
         try:
             spec = await self.specs.get(name or self.default_kernel_name)
-            if not self.allows(spec, user):
+            if not self.allows(spec, user, identity.groups if identity.user == user else None):
                 audit.warn("kernel start refused user={user}: not authorized for {spec}", user=user, spec=spec.name)
                 raise Forbidden(f"User '{user}' is not authorized to start kernel '{spec.display_name}'")
             driver = self._drivers.get(spec.driver)
@@ -134,10 +134,13 @@ class KernelManager(Service):
         await waiter
         return kernel
 
-    def allows(self, spec: KernelSpecInfo, user: str) -> bool:
-        """Whether ``user`` may use ``spec`` (per-spec and gateway-wide user lists)."""
+    def allows(self, spec: KernelSpecInfo, user: str, groups: frozenset[str] | None = None) -> bool:
+        """Whether ``user`` may use ``spec`` (per-spec and gateway-wide user lists; ``@group`` entries match
+        ``groups``, by default the user's groups in ``auth.groups``)."""
         kc = self._config.kernels
-        return spec.allows(user, kc.authorized_users, kc.unauthorized_users)
+        if groups is None:
+            groups = frozenset(g for g, members in self._config.auth.groups.items() if user in members)
+        return spec.allows(user, kc.authorized_users, kc.unauthorized_users, groups)
 
     def _enforce_limits(self, user: str) -> None:
         """403 when the gateway's or the user's kernel limit is reached (kernels starting count too)."""

@@ -80,15 +80,21 @@ class KernelSpecInfo:
 
         return names("authorized_users"), names("unauthorized_users")
 
-    def allows(self, user: str, authorized: tuple[str, ...], unauthorized: tuple[str, ...]) -> bool:
-        """Whether ``user`` may use this spec: exact names; the spec's lists, then the gateway's (EG's rules,
-        without EG's substring matching)."""
+    def allows(self, user: str, authorized: tuple[str, ...], unauthorized: tuple[str, ...],
+               groups: frozenset[str] = frozenset()) -> bool:
+        """Whether ``user`` (a member of ``groups``) may use this spec: exact names, ``@group`` for a group's
+        members; the spec's lists, then the gateway's (EG's rules, without EG's substring matching)."""
         spec_authorized, spec_unauthorized = self.user_lists()
-        if user in spec_unauthorized or user in unauthorized:
+        me = {user, *(f"@{group}" for group in groups)}
+
+        def listed(names: Any) -> bool:
+            return bool(me & set(names))
+
+        if listed(spec_unauthorized) or listed(unauthorized):
             return False
         if spec_authorized:
-            return user in spec_authorized
-        return not authorized or user in authorized
+            return listed(spec_authorized)
+        return not authorized or listed(authorized)
 
     def model(self, base_url: str, full: bool = True) -> dict[str, Any]:
         """The ``/api/kernelspecs`` model (Jupyter Server's shape). Without ``full`` (for callers who are not
