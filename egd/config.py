@@ -63,6 +63,12 @@ class ServerConfig:
     certfile: str | None = None
     keyfile: str | None = None
     client_ca: str | None = None
+    #: Origins whose browser pages may call the API (CORS) and open kernel WebSockets; "*" for any.
+    allow_origin: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    allow_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-XSRFToken")
+    allow_methods: tuple[str, ...] = ("GET", "POST", "PATCH", "DELETE", "OPTIONS")
+    cors_max_age: int = 600
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,22 @@ def _token(value: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: must be a string of at least 16 characters without spaces")
         return None
     return value
+
+
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
+
+
+def _origins(value: Any, path: str, problems: list[str]) -> Any:
+    items = value.split(",") if isinstance(value, str) else value  # Enterprise Gateway's is one string
+    if not isinstance(items, list):
+        problems.append(f"{path}: must be a list of origins such as https://lab.example.org, or *")
+        return None
+    origins = tuple(str(o).strip().rstrip("/") for o in items if str(o).strip())
+    bad = [o for o in origins if not _ORIGIN.match(o)]
+    if bad:
+        problems.append(f"{path}: not an origin (scheme://host[:port]) or *: {', '.join(bad)}")
+        return None
+    return origins
 
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
@@ -370,6 +392,11 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "certfile": _optional(_readable_file),
         "keyfile": _optional(_readable_file),
         "client_ca": _optional(_readable_file),
+        "allow_origin": _origins,
+        "allow_credentials": _boolean,
+        "allow_headers": _strings,
+        "allow_methods": _strings,
+        "cors_max_age": _number(0, 86400, integer=True),
     },
     AuthConfig: {
         "token": _optional(_token),

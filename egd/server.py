@@ -111,7 +111,7 @@ class Gateway(AsyncMultiService):
         elif not config.auth.configured:
             log.info("no credentials are configured: anyone who can reach {ip} can use this gateway; it listens "
                      "on loopback only", ip=ip)
-        site = make_site(self.api.resource(), config.server.base_url, Authenticator(config.auth))
+        site = make_site(self.api.resource(), config.server, Authenticator(config.auth))
         self.http = HTTPListener(site, reactor, ip, config.server.port, config.server.base_url,
                                  tls_options(config))
         self.http.setServiceParent(self)

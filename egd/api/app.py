@@ -16,8 +16,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from egd import API_VERSION, __version__
+from egd.api.cors import CorsPolicy
 from egd.api.errors import json_response, render_failure
-from egd.api.site import identity_of
+from egd.api.site import identity_of, security_log
 from egd.api.websocket import KernelChannelsResource, make_factory
 from egd.auth import Identity
 from egd.config import Config
@@ -67,6 +68,7 @@ class GatewayAPI:
         self._reactor = reactor
         self._threadpool = threadpool
         self._ws_factory = make_factory(config.server, reactor)
+        self._cors = CorsPolicy(config.server)
 
     def resource(self) -> Any:
         """The Klein resource to mount."""
@@ -189,6 +191,11 @@ class GatewayAPI:
         kernel = self._kernels.owned(kernel_id, identity_of(request), "connection")
         if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
             raise BadRequest("This URL is a WebSocket endpoint; connect with a WebSocket client")
+        origin = (request.getHeader(b"origin") or b"").decode("latin-1")
+        if not self._cors.allowed(origin, (request.getHeader(b"host") or b"").decode("latin-1")):
+            security_log.warn("refused a WebSocket to kernel {kernel_id} from origin {origin}", kernel_id=kernel_id,
+                              origin=origin[:200])
+            raise Forbidden("Cross-origin WebSocket connections are not allowed from this origin")
         return KernelChannelsResource(self._ws_factory, kernel)
 
     # -- sessions -----------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from egd.api.cors import CorsPolicy, CorsResource
 from egd.api.errors import error_response
 from egd.auth import LOCAL_OPERATOR, AuthenticationFailed, Authenticator, Identity
+from egd.config import ServerConfig
 
 access_log = Logger(namespace="egd.access")
 security_log = Logger(namespace="egd.security")
@@ -132,10 +134,13 @@ class AuthGuard(Resource):
         return self._wrapped.render(request)
 
 
-def make_site(app_resource: Any, base_url: str, authenticator: Authenticator) -> Site:
-    """The Site serving ``app_resource`` under ``base_url``, behind ``authenticator`` when it requires a credential."""
+def make_site(app_resource: Any, server: ServerConfig, authenticator: Authenticator) -> Site:
+    """The Site serving ``app_resource`` under ``server.base_url``, behind ``authenticator`` when it requires a
+    credential, with CORS as ``server.allow_origin`` says."""
+    base_url = server.base_url
     if authenticator.required:
         app_resource = AuthGuard(app_resource, authenticator)
+    app_resource = CorsResource(app_resource, CorsPolicy(server), server)
     segments = [s.encode() for s in base_url.strip("/").split("/") if s]
     root = app_resource if not segments else BaseURLResource(segments, app_resource)
     site = GatewaySite(root)
