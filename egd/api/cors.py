@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from egd.api.errors import error_response
 from egd.config import ServerConfig
 
-security_log = Logger(namespace="egd.security")
+security_log = Logger(namespace="egd.audit")
 
 
 class CorsPolicy:

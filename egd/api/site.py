@@ -20,7 +20,7 @@ from egd.auth import LOCAL_OPERATOR, AuthenticationFailed, Authenticator, Identi
 from egd.config import ServerConfig
 
 access_log = Logger(namespace="egd.access")
-security_log = Logger(namespace="egd.security")
+security_log = Logger(namespace="egd.audit")
 _TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&]*")
 
 
