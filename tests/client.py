@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import struct
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -225,3 +226,23 @@ class KernelSocket:
             self.ws.close()
         except Exception:
             pass
+
+
+def start_concurrently(client: GatewayClient, name: str, count: int,
+                       timeout: float = 120) -> tuple[list[str], list[BaseException]]:
+    """Start ``count`` kernels of ``name`` at once from as many threads: (ids started, errors raised)."""
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            ids.append(client.start_kernel(name))
+        except BaseException as exc:  # handed back to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return ids, errors

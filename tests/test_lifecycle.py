@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.client import GatewayClient, KernelSocket
+from tests.client import GatewayClient, KernelSocket, start_concurrently
 from tests.conftest import processes_mentioning, wait_until
 
 
@@ -160,20 +160,7 @@ def test_launch_timeout_kills_the_kernel(gateway: Any) -> None:
 
 def test_concurrent_starts_never_collide(client: GatewayClient) -> None:
     """Eight kernels started at once all come up and work (no port collisions)."""
-    ids: list[str] = []
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            ids.append(client.start_kernel("python3"))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    ids, errors = start_concurrently(client, "python3", 8, 120)
     try:
         assert not errors and len(set(ids)) == 8
         for kernel_id in ids:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.client import GatewayClient
+from tests.client import GatewayClient, start_concurrently
 from tests.conftest import KERNELSPECS, GatewayProcess, free_port, wait_until
 from tests.test_lifecycle import interrupt_sleep, statuses_until
 from tests.yarncluster import YarnCluster, spark_home
@@ -180,20 +180,7 @@ def test_application_killed_from_outside_is_noticed(client: GatewayClient, yarn_
 
 def test_two_kernels_at_once(client: GatewayClient, yarn_cluster: YarnCluster) -> None:
     """Two concurrent POSTs: two applications, two kernels that each run code."""
-    ids: list[str] = []
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            ids.append(client.start_kernel("yarn_python"))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
+    ids, errors = start_concurrently(client, "yarn_python", 2, 180)
     try:
         assert not errors and len(ids) == 2
         assert len({app_of(client, k) for k in ids}) == 2

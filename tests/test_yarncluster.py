@@ -8,9 +8,11 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.yarncluster import (
     MAX_ALLOCATION_MB,
     YarnCluster,
@@ -22,15 +24,9 @@ from tests.yarncluster import (
 pytestmark = pytest.mark.yarn
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    """conftest's wait_until, polling every 0.2 s."""
+    return wait_until(predicate, timeout, 0.2, what)
 
 
 def _cmdline(pid: int) -> str:
@@ -78,8 +74,8 @@ def test_distributed_shell_app_runs_and_is_killed(yarn_cluster: YarnCluster) -> 
     assert yarn_cluster.apps(applicationTags="kernel-ds") == []  # exact tags only
     assert script.exists(), "the DS AM must not rename a .sh script"
 
-    _wait(marker.exists, 30, "the DS container to start the script")
-    sleeps = _wait(lambda: [p for p in yarn_cluster.container_processes() if _cmdline(p).startswith("sleep 600")],
+    wait_for(marker.exists, 30, "the DS container to start the script")
+    sleeps = wait_for(lambda: [p for p in yarn_cluster.container_processes() if _cmdline(p).startswith("sleep 600")],
                    10, "the sleep process")
     env = dict(line.split("=", 1) for line in (work / "env.txt").read_text().splitlines() if "=" in line)
     assert env["JAVA_HOME"] == str(yarn_cluster.java_home)
@@ -90,7 +86,7 @@ def test_distributed_shell_app_runs_and_is_killed(yarn_cluster: YarnCluster) -> 
     app = yarn_cluster.app(app_id)
     assert (app["state"], app["finalStatus"]) == ("KILLED", "KILLED")
     assert "killed by user root" in app["diagnostics"]
-    _wait(lambda: not any(os.path.exists(f"/proc/{p}") and _cmdline(p) for p in sleeps), 10,
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and _cmdline(p) for p in sleeps), 10,
           "the killed app's sleep process to end")
 
 
@@ -117,12 +113,12 @@ def test_app_that_does_not_fit_waits_in_accepted(yarn_cluster: YarnCluster) -> N
     fillers = [bare(f"filler-{i}", MAX_ALLOCATION_MB) for i in range(2)]
     try:
         for app in fillers:  # a bare command never registers: ACCEPTED, launched, "waiting ... to Register"
-            _wait(lambda app=app: "waiting for AM container to Register" in yarn_cluster.app(app)["diagnostics"],
+            wait_for(lambda app=app: "waiting for AM container to Register" in yarn_cluster.app(app)["diagnostics"],
                   30, f"{app} to be launched")
         waiting = bare("waiting", MAX_ALLOCATION_MB)
         fillers.append(waiting)
         # "Queue's" or "User's" AM resource limit, depending on whether the user's share is reached first
-        app = _wait(lambda: (lambda a: a if "AM resource limit exceeded" in a["diagnostics"] else None)(
+        app = wait_for(lambda: (lambda a: a if "AM resource limit exceeded" in a["diagnostics"] else None)(
             yarn_cluster.app(waiting)), 15, "the diagnostics of the waiting app")
         assert app["state"] == "ACCEPTED"
         assert app["allocatedMB"] == 0
@@ -132,7 +128,7 @@ def test_app_that_does_not_fit_waits_in_accepted(yarn_cluster: YarnCluster) -> N
         for app in fillers:
             assert yarn_cluster.kill(app)[-1] == 200
     assert yarn_cluster.app(waiting)["state"] == "KILLED"
-    _wait(lambda: not yarn_cluster.container_processes(), 15, "the fillers' processes to end")
+    wait_for(lambda: not yarn_cluster.container_processes(), 15, "the fillers' processes to end")
 
 
 SPARK_PROGRAM = """\
@@ -157,13 +153,13 @@ def test_spark_cluster_mode_app_runs_and_is_killed(yarn_cluster: YarnCluster) ->
     started = time.monotonic()
     proc = subprocess.run(argv, env=env, cwd=work, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    apps = _wait(lambda: yarn_cluster.apps(applicationTags="kernel-spark-1"), 10, "the Spark app")
+    apps = wait_for(lambda: yarn_cluster.apps(applicationTags="kernel-spark-1"), 10, "the Spark app")
     assert len(apps) == 1
     app_id = apps[0]["id"]
     assert apps[0]["applicationType"] == "SPARK"
     app = yarn_cluster.wait_for_state(app_id, {"RUNNING"}, timeout=150)
     print(f"spark app {app_id} RUNNING {time.monotonic() - started:.1f}s after spark-submit started")
-    _wait(marker.exists, 30, "the program to write its marker")
+    wait_for(marker.exists, 30, "the program to write its marker")
     assert marker.read_text() == app_id
     logs = yarn_cluster.app_logs(app_id)
     assert "SPARK READY" in logs
@@ -176,4 +172,4 @@ def test_spark_cluster_mode_app_runs_and_is_killed(yarn_cluster: YarnCluster) ->
 
     assert yarn_cluster.kill(app_id)[-1] == 200
     assert yarn_cluster.app(app_id)["state"] == "KILLED"
-    _wait(lambda: not yarn_cluster.container_processes(), 15, "the Spark AM and its Python to end")
+    wait_for(lambda: not yarn_cluster.container_processes(), 15, "the Spark AM and its Python to end")
