@@ -3,29 +3,43 @@
 Each kernel starts in a session of its own (``setsid``), so a signal sent to egd's terminal or process group
 does not reach it, an interrupt reaches the kernel's whole process group, and (for later persistence) it can
 outlive its gateway.
+
+Impersonation (``impersonation: true``, egd running as root): each kernel runs as its user (``KERNEL_USERNAME``),
+with that user's uid, primary gid and supplementary groups (Twisted's child calls ``initgroups`` before
+``setuid``, so none of root's groups remain), ``HOME``/``USER``/``LOGNAME`` of the user and the user's home as
+working directory unless the request names a ``KERNEL_WORKING_DIR`` the user can enter. Root, the uids in
+``prohibited_uids``, the names in ``prohibited_users``, users whose primary group is root's and users unknown
+to the host are refused with 403, before anything is started. The connection file of such a kernel lives in
+a directory of its own under the runtime directory, created by root and handed to the user (both 0700/0600,
+owned by the user): only the kernel's user and root can read its key. The runtime directory itself becomes
+0711 (others may pass through, not list it), and every directory above it must let others pass.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
+import stat
 import sys
 import uuid
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import error, protocol
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest
-from egd.errors import LaunchFailed
+from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest, impersonated_user
+from egd.errors import Forbidden, LaunchFailed
 from egd.kernels.ports import PortAllocator
 
 log = Logger()
@@ -34,6 +48,91 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 _PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
 _STDERR_TAIL_BYTES = 8192
 _SETSID = shutil.which("setsid")
+_SETTINGS = frozenset({"ip", "impersonation", "prohibited_uids", "prohibited_users"})
+#: Capabilities a non-root egd would need to impersonate (bits of CapEff): chown, dac_override, kill, setgid,
+#: setuid. Twisted's child calls setuid(0) before switching, so in practice this means root.
+_IMPERSONATION_CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
+
+
+@dataclass(frozen=True)
+class Account:
+    """The OS user an impersonated kernel runs as."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+
+def _lookup_account(name: str) -> Account | None:
+    """The user's passwd entry and groups (blocking: NSS may ask a directory server), None if unknown."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    try:
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except OSError:
+        groups = (entry.pw_gid,)
+    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+
+
+def _missing_capabilities() -> list[str]:
+    """The capabilities impersonation needs that this process lacks (none when it is root with all of them)."""
+    try:
+        with open("/proc/self/status") as handle:
+            effective = next((int(line.split()[1], 16) for line in handle if line.startswith("CapEff:")), None)
+    except (OSError, ValueError):
+        effective = None
+    if effective is None:  # no /proc: only root will do
+        return [] if os.geteuid() == 0 else ["root"]
+    return [name for name, bit in _IMPERSONATION_CAPS.items() if not effective >> bit & 1]
+
+
+def _enterable(path: str, account: Account) -> bool:
+    """Whether ``account`` may reach ``path`` as a directory (search permission on it and every parent).
+
+    Mode bits only (ACLs are not consulted), so the answer errs on the side of "no".
+    """
+    current = "/"
+    for part in [p for p in os.path.realpath(path).split("/") if p] + [""]:
+        try:
+            info = os.stat(current)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(info.st_mode):
+            return False
+        if info.st_uid == account.uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid in account.groups:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return False
+        current = os.path.join(current, part)
+    return True
+
+
+def _others_may_pass(path: str) -> str | None:
+    """The first existing directory on the way to ``path`` that others cannot pass through, if any."""
+    current = os.path.abspath(path)
+    chain = []
+    while True:
+        chain.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(chain[1:]):  # the runtime directory itself is made 0711 at start
+        try:
+            mode = os.stat(directory).st_mode
+        except OSError:
+            return None  # does not exist yet: checked again once startService has created it
+        if not mode & stat.S_IXOTH:
+            return directory
+    return None
 
 
 def kernel_argv(argv: tuple[str, ...], values: Mapping[str, str]) -> list[str]:
@@ -82,8 +181,11 @@ class LocalKernel:
     """A kernel process on this host."""
 
     def __init__(self, driver: LocalDriver, process: Any, proto: _KernelProcess,
-                 connection_info: dict[str, Any], connection_file: str, ports: list[int]) -> None:
+                 connection_info: dict[str, Any], connection_file: str, ports: list[int],
+                 private_dir: str | None = None, user: str | None = None) -> None:
         self._driver = driver
+        self._private_dir = private_dir
+        self.user = user
         self._process = process
         self._proto = proto
         self.connection_info = connection_info
@@ -100,8 +202,8 @@ class LocalKernel:
         return status
 
     def describe(self) -> str:
-        """The kernel's pid."""
-        return f"pid {self.pid}"
+        """The kernel's pid (and its user when impersonated)."""
+        return f"pid {self.pid} as {self.user}" if self.user else f"pid {self.pid}"
 
     def failure_detail(self) -> str:
         """The tail of what the kernel wrote."""
@@ -133,6 +235,10 @@ class LocalKernel:
         """Release the ports and remove the connection file."""
         self._driver.ports.release(self._ports)
         self._ports = []
+        if self._private_dir:
+            # Owned by the kernel's user, who may have put anything there: rmtree never follows symlinks.
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            return
         try:
             os.unlink(self.connection_file)
         except FileNotFoundError:
@@ -145,17 +251,48 @@ class LocalDriver(Service):
     def __init__(self, reactor: Any, settings: Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         self.name = "local"
-        unknown = set(settings) - {"ip"}
+        unknown = set(settings) - _SETTINGS
         if unknown:
-            raise ValueError(f"drivers.local: unknown setting(s) {', '.join(sorted(unknown))} (known: ip)")
+            raise ValueError(f"drivers.local: unknown setting(s) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(_SETTINGS))})")
         self._reactor = reactor
         self._runtime_dir = runtime_dir
         self._ip = str(settings.get("ip", "127.0.0.1"))
         self.ports = PortAllocator(self._ip, port_range)
+        self._impersonation = settings.get("impersonation", False)
+        if not isinstance(self._impersonation, bool):
+            raise ValueError("drivers.local.impersonation: true or false")
+        uids = settings.get("prohibited_uids", [0])
+        if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
+            raise ValueError("drivers.local.prohibited_uids: a list of numeric uids")
+        self._prohibited_uids = frozenset({0, *uids})
+        users = settings.get("prohibited_users", ["root"])
+        if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+            raise ValueError("drivers.local.prohibited_users: a list of user names")
+        self._prohibited_users = frozenset({"root", *users})
+        if self._impersonation:
+            missing = _missing_capabilities()
+            if missing:
+                raise ValueError(f"drivers.local.impersonation needs root: egd runs as uid {os.geteuid()} "
+                                 f"without {', '.join(missing)}")
+            self._check_reachable()
+
+    def _check_reachable(self) -> None:
+        closed = _others_may_pass(self._runtime_dir)
+        if closed:
+            raise ValueError(f"drivers.local.impersonation: the kernels' users must reach the runtime directory "
+                             f"{self._runtime_dir}, but {closed} does not let others pass (chmod o+x, or set "
+                             f"kernels.runtime_dir to a directory such as /run/egd)")
 
     def startService(self) -> None:  # noqa: N802 - Twisted hook
-        """Make sure the runtime directory for connection files exists and is private."""
+        """Make sure the runtime directory for connection files exists and is private.
+
+        When impersonating, others may pass through it (0711) to the directory of their own kernel, not list it.
+        """
         os.makedirs(self._runtime_dir, mode=0o700, exist_ok=True)
+        if self._impersonation:
+            self._check_reachable()  # parents makedirs created just now (umask) may be closed
+            os.chmod(self._runtime_dir, 0o711)
         super().startService()
 
     def _write_connection_file(self, kernel_id: str, info: dict[str, Any]) -> str:
@@ -165,8 +302,49 @@ class LocalDriver(Service):
             json.dump(info, handle)
         return path
 
+    def _write_private_connection_file(self, kernel_id: str, info: dict[str, Any], account: Account) -> str:
+        """A fresh directory for this incarnation, with the connection file, both then handed to the user.
+
+        Everything is created by root in a directory the user cannot write to before the directory becomes
+        the user's, so no link the user could plant is ever followed.
+        """
+        directory = os.path.join(self._runtime_dir, f"kernel-{kernel_id}.{uuid.uuid4().hex[:8]}")
+        os.mkdir(directory, 0o700)
+        try:
+            path = os.path.join(directory, f"kernel-{kernel_id}.json")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                os.fchown(handle.fileno(), account.uid, account.gid)
+                json.dump(info, handle)
+            os.chown(directory, account.uid, account.gid)
+        except OSError:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return path
+
     def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
-        """Allocate ports, write the connection file, spawn the kernel in its own session."""
+        """Allocate ports, write the connection file, spawn the kernel in its own session (as its user when
+        impersonating; a user that may not run kernels here is refused with 403)."""
+        if not self._impersonation:
+            return succeed(self._spawn(request, None))
+        return Deferred.fromCoroutine(self._launch_as_user(request))
+
+    async def _launch_as_user(self, request: LaunchRequest) -> LaunchedKernel:
+        name = impersonated_user(request.username, self._prohibited_users)
+        account = await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _lookup_account, name)
+        if account is None:
+            log.warn("kernel {kernel_id} refused: no user {user} on this host", kernel_id=request.kernel_id,
+                     user=name)
+            raise Forbidden(f"kernels cannot run as user {name!r} here: no such user on the gateway host")
+        why = ("its uid is prohibited" if account.uid in self._prohibited_uids
+               else "its primary group is root's" if account.gid == 0 else None)
+        if why:
+            log.warn("kernel {kernel_id} refused: user {user} (uid {uid}): {why}", kernel_id=request.kernel_id,
+                     user=name, uid=account.uid, why=why)
+            raise Forbidden(f"kernels cannot run as user {name!r} here")
+        return self._spawn(request, account)
+
+    def _spawn(self, request: LaunchRequest, account: Account | None) -> LaunchedKernel:
         try:
             ports = self.ports.allocate(5)
         except OSError as exc:
@@ -177,28 +355,47 @@ class LocalDriver(Service):
             **dict(zip(("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"), ports, strict=False)),
         }
         try:
-            connection_file = self._write_connection_file(request.kernel_id, info)
+            if account is None:
+                connection_file = self._write_connection_file(request.kernel_id, info)
+            else:
+                connection_file = self._write_private_connection_file(request.kernel_id, info, account)
         except OSError as exc:
             self.ports.release(ports)
             raise LaunchFailed(f"cannot write the connection file: {exc.strerror}") from None
+        private_dir = os.path.dirname(connection_file) if account is not None else None
         argv = kernel_argv(request.spec.argv, {
             "connection_file": connection_file, "kernel_id": request.kernel_id,
             "resource_dir": request.spec.resource_dir, "prefix": sys.prefix,
         })
         if not argv:
-            self.ports.release(ports)
+            self._discard(ports, connection_file, private_dir)
             raise LaunchFailed(f"kernelspec {request.spec.name} has an empty argv")
         if _SETSID:
             argv = [_SETSID, *argv]
-        cwd = request.working_dir if request.working_dir and os.path.isdir(request.working_dir) else None
+        env = dict(request.env)
+        ids: dict[str, int] = {}
+        if account is None:
+            cwd = request.working_dir if request.working_dir and os.path.isdir(request.working_dir) else None
+        else:
+            env.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
+            # The child chdirs as root, before it switches user: only a directory the user may enter will do.
+            cwd = next((d for d in (request.working_dir, account.home) if d and _enterable(d, account)), "/")
+            ids = {"uid": account.uid, "gid": account.gid}
         proto = _KernelProcess(request.kernel_id)
         try:
-            process = self._reactor.spawnProcess(proto, argv[0], argv, env=dict(request.env), path=cwd)
+            process = self._reactor.spawnProcess(proto, argv[0], argv, env=env, path=cwd, **ids)
         except OSError as exc:
-            self.ports.release(ports)
-            os.unlink(connection_file)
+            self._discard(ports, connection_file, private_dir)
             raise LaunchFailed(f"cannot start {argv[0]}: {exc.strerror}") from None
-        kernel = LocalKernel(self, process, proto, info, connection_file, ports)
-        log.info("kernel {kernel_id} ({spec}) started as pid {pid}", kernel_id=request.kernel_id,
-                 spec=request.spec.name, pid=kernel.pid)
-        return succeed(kernel)
+        kernel = LocalKernel(self, process, proto, info, connection_file, ports, private_dir,
+                             account.name if account else None)
+        log.info("kernel {kernel_id} ({spec}) started as {where}", kernel_id=request.kernel_id,
+                 spec=request.spec.name, where=kernel.describe())
+        return kernel
+
+    def _discard(self, ports: list[int], connection_file: str, private_dir: str | None) -> None:
+        self.ports.release(ports)
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        else:
+            os.unlink(connection_file)

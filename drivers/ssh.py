@@ -36,8 +36,8 @@ log = Logger()
 SSH_FAILED = 255
 _SETTINGS = frozenset({"hosts", "placement", "ssh_command", "ssh_config", "ssh_options", "connect_timeout", "user",
                        "multiplex",
-                       "impersonation", "python", "launcher_path", "log_dir", "port_range", "callback_host",
-                       "callback_port"})
+                       "impersonation", "prohibited_users", "python", "launcher_path", "log_dir", "port_range",
+                       "callback_host", "callback_port"})
 
 
 class SshDriver(MultiService):
@@ -68,6 +68,7 @@ class SshDriver(MultiService):
         self._control_dir = os.path.join(runtime_dir, "ssh")
         self._user = settings.get("user")
         self._impersonation = bool(settings.get("impersonation", False))
+        self._prohibited = {str(u) for u in settings.get("prohibited_users", ["root"])}
         self._python = settings.get("python")
         self._launcher = str(settings.get("launcher_path", os.path.abspath(kernel_launcher.__file__)))
         self._log_dir = str(settings.get("log_dir", "/tmp"))
@@ -77,6 +78,7 @@ class SshDriver(MultiService):
             self._port_range = (int(low), int(high))
         self._next = 0
         self._running: dict[str, str] = {}  # kernel id -> host, for least-connection
+        self._logins: set[tuple[str, str | None]] = set()  # (host, login) of every shared connection opened
         self.listener = LaunchListener(reactor, str(settings.get("callback_host", "127.0.0.1")),
                                        int(settings.get("callback_port", 0)))
         self.listener.setServiceParent(self)
@@ -102,7 +104,7 @@ class SshDriver(MultiService):
         """The remote user: the kernel's user when impersonating (checked), else the configured one."""
         if request is None or not self._impersonation:
             return str(self._user) if self._user else None
-        return impersonated_user(request.username)
+        return impersonated_user(request.username, self._prohibited)
 
     def _ssh_argv(self, host: str, remote: list[str], login: str | None = None) -> list[str]:
         argv = [self._ssh]
@@ -123,6 +125,7 @@ class SshDriver(MultiService):
     async def _run_ssh(self, host: str, remote: list[str], stdin: bytes | None = None,
                        login: str | None = None) -> tuple[int, CapturedProcess]:
         proto = CapturedProcess(stdin)
+        self._logins.add((host, login))
         argv = self._ssh_argv(host, remote, login)
         self._reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ))
         code = await proto.ended
@@ -152,8 +155,9 @@ class SshDriver(MultiService):
         """Close the shared ssh connections, then stop the launch listener."""
         async def stop() -> None:
             if self._multiplex:
-                for host in {*self._hosts, *self._running.values()}:
-                    argv = [*self._ssh_argv(host, [])[:-3], "-O", "exit", host]
+                # One shared connection per host and login (impersonated kernels log in as their users).
+                for host, login in {*((h, None) for h in self._hosts), *self._logins}:
+                    argv = [*self._ssh_argv(host, [], login)[:-3], "-O", "exit", host]
                     proto = CapturedProcess(None)
                     self._reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ))
                     proto.ended.addTimeout(5, self._reactor)
@@ -177,8 +181,12 @@ class SshDriver(MultiService):
         for host in self._candidates(request):
             registration = self.listener.register(request.kernel_id)
             key = uuid.uuid4().hex
+            env = dict(request.env)
+            if self._impersonation:  # the login's own HOME, USER and LOGNAME, not those of egd's environment
+                for name in ("HOME", "USER", "LOGNAME"):
+                    env.pop(name, None)
             secrets_line = json.dumps({"secret": registration.secret.decode(), "key": key,
-                                       "env": dict(request.env)}).encode() + b"\n"
+                                       "env": env}).encode() + b"\n"
             remote = self._remote_command(request, self.listener.address)
             code, proc = await self._run_ssh(host, remote, secrets_line, login)
             if code == SSH_FAILED:
