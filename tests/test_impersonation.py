@@ -28,8 +28,9 @@ import pytest
 from egd.launchers import kernel_launcher
 from tests import conftest
 from tests.client import GatewayClient
-from tests.conftest import GatewayProcess, processes_mentioning, wait_until
+from tests.conftest import GatewayProcess, processes_mentioning
 from tests.sshhosts import SshHost, SshLab
+from tests.test_lifecycle import interrupt_sleep
 
 pytestmark = pytest.mark.security
 
@@ -169,16 +170,7 @@ def test_interrupt_restart_delete(gw: GatewayProcess, users: dict[str, pwd.struc
         # A working directory alice cannot enter is not used: her home is.
         before = who(client, kernel_id)
         assert before["cwd"] == alice.pw_dir
-        sock = client.connect(kernel_id)
-        msg = sock.request("execute_request", {"code": "import time; time.sleep(60)", "silent": False,
-                                               "store_history": True, "user_expressions": {}, "allow_stdin": False})
-        wait_until(lambda: client.kernel(kernel_id).json["execution_state"] == "busy", 10, what="busy")
-        started = time.monotonic()
-        assert client.request("POST", f"/api/kernels/{kernel_id}/interrupt", {}).status == 204
-        run = sock.wait_for(msg, timeout=20)
-        assert time.monotonic() - started < 10
-        assert run.reply["content"]["ename"] == "KeyboardInterrupt"
-        sock.close()
+        interrupt_sleep(client, kernel_id)
         resp = client.request("POST", f"/api/kernels/{kernel_id}/restart", {})
         assert resp.status == 200 and resp.json["id"] == kernel_id
         after = who(client, kernel_id)

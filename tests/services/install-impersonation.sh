@@ -5,6 +5,7 @@
 # useradd/userdel (passwd) create and remove the test users.  Idempotent: when everything is already there it
 # exits at once without touching apt.  Must run as root.
 set -eu
+. "$(dirname "$0")/apt.sh"
 
 PYTHON=/usr/bin/python3
 
@@ -18,16 +19,8 @@ if [ -z "$missing" ]; then
     exit 0
 fi
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install-impersonation: must run as root to install:$missing" >&2
-    exit 1
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-echo "install-impersonation: installing$missing"
-apt-get update -qq
 # shellcheck disable=SC2086  # word splitting of the package list is intended
-apt-get install -y -qq --no-install-recommends $missing
+apt_install install-impersonation $missing
 
 "$PYTHON" -c 'import ipykernel_launcher' || {
     echo "install-impersonation: $PYTHON still cannot import ipykernel after apt-get" >&2

@@ -7,6 +7,7 @@
 # invoke-rc.d: a policy-rc.d that answers 101 ("action forbidden") prevents that.  If this script had to
 # create it, it removes it again afterwards; an existing one is left alone.
 set -eu
+. "$(dirname "$0")/apt.sh"
 
 need() { command -v "$1" >/dev/null 2>&1 || [ -x "$1" ]; }
 
@@ -21,10 +22,8 @@ if [ -z "$missing" ]; then
     exit 0
 fi
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install-ssh: must run as root to install:$missing" >&2
-    exit 1
-fi
+# shellcheck disable=SC2086  # word splitting of the package list is intended
+need_root install-ssh $missing
 
 created_policy=""
 if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -36,13 +35,8 @@ fi
 cleanup() { [ -z "$created_policy" ] || rm -f /usr/sbin/policy-rc.d; }
 trap cleanup EXIT
 
-export DEBIAN_FRONTEND=noninteractive
-# shellcheck disable=SC2086  # word splitting of the package list is intended
-pkgs=$(printf '%s\n' $missing | sort -u | tr '\n' ' ')
-echo "install-ssh: installing $pkgs"
-apt-get update -qq
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $pkgs
+apt_install install-ssh $missing
 
 need /usr/sbin/sshd || { echo "install-ssh: /usr/sbin/sshd still missing after apt-get" >&2; exit 1; }
 # /run/sshd is sshd's privilege-separation directory; systemd would create it.

@@ -13,6 +13,7 @@
 #
 # Needs java (17) and mvn (3.8+); as root it installs them with apt-get when they are missing.
 set -eu
+. "$(dirname "$0")/apt.sh"
 
 HERE=$(cd "$(dirname "$0")/../yarn" && pwd)
 CACHE=${EGD_YARN_CACHE:-$HOME/.cache/egd-yarn/3.4.1}
@@ -37,18 +38,8 @@ for name in "$host" localhost; do
 done
 
 # --- Java (the cluster runs on it) and Maven (fetches its jars) ---------------------------------------------------
-install_packages() {  # install_packages PKG...: with apt-get, as root
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "install-yarn: must run as root to install: $*" >&2
-        exit 1
-    fi
-    echo "install-yarn: installing $*"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "$@"
-}
 if ! command -v java >/dev/null 2>&1 && [ -z "${JAVA_HOME:-}" ]; then
-    install_packages openjdk-17-jdk-headless
+    apt_install install-yarn openjdk-17-jdk-headless
 fi
 
 # --- the jars ------------------------------------------------------------------------------------------------
@@ -58,7 +49,7 @@ if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$sum" ] && [ -d "$CACHE/lib" ] &&
     exit 0
 fi
 
-command -v mvn >/dev/null 2>&1 || install_packages maven
+command -v mvn >/dev/null 2>&1 || apt_install install-yarn maven
 mkdir -p "$CACHE"
 rm -f "$MARKER"
 fetch() {  # fetch POM DIR: copy the runtime closure of POM into $CACHE/DIR
