@@ -58,6 +58,8 @@ from typing import Any
 
 import pytest
 
+from tests.procs import cmdline, is_zombie_or_gone
+
 SSHD = "/usr/sbin/sshd"
 INSTALLER = Path(__file__).resolve().parent / "services" / "install-ssh.sh"
 BRIDGE = "egdbr0"
@@ -93,22 +95,6 @@ def _cmd(argv: Sequence[str], timeout: float = 30, check: bool = True, **kwargs:
     return proc
 
 
-def _cmdline(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-    except OSError:
-        return None
-
-
-def _is_zombie_or_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 def _exe(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/exe")
@@ -131,10 +117,10 @@ def _kill_all(pids_of: Callable[[], list[int]], timeout: float = 3.0) -> list[in
                 pass
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(_is_zombie_or_gone(pid) for pid in pids_of()):
+            if all(is_zombie_or_gone(pid) for pid in pids_of()):
                 return []
             time.sleep(0.02)
-    return [pid for pid in pids_of() if not _is_zombie_or_gone(pid)]
+    return [pid for pid in pids_of() if not is_zombie_or_gone(pid)]
 
 
 def unavailable_reason() -> str | None:
@@ -235,15 +221,15 @@ class SshHost:
         are left out too. What remains are the commands run over ssh (their shells and children) and ``run()``'s.
         """
         return [pid for pid in _netns_pids(self.netns)
-                if pid != os.getpid() and _exe(pid) != SSHD and not _is_zombie_or_gone(pid)]
+                if pid != os.getpid() and _exe(pid) != SSHD and not is_zombie_or_gone(pid)]
 
     def processes_matching(self, text: str) -> list[tuple[int, str]]:
         """``(pid, cmdline)`` of the host's processes (as in ``pids()``) whose command line contains ``text``."""
         found = []
         for pid in self.pids():
-            cmdline = _cmdline(pid)
-            if cmdline is not None and text in cmdline:
-                found.append((pid, cmdline))
+            line = cmdline(pid)
+            if text in line:
+                found.append((pid, line))
         return found
 
     # ------------------------------------------------------------------ failures
@@ -625,8 +611,8 @@ class SshLab:
     def cleanup_leftovers(self) -> None:
         """Remove what an earlier lab that crashed (or was killed) left behind. Call only while holding the lock."""
         prefix = os.path.join(tempfile.gettempdir(), TMP_PREFIX)
-        stray_sshd = [pid for pid in _all_pids() if _exe(pid) == SSHD and prefix in (_cmdline(pid) or "")]
-        _kill_all(lambda: [p for p in stray_sshd if not _is_zombie_or_gone(p)])
+        stray_sshd = [pid for pid in _all_pids() if _exe(pid) == SSHD and prefix in (cmdline(pid) or "")]
+        _kill_all(lambda: [p for p in stray_sshd if not is_zombie_or_gone(p)])
         listed = _cmd(["ip", "netns", "list"], check=False).stdout.split("\n")
         netnss = [line.split()[0] for line in listed if re.match(rf"{HOST_PREFIX}\d+(\s|$)", line)]
         if os.path.isdir("/etc/netns"):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_until
+from tests.procs import cmdline
 from tests.yarncluster import (
     MAX_ALLOCATION_MB,
     YarnCluster,
@@ -27,14 +28,6 @@ pytestmark = pytest.mark.yarn
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:
     """conftest's wait_until, polling every 0.2 s."""
     return wait_until(predicate, timeout, 0.2, what)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _script(directory: Path, text: str) -> Path:
@@ -75,7 +68,7 @@ def test_distributed_shell_app_runs_and_is_killed(yarn_cluster: YarnCluster) -> 
     assert script.exists(), "the DS AM must not rename a .sh script"
 
     wait_for(marker.exists, 30, "the DS container to start the script")
-    sleeps = wait_for(lambda: [p for p in yarn_cluster.container_processes() if _cmdline(p).startswith("sleep 600")],
+    sleeps = wait_for(lambda: [p for p in yarn_cluster.container_processes() if cmdline(p).startswith("sleep 600")],
                    10, "the sleep process")
     env = dict(line.split("=", 1) for line in (work / "env.txt").read_text().splitlines() if "=" in line)
     assert env["JAVA_HOME"] == str(yarn_cluster.java_home)
@@ -86,7 +79,7 @@ def test_distributed_shell_app_runs_and_is_killed(yarn_cluster: YarnCluster) -> 
     app = yarn_cluster.app(app_id)
     assert (app["state"], app["finalStatus"]) == ("KILLED", "KILLED")
     assert "killed by user root" in app["diagnostics"]
-    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and _cmdline(p) for p in sleeps), 10,
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and cmdline(p) for p in sleeps), 10,
           "the killed app's sleep process to end")
 
 
@@ -166,7 +159,7 @@ def test_spark_cluster_mode_app_runs_and_is_killed(yarn_cluster: YarnCluster) ->
     assert "127.0.0.1" in logs.split("SPARK READY", 1)[1].splitlines()[0]
     assert "InaccessibleObjectException" not in logs
     assert app["applicationTags"] == "kernel-spark-1"
-    cmdlines = [_cmdline(p) for p in yarn_cluster.container_processes()]
+    cmdlines = [cmdline(p) for p in yarn_cluster.container_processes()]
     print("\n".join(c[:300] for c in cmdlines))
     assert any("sleeper.py" in c for c in cmdlines), cmdlines
 

@@ -58,6 +58,8 @@ from typing import Any
 
 import pytest
 
+from tests.procs import is_zombie_or_gone
+
 HERE = Path(__file__).resolve().parent
 YARN_DIR = HERE / "yarn"
 INSTALLER = HERE / "services" / "install-yarn.sh"
@@ -145,14 +147,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _is_zombie_or_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 def pids_with_cwd_under(directory: Path | str) -> list[int]:
     """Processes whose current directory is ``directory`` or below it."""
     prefix = os.path.realpath(directory).rstrip("/") + "/"
@@ -164,7 +158,7 @@ def pids_with_cwd_under(directory: Path | str) -> list[int]:
             cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if (cwd.rstrip("/") + "/").startswith(prefix) and not _is_zombie_or_gone(int(entry)):
+        if (cwd.rstrip("/") + "/").startswith(prefix) and not is_zombie_or_gone(int(entry)):
             found.append(int(entry))
     return found
 
@@ -293,7 +287,7 @@ class YarnCluster:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and not all(_is_zombie_or_gone(p) for p in pids):
+            while time.monotonic() < deadline and not all(is_zombie_or_gone(p) for p in pids):
                 time.sleep(0.05)
         return pids_with_cwd_under(self.work_dir)
 
