@@ -143,6 +143,46 @@ def kernel_argv(argv: tuple[str, ...], values: Mapping[str, str]) -> list[str]:
     return filled
 
 
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), None if it is gone or a zombie: with the pid, it
+    names one process for good (pids are reused, start times with them are not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class _PidWatcher:
+    """Calls ``on_exit`` once the process ends, through a pidfd the reactor watches (Linux 5.3+)."""
+
+    def __init__(self, reactor: Any, pid: int, on_exit: Any) -> None:
+        self._reactor = reactor
+        self._fd = os.pidfd_open(pid)
+        self._on_exit = on_exit
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        """The pidfd."""
+        return self._fd
+
+    def doRead(self) -> None:  # noqa: N802 - IReadDescriptor
+        """Readable: the process has ended."""
+        self._reactor.removeReader(self)
+        os.close(self._fd)
+        self._on_exit()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 - IReadDescriptor
+        """Removed by the reactor at shutdown: nothing to do."""
+
+    def logPrefix(self) -> str:  # noqa: N802 - ILoggingContext
+        """For Twisted's logs."""
+        return "pidfd"
+
+
 class _KernelProcess(protocol.ProcessProtocol):
     """Collects a kernel's output tail and reports its end."""
 
@@ -180,21 +220,21 @@ class _KernelProcess(protocol.ProcessProtocol):
 class LocalKernel:
     """A kernel process on this host."""
 
-    def __init__(self, driver: LocalDriver, process: Any, proto: _KernelProcess,
+    def __init__(self, driver: LocalDriver, pid: int, ended: Deferred[ExitStatus], tail: deque[bytes] | None,
                  connection_info: dict[str, Any], connection_file: str, ports: list[int],
                  private_dir: str | None = None, user: str | None = None) -> None:
         self._driver = driver
         self._private_dir = private_dir
         self.user = user
-        self._process = process
-        self._proto = proto
+        self._tail = tail
         self.connection_info = connection_info
         self.connection_file = connection_file
         self._ports = ports
-        self.pid: int = process.pid
+        self.pid = pid
+        self.start_time = _start_time(pid)
         self.exited: Deferred[ExitStatus] = Deferred()
         self._ended = False
-        proto.exited.addCallback(self._on_exit)
+        ended.addCallback(self._on_exit)
 
     def _on_exit(self, status: ExitStatus) -> ExitStatus:
         self._ended = True
@@ -206,16 +246,25 @@ class LocalKernel:
         return f"pid {self.pid} as {self.user}" if self.user else f"pid {self.pid}"
 
     def failure_detail(self) -> str:
-        """The tail of what the kernel wrote."""
-        text = b"".join(self._proto.tail).decode("utf-8", "replace").strip()
+        """The tail of what the kernel wrote (nothing for a kernel re-attached after a gateway restart)."""
+        text = b"".join(self._tail or ()).decode("utf-8", "replace").strip()
         return "\n".join(text.splitlines()[-15:])
+
+    def persistent_state(self) -> dict[str, Any]:
+        """What a restarted gateway needs to find this kernel again (see :meth:`LocalDriver.reattach`)."""
+        return {"pid": self.pid, "start_time": self.start_time, "connection_file": self.connection_file,
+                "ports": list(self._ports), "private_dir": self._private_dir, "user": self.user}
 
     def signal(self, signum: int) -> Deferred[None]:
         """Signal the kernel's process group (its own session when ``setsid`` exists, else the process)."""
         if not self._ended:
             try:
                 if _SETSID:
-                    os.killpg(self.pid, signum)
+                    try:
+                        os.killpg(self.pid, signum)
+                    except ProcessLookupError:
+                        # Right after spawn, setsid may not have made the group yet: the process itself.
+                        os.kill(self.pid, signum)
                 else:
                     os.kill(self.pid, signum)
             except ProcessLookupError:
@@ -387,11 +436,30 @@ class LocalDriver(Service):
         except OSError as exc:
             self._discard(ports, connection_file, private_dir)
             raise LaunchFailed(f"cannot start {argv[0]}: {exc.strerror}") from None
-        kernel = LocalKernel(self, process, proto, info, connection_file, ports, private_dir,
+        kernel = LocalKernel(self, process.pid, proto.exited, proto.tail, info, connection_file, ports, private_dir,
                              account.name if account else None)
         log.info("kernel {kernel_id} ({spec}) started as {where}", kernel_id=request.kernel_id,
                  spec=request.spec.name, where=kernel.describe())
         return kernel
+
+    def reattach(self, kernel_id: str, state: Mapping[str, Any], connection_info: dict[str, Any]) -> Deferred[Any]:
+        """The kernel a previous gateway started, if its process still runs (same pid *and* start time, so a
+        reused pid is never mistaken for it); ``LookupError`` otherwise. Its end is noticed through a pidfd
+        (it is not this process's child any more, so there is no exit status)."""
+        pid = int(state.get("pid") or 0)
+        if pid <= 1 or _start_time(pid) is None or _start_time(pid) != state.get("start_time"):
+            raise LookupError(f"process {pid} is gone")
+        ended: Deferred[ExitStatus] = Deferred()
+        try:
+            _PidWatcher(self._reactor, pid, lambda: ended.callback(ExitStatus()))
+        except OSError as exc:
+            raise LookupError(f"cannot watch process {pid}: {exc.strerror}") from None
+        ports = [int(p) for p in state.get("ports") or []]
+        self.ports.hold(ports)
+        kernel = LocalKernel(self, pid, ended, None, connection_info, str(state.get("connection_file") or ""),
+                             ports, state.get("private_dir"), state.get("user"))
+        log.info("kernel {kernel_id}: re-attached to {where}", kernel_id=kernel_id, where=kernel.describe())
+        return succeed(kernel)
 
     def _discard(self, ports: list[int], connection_file: str, private_dir: str | None) -> None:
         self.ports.release(ports)

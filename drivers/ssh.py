@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +34,8 @@ from egd.remote import LaunchListener, LaunchRefused, RemoteKernel
 
 log = Logger()
 
+#: sun_path's size on Linux: a unix socket's path must be shorter.
+_SOCKET_PATH_MAX = 108
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
 SSH_FAILED = 255
 _SETTINGS = frozenset({"hosts", "placement", "ssh_command", "ssh_config", "ssh_options", "connect_timeout", "user",
@@ -66,6 +70,8 @@ class SshDriver(MultiService):
         # then costs a channel (milliseconds), not a handshake (hundreds of milliseconds).
         self._multiplex = bool(settings.get("multiplex", True))
         self._control_dir = os.path.join(runtime_dir, "ssh")
+        #: A directory of our own in /tmp when the runtime directory's path is too long for the sockets.
+        self._short_control_dir = False
         self._user = settings.get("user")
         self._impersonation = bool(settings.get("impersonation", False))
         self._prohibited = {str(u) for u in settings.get("prohibited_users", ["root"])}
@@ -146,8 +152,12 @@ class SshDriver(MultiService):
         return [*command, "--", *argv]
 
     def startService(self) -> None:  # noqa: N802 - Twisted hook
-        """Create the private directory of the shared ssh connections."""
+        """Create the private directory of the shared ssh connections (in /tmp when the runtime directory's
+        path would make their socket paths longer than a unix socket allows: 40 hex digits are added)."""
         if self._multiplex:
+            if len(os.fsencode(self._control_dir)) + 42 >= _SOCKET_PATH_MAX:
+                self._control_dir = tempfile.mkdtemp(prefix="egd-ssh-")
+                self._short_control_dir = True
             os.makedirs(self._control_dir, mode=0o700, exist_ok=True)
         super().startService()
 
@@ -165,6 +175,8 @@ class SshDriver(MultiService):
                         await proto.ended
                     except Exception:
                         log.warn("could not close the shared ssh connection to {host}", host=host)
+                if self._short_control_dir:
+                    shutil.rmtree(self._control_dir, ignore_errors=True)
             await maybeDeferred(super(SshDriver, self).stopService)
 
         return Deferred.fromCoroutine(stop())
@@ -221,6 +233,28 @@ class SshDriver(MultiService):
             self._running[request.kernel_id] = host
             return kernel
         raise LaunchFailed("no ssh host could start the kernel: " + "; ".join(tried))
+
+    def reattach(self, kernel_id: str, state: Mapping[str, Any], connection_info: dict[str, Any]) -> Deferred[Any]:
+        """The kernel a previous gateway started on a host, if its launcher still answers (signed ping) and
+        says the kernel is alive; ``LookupError`` otherwise."""
+        async def reattach() -> RemoteKernel:
+            registration = self.listener.register(kernel_id, str(state["secret"]).encode())
+            kernel = RemoteKernel(self._reactor, registration, dict(state["info"]), str(connection_info["key"]),
+                                  str(state["where"]), self._forget, self._force_kill)
+            kernel.login = state.get("login")
+            try:
+                alive = await kernel.ping()
+            except Exception as exc:
+                self.listener.unregister(registration)
+                raise LookupError(f"its launcher on {kernel.where} does not answer: {exc}") from None
+            if not alive:
+                self.listener.unregister(registration)
+                raise LookupError(f"its launcher on {kernel.where} says the kernel has ended")
+            self._running[kernel_id] = kernel.where
+            log.info("kernel {kernel_id}: re-attached to {where}", kernel_id=kernel_id, where=kernel.describe())
+            return kernel
+
+        return Deferred.fromCoroutine(reattach())
 
     def _forget(self, kernel: RemoteKernel) -> None:
         self.listener.unregister(kernel.registration)

@@ -6,11 +6,12 @@ import argparse
 import json
 import secrets
 import sys
+from dataclasses import replace
 from typing import Any
 
 from egd import __version__
 from egd.auth import token_digest
-from egd.config import ENV_OVERRIDES, ConfigError, load_config, with_overrides
+from egd.config import ENV_OVERRIDES, Config, ConfigError, load_config, with_overrides
 
 _COMMANDS = ("run", "check-config", "kernelspecs", "token")
 
@@ -119,29 +120,52 @@ def _raise_file_limit() -> None:
             pass
 
 
+def _run_config(args: argparse.Namespace) -> Config:
+    """The configuration of ``egd run``: the file (or the defaults), the environment, then the command-line flags.
+    Read at start and again on SIGHUP, so that a reload sees the flags as the start did."""
+    config = with_overrides(load_config(args.config), ip=args.ip, port=args.port, base_url=args.base_url)
+    if args.log_level:
+        config = replace(config, logging=replace(config.logging, level=args.log_level))
+    return config
+
+
 def _run(args: argparse.Namespace) -> int:
+    from egd import systemd
+
+    # Socket activation first: importing twisted.internet.endpoints (egd.server does) consumes LISTEN_PID and
+    # LISTEN_FDS from the environment for Twisted's own parser.
+    passed = systemd.listen_fds()
     from twisted.internet import reactor as global_reactor
     from twisted.logger import Logger
 
-    from egd.logs import start_logging
+    from egd.logs import set_level, start_logging
+    from egd.registry import check_driver_names
     from egd.server import Gateway
 
     reactor: Any = global_reactor
-    config = load_config(args.config)
-    config = with_overrides(config, ip=args.ip, port=args.port, base_url=args.base_url)
-    level = args.log_level or config.logging.level
-    start_logging(level, config.logging.format)
+    config = _run_config(args)
+    start_logging(config.logging.level, config.logging.format)
     _raise_file_limit()
     log = Logger(namespace="egd")
+    if len(passed) > 1:
+        log.warn("systemd passed {count} sockets ({names}); egd serves on the first only", count=len(passed),
+                 names=", ".join(f"fd {fd} {name}" for fd, name in passed))
     try:
-        gateway = Gateway(config, reactor)
+        gateway = Gateway(config, reactor, passed[0][0] if passed else None)  # serve on systemd's socket
     except ValueError as exc:
         return _fail(str(exc))
     outcome: dict[str, Any] = {"code": 0}
+    supervisor = systemd.Supervisor(gateway, reactor, lambda: _run_config(args), set_level,
+                                    check=check_driver_names)
+    supervisor.install_sighup()
 
     def started(_: Any) -> None:
         log.info("egd {version} ready ({source}; drivers: {drivers})", version=__version__,
                  source=config.source, drivers=", ".join(config.drivers))
+        host, port = gateway.http.address
+        url = systemd.describe_listener("https" if config.server.certfile else "http", host, port,
+                                        config.server.base_url)
+        supervisor.started(f"egd {__version__} listening on {url} (drivers: {', '.join(config.drivers)})")
 
     def failed(failure: Any) -> None:
         log.critical("egd could not start: {why}", why=failure.getErrorMessage())
@@ -149,10 +173,16 @@ def _run(args: argparse.Namespace) -> int:
         reactor.stop()
 
     def start() -> None:
+        supervisor.start_watchdog()
         gateway.startService().addCallbacks(started, failed)
 
+    def stop() -> Any:
+        supervisor.stopping()  # first, so that systemd knows the stop is under way while kernels are stopped
+        return gateway.stopService()
+
     reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", gateway.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.addSystemEventTrigger("after", "shutdown", supervisor.stop)
     reactor.run()
     return int(outcome["code"])
 

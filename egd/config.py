@@ -69,6 +69,8 @@ class ServerConfig:
     allow_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-XSRFToken")
     allow_methods: tuple[str, ...] = ("GET", "POST", "PATCH", "DELETE", "OPTIONS")
     cors_max_age: int = 600
+    #: GET /metrics without credentials (for a Prometheus that cannot send a token); it names users.
+    metrics_public: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,13 @@ class KernelsConfig:
     max_kernels_per_user: int | None = None
     authorized_users: tuple[str, ...] = ()
     unauthorized_users: tuple[str, ...] = ()
+    #: Culling (Jupyter Server's cull_*): seconds idle / busy before a kernel is shut down (0 = never), whether
+    #: kernels with a WebSocket client are culled too, seconds between checks. Kernelspecs may override the
+    #: first three in metadata.egd.cull.
+    cull_idle_timeout: float = 0.0
+    cull_busy_timeout: float = 0.0
+    cull_connected: bool = False
+    cull_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,21 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Where egd keeps its kernels' records, so that a restarted egd re-attaches to them."""
+
+    #: sqlite (embedded, the default), or none (kernels are not remembered).
+    store: str = "sqlite"
+    #: The SQLite file (default: egd-state.sqlite in kernels.runtime_dir).
+    path: str | None = None
+    #: The key that encrypts kernel keys and launch secrets in the store (default: a file beside it, made at
+    #: first start, mode 0600).
+    secret_key_file: str | None = None
+    #: What SIGTERM does to running kernels: keep them (re-attached at the next start) or shut them down.
+    on_stop: str = "keep"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one egd process."""
 
@@ -155,6 +179,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"local": {}})
     source: str = "embedded defaults"
 
@@ -397,6 +422,7 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "allow_headers": _strings,
         "allow_methods": _strings,
         "cors_max_age": _number(0, 86400, integer=True),
+        "metrics_public": _boolean,
     },
     AuthConfig: {
         "token": _optional(_token),
@@ -405,6 +431,12 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "admin_users": _strings,
         "admin_groups": _strings,
         "groups": _groups,
+    },
+    StateConfig: {
+        "store": _choice("sqlite", "none"),
+        "path": _optional(_string),
+        "secret_key_file": _optional(_string),
+        "on_stop": _choice("keep", "shutdown"),
     },
     LoggingConfig: {
         "level": _choice("debug", "info", "warn", "error", "critical"),
@@ -430,6 +462,10 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "max_kernels_per_user": _optional(_number(1, integer=True)),
         "authorized_users": _strings,
         "unauthorized_users": _strings,
+        "cull_idle_timeout": _number(0),
+        "cull_busy_timeout": _number(0),
+        "cull_connected": _boolean,
+        "cull_interval": _number(0.1),
     },
 }
 
@@ -491,13 +527,14 @@ def parse_config(text: str, source: str = "configuration", environ: Mapping[str,
     if not isinstance(raw, dict):
         raise ConfigError(["the top level must be a mapping"], source)
     _apply_env_overrides(raw, os.environ if environ is None else environ)
-    known = {"server", "auth", "logging", "kernels", "drivers"}
+    known = {"server", "auth", "logging", "kernels", "state", "drivers"}
     problems.extend(f"{key}: unknown section (known: {', '.join(sorted(known))})" for key in raw if key not in known)
     config = Config(
         server=_section(ServerConfig, raw.get("server"), "server", problems),
         auth=_section(AuthConfig, raw.get("auth"), "auth", problems),
         logging=_section(LoggingConfig, raw.get("logging"), "logging", problems),
         kernels=_section(KernelsConfig, raw.get("kernels"), "kernels", problems),
+        state=_section(StateConfig, raw.get("state"), "state", problems),
         drivers=_drivers(raw.get("drivers"), problems),
         source=source,
     )

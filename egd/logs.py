@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import IO, Any
 
@@ -19,7 +20,23 @@ _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn
            "critical": LogLevel.critical}
 
 
-def _text_observer(out: IO[str]) -> Any:
+#: syslog priorities by level: journald reads a leading "<N>" as the line's PRIORITY (journalctl -p err works).
+_PRIORITY = {"debug": 7, "info": 6, "warn": 4, "error": 3, "critical": 2}
+#: The filter of the running observer, so that a config reload can change the level (set_level).
+_predicate: Any = None
+
+
+def stream_is_journal(out: IO[str], environ: Any = None) -> bool:
+    """Whether ``out`` is connected to journald (systemd sets ``$JOURNAL_STREAM`` to its device:inode)."""
+    expected = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        stat = os.fstat(out.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{stat.st_dev}:{stat.st_ino}"
+
+
+def _text_observer(out: IO[str], journal: bool = False) -> Any:
     from datetime import datetime, timezone
 
     def observe(event: dict[str, Any]) -> None:
@@ -30,7 +47,10 @@ def _text_observer(out: IO[str]) -> Any:
         when = datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
         level = event.get("log_level", LogLevel.info).name
         namespace = event.get("log_namespace", "-")
-        out.write(f"{when}Z {level:<5} [{namespace}] {text}\n")
+        if journal:  # journald stamps each line itself and takes the priority from the prefix
+            out.write(f"<{_PRIORITY.get(level, 6)}>{level:<5} [{namespace}] {text}\n")
+        else:
+            out.write(f"{when}Z {level:<5} [{namespace}] {text}\n")
         out.flush()
 
     return observe
@@ -38,12 +58,24 @@ def _text_observer(out: IO[str]) -> Any:
 
 def start_logging(level: str = "info", fmt: str = "text", out: IO[str] | None = None) -> None:
     """Send twisted.logger events at ``level`` and above to ``out`` (stderr) as text or JSON lines."""
+    global _predicate
     stream = out or sys.stderr
-    observer: Any = jsonFileLogObserver(stream) if fmt == "json" else _text_observer(stream)
-    predicate: Any = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
+    # JSON: one object per line, without RFC 7464's leading \x1e (journald would store every line as binary).
+    observer: Any = (jsonFileLogObserver(stream, recordSeparator="") if fmt == "json"
+                     else _text_observer(stream, stream_is_journal(stream)))
+    _predicate = LogLevelFilterPredicate()
+    set_level(level)
+    filtered: Any = FilteringLogObserver(observer, [_predicate])
+    globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False)
+
+
+def set_level(level: str) -> None:
+    """Log events at ``level`` and above from now on (at start, and when a config reload changes it)."""
+    if _predicate is None:
+        return
+    _predicate.defaultLogLevel = _LEVELS[level]
+    _predicate.setLogLevelForNamespace("", _LEVELS[level])  # the root entry is what unlisted namespaces use
     # autobahn and twisted.web are chatty at info about every connection; egd logs what matters itself.
     quiet = _LEVELS[_ORDER[max(_ORDER.index(level), _ORDER.index("warn"))]]
     for noisy in ("autobahn", "twisted.web", "txzmq"):
-        predicate.setLogLevelForNamespace(noisy, quiet)
-    filtered: Any = FilteringLogObserver(observer, [predicate])
-    globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False)
+        _predicate.setLogLevelForNamespace(noisy, quiet)

@@ -145,9 +145,12 @@ class LaunchListener(Service):
         port, self._port = self._port, None
         return port.stopListening() if port is not None else None
 
-    def register(self, kernel_id: str) -> Registration:
-        """Expect a launch of ``kernel_id``; its fresh secret is in the registration."""
-        registration = Registration(kernel_id, secrets.token_hex(32).encode())
+    def register(self, kernel_id: str, secret: bytes | None = None) -> Registration:
+        """Expect a launch of ``kernel_id``; its fresh secret is in the registration. With ``secret``: a launch
+        that already reported (re-attached after a gateway restart), so only its exit is still expected."""
+        registration = Registration(kernel_id, secret or secrets.token_hex(32).encode())
+        if secret is not None:
+            registration.ready.callback({})
         self._registrations[kernel_id] = registration
         return registration
 
@@ -309,3 +312,14 @@ class RemoteKernel:
     def cleanup(self) -> None:
         """Forget the launch."""
         self._on_cleanup(self)
+
+    def persistent_state(self) -> dict[str, Any]:
+        """What a restarted gateway needs to reach this kernel's launcher again (the secret is stored
+        encrypted; see ``egd.state``)."""
+        return {"where": self.where, "info": self.info, "secret": self.registration.secret.decode(),
+                "login": self.login}
+
+    async def ping(self) -> bool:
+        """Whether the launcher answers and its kernel is alive."""
+        answer = await self._control("ping")
+        return bool(answer.get("alive"))

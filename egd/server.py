@@ -9,7 +9,12 @@ from typing import Any
 from jupyter_core.paths import jupyter_runtime_dir
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+)
 from twisted.logger import Logger
 
 from egd.api.app import GatewayAPI
@@ -20,6 +25,8 @@ from egd.kernels.manager import KernelManager
 from egd.kernels.specs import KernelSpecStore
 from egd.registry import DriverRegistry
 from egd.service import AsyncMultiService
+from egd.state import store_from_config
+from egd.systemd import passed_socket
 
 log = Logger()
 
@@ -44,8 +51,10 @@ class HTTPListener(Service):
     """Listens for HTTP and WebSocket connections; the last to start, the first to stop."""
 
     def __init__(self, site: Any, reactor: Any, ip: str, port: int, base_url: str = "/",
-                 tls: Any = None) -> None:
+                 tls: Any = None, fd: int | None = None) -> None:
         self.name = "http"
+        #: A listening socket passed by systemd (socket activation): served instead of binding ip:port.
+        self._fd = fd
         self._base_url = base_url
         self._tls = tls
         self._site = site
@@ -64,19 +73,26 @@ class HTTPListener(Service):
         """Bind the port; fails (CannotListenError) if it is taken."""
         super().startService()
         endpoint: Any
-        if self._tls is not None:
+        factory: Any = self._site
+        if self._fd is not None:
+            endpoint = AdoptedStreamServerEndpoint(self._reactor, self._fd, passed_socket(self._fd)[0])
+            if self._tls is not None:  # what SSL4ServerEndpoint does for a port it binds itself
+                from twisted.protocols.tls import TLSMemoryBIOFactory
+
+                factory = TLSMemoryBIOFactory(self._tls, False, self._site)
+        elif self._tls is not None:
             endpoint = SSL4ServerEndpoint(self._reactor, self._port, self._tls, interface=self._ip, backlog=256)
         else:
             endpoint_type = TCP6ServerEndpoint if ":" in self._ip else TCP4ServerEndpoint
             endpoint = endpoint_type(self._reactor, self._port, interface=self._ip, backlog=256)
 
         async def listen() -> None:
-            self.port = await endpoint.listen(self._site)
+            self.port = await endpoint.listen(factory)
             host, port = self.address
             shown = f"[{host}]" if ":" in host else host
             scheme = "https" if self._tls is not None else "http"
-            log.info("egd is listening on {scheme}://{host}:{port}{base}", scheme=scheme, host=shown, port=port,
-                     base=self._base_url)
+            log.info("egd is listening on {scheme}://{host}:{port}{base}{how}", scheme=scheme, host=shown, port=port,
+                     base=self._base_url, how=f" (socket fd {self._fd} from systemd)" if self._fd is not None else "")
 
         return ensureDeferred(listen())
 
@@ -92,7 +108,7 @@ class HTTPListener(Service):
 class Gateway(AsyncMultiService):
     """The root service of one egd process."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, listen_fd: int | None = None) -> None:
         super().__init__()
         self.config = config
         runtime_dir = config.kernels.runtime_dir or os.path.join(jupyter_runtime_dir(), "egd")
@@ -100,10 +116,16 @@ class Gateway(AsyncMultiService):
         self.drivers = DriverRegistry(config, reactor, runtime_dir)
         self.drivers.setServiceParent(self)
         specs = KernelSpecStore(config.kernels, reactor, threadpool)
-        self.kernels = KernelManager(config, reactor, specs, self.drivers)
+        self.kernels = KernelManager(config, reactor, specs, self.drivers,
+                                     store=store_from_config(config.state, runtime_dir))
         self.kernels.setServiceParent(self)
         self.api = GatewayAPI(config, self.kernels, reactor, threadpool)
         ip = config.server.ip
+        if listen_fd is not None:  # socket activation: systemd's socket decides the address, not server.ip
+            ip = passed_socket(listen_fd)[1]
+            if not config.auth.configured and not ipaddress.ip_address(ip).is_loopback:
+                raise ValueError(f"the socket passed by systemd listens on {ip}, but no credentials are configured "
+                                 "(auth.token / EGD_AUTH_TOKEN): without them egd serves loopback only")
         if not config.auth.configured and not ipaddress.ip_address(ip).is_loopback:
             log.warn("no credentials are configured (auth.token / EGD_AUTH_TOKEN): serving on 127.0.0.1 only, "
                      "not on {ip}, so that nobody else can run code through this gateway", ip=ip)
@@ -113,5 +135,12 @@ class Gateway(AsyncMultiService):
                      "on loopback only", ip=ip)
         site = make_site(self.api.resource(), config.server, Authenticator(config.auth))
         self.http = HTTPListener(site, reactor, ip, config.server.port, config.server.base_url,
-                                 tls_options(config))
+                                 tls_options(config), listen_fd)
         self.http.setServiceParent(self)
+
+    def reconfigure(self, config: Config) -> None:
+        """Run with ``config`` from now on, where it is read at use time (see ``egd.systemd.LIVE_KEYS``): the
+        kernel manager and the API look up their limits, user lists and defaults per request."""
+        self.config = config
+        self.kernels.reconfigure(config)
+        self.api.reconfigure(config)

@@ -90,6 +90,8 @@ class GatewayProcess:
             "logging": {"level": "debug"},
             "kernels": {"kernelspec_dirs": [str(KERNELSPECS)], "runtime_dir": str(self.dir / "runtime"),
                         "launch_timeout": 60},
+            # Test gateways stop their kernels when they stop (the persistence tests ask for "keep").
+            "state": {"on_stop": "shutdown"},
         }
         for section, values in (overrides or {}).items():
             if isinstance(values, dict):

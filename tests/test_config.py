@@ -73,11 +73,11 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     """conf/egd.yaml is valid and mentions every key egd knows."""
     from dataclasses import fields
 
-    from egd.config import AuthConfig, KernelsConfig, LoggingConfig, ServerConfig
+    from egd.config import AuthConfig, KernelsConfig, LoggingConfig, ServerConfig, StateConfig
 
     text = (REPO / "conf" / "egd.yaml").read_text()
     parse_config(text, "conf/egd.yaml", environ={})
-    for cls in (ServerConfig, AuthConfig, LoggingConfig, KernelsConfig):
+    for cls in (ServerConfig, AuthConfig, LoggingConfig, KernelsConfig, StateConfig):
         for field in fields(cls):
             assert f"{field.name}:" in text, field.name
 

@@ -11,13 +11,15 @@ import mimetypes
 import os
 from typing import Any
 
+import yaml
 from klein import Klein
+from klein.resource import KleinResource
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from egd import API_VERSION, __version__
 from egd.api.cors import CorsPolicy
-from egd.api.errors import json_response, render_failure
+from egd.api.errors import error_response, json_response, render_failure
 from egd.api.site import identity_of, security_log
 from egd.api.websocket import KernelChannelsResource, make_factory
 from egd.auth import Identity
@@ -25,6 +27,7 @@ from egd.config import Config
 from egd.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from egd.kernels.manager import KernelManager
 from egd.kernels.sessions import SessionManager
+from egd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 MAX_BODY = 1024 * 1024
 
@@ -41,7 +44,7 @@ def read_json(request: Any) -> Any:
         return None
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise BadRequest("The request body is not valid JSON") from None
 
 
@@ -53,6 +56,46 @@ def _user_arg(request: Any) -> str:
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()
+
+
+#: The OpenAPI document of this API, installed with the package.
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.yaml")
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings as ``|`` blocks, as the document is written."""
+
+
+_BlockDumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
+
+
+def render_openapi(base_url: str, secured: bool, public_metrics: bool = False) -> tuple[bytes, bytes]:
+    """The OpenAPI document as served (YAML, JSON): ``servers`` is the base URL, the version egd's, and
+    without configured credentials no security requirement. Blocking file I/O: call it in a thread."""
+    document = yaml.safe_load(_read_file(OPENAPI_PATH))
+    document["servers"] = [{"url": base_url.rstrip("/") or "/"}]
+    document["info"]["version"] = __version__
+    if not secured:
+        document["security"] = []
+    if public_metrics:
+        document["paths"]["/metrics"]["get"]["security"] = []
+    return (yaml.dump(document, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=120).encode(),
+            json.dumps(document).encode("utf-8"))
+
+
+class _Resource(KleinResource):
+    """Klein's resource, with a JSON 400 (instead of Klein's text one and a logged traceback) for a URL whose
+    path or host is not UTF-8."""
+
+    def render(self, request: Any) -> Any:
+        """Check the URL's encoding, then route."""
+        try:
+            for part in (*request.prepath, *request.postpath, request.getRequestHostname()):
+                part.decode("utf-8")
+        except UnicodeDecodeError:
+            return error_response(request, 400, "Bad Request", "The URL is not valid UTF-8")
+        return super().render(request)
 
 
 class GatewayAPI:
@@ -67,12 +110,17 @@ class GatewayAPI:
         self._sessions = SessionManager(kernels)
         self._reactor = reactor
         self._threadpool = threadpool
-        self._ws_factory = make_factory(config.server, reactor)
+        self._ws_factory = make_factory(config.server, reactor, kernels.metrics.relay)
         self._cors = CorsPolicy(config.server)
+        self._openapi: tuple[bytes, bytes] | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """Use ``config`` from now on for what the routes read per request (``server.list_kernels``)."""
+        self._config = config
 
     def resource(self) -> Any:
         """The Klein resource to mount."""
-        return self.app.resource()
+        return _Resource(self.app)
 
     @staticmethod
     def _groups(identity: Identity, user: str) -> frozenset[str] | None:
@@ -89,6 +137,55 @@ class GatewayAPI:
     def api_version(self, request: Any) -> bytes:
         """The API and gateway versions."""
         return json_response(request, 200, {"version": API_VERSION, "gateway_version": __version__})
+
+    async def _openapi_document(self) -> tuple[bytes, bytes]:
+        if self._openapi is None:
+            self._openapi = await deferToThreadPool(self._reactor, self._threadpool, render_openapi,
+                                                    self._base_url, self._config.auth.configured,
+                                                    self._config.server.metrics_public)
+        return self._openapi
+
+    @app.route("/api/swagger.yaml", methods=["GET"])
+    async def openapi_yaml(self, request: Any) -> bytes:
+        """This API's OpenAPI document in YAML."""
+        document = (await self._openapi_document())[0]
+        request.setHeader(b"Content-Type", b"application/yaml")
+        return document
+
+    @app.route("/api/swagger.json", methods=["GET"])
+    async def openapi_json(self, request: Any) -> bytes:
+        """This API's OpenAPI document in JSON."""
+        document = (await self._openapi_document())[1]
+        request.setHeader(b"Content-Type", b"application/json")
+        return document
+
+    # -- operations: probes and metrics (egd.api.site lets the probes through without credentials) ----------
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: Any) -> bytes:
+        """Liveness: 200 whenever the process serves HTTP."""
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json_response(request, 200, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    def readyz(self, request: Any) -> bytes:
+        """Readiness: 200 when every check passes (drivers running, kernel manager accepting work), else 503;
+        the body names each check's state."""
+        ready, checks = self._kernels.readiness.report()
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json_response(request, 200 if ready else 503,
+                             {"status": "ready" if ready else "not ready", "checks": checks})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: Any) -> bytes:
+        """Prometheus metrics. Its kernels gauge names every user with a kernel, so a user-bound caller must be
+        an admin (trusted clients, and everyone when ``server.metrics_public``, may read it)."""
+        identity = identity_of(request)
+        if identity.bound and not identity.admin:
+            raise Forbidden("Metrics are for administrators")
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self._kernels.metrics.render()
 
     # -- kernelspecs --------------------------------------------------------------------------------------
 
@@ -124,6 +221,8 @@ class GatewayAPI:
         """A file of a kernelspec's resource directory (logos, kernel.js); nothing outside it."""
         spec = await self._kernels.specs.get(name)
         root = os.path.realpath(spec.resource_dir)
+        if "\0" in filename:  # os.path would raise ValueError
+            raise NotFound(f"Kernel spec {name} has no such resource")
         path = os.path.realpath(os.path.join(root, filename))
         if not path.startswith(root + os.sep) or not os.path.isfile(path):
             raise NotFound(f"Kernel spec {name} has no resource {filename}")
@@ -147,8 +246,10 @@ class GatewayAPI:
     @app.route("/api/kernels", methods=["POST"], strict_slashes=False)
     async def start_kernel(self, request: Any) -> bytes:
         """Start a kernel: body ``{"name", "env"}``; an empty body starts the default kernel."""
-        body = read_json(request) or {}
-        if not isinstance(body, dict):
+        body = read_json(request)
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):  # also [], 0, false and "": not an empty body
             raise BadRequest("The request body must be a JSON object")
         name = body.get("name")
         if name is not None and not isinstance(name, str):

@@ -22,6 +22,9 @@ from egd.config import ServerConfig
 access_log = Logger(namespace="egd.access")
 security_log = Logger(namespace="egd.audit")
 _TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&]*")
+#: Paths below the base URL that GET without credentials: liveness and readiness probes (Kubernetes, systemd,
+#: load balancers) carry none, and they reveal nothing about kernels or users.
+PROBE_PATHS = frozenset({b"healthz", b"readyz"})
 
 
 class NoDelayHTTPChannel(HTTPChannel):
@@ -107,10 +110,17 @@ class AuthGuard(Resource):
 
     isLeaf = True
 
-    def __init__(self, wrapped: Any, authenticator: Authenticator) -> None:
+    def __init__(self, wrapped: Any, authenticator: Authenticator, public: frozenset[bytes] = frozenset()) -> None:
+        """``public``: paths (one segment below the base URL) that GET and HEAD reach without a credential."""
         super().__init__()
         self._wrapped = wrapped
         self._authenticator = authenticator
+        self._public = public
+
+    def _is_public(self, request: Any) -> bool:
+        """Whether ``request`` reads a public path (exactly one segment below the base URL)."""
+        postpath = request.postpath
+        return request.method in (b"GET", b"HEAD") and len(postpath) == 1 and postpath[0] in self._public
 
     def _presented(self, request: Any) -> bytes | None:
         header = request.getHeader(b"authorization") or b""
@@ -122,7 +132,7 @@ class AuthGuard(Resource):
 
     def render(self, request: Any) -> Any:
         """Authenticate, then hand the request to the application."""
-        if request.method != b"OPTIONS":
+        if request.method != b"OPTIONS" and not self._is_public(request):
             try:
                 request.egd_identity = self._authenticator.authenticate(self._presented(request))
             except AuthenticationFailed as exc:
@@ -139,7 +149,8 @@ def make_site(app_resource: Any, server: ServerConfig, authenticator: Authentica
     credential, with CORS as ``server.allow_origin`` says."""
     base_url = server.base_url
     if authenticator.required:
-        app_resource = AuthGuard(app_resource, authenticator)
+        public = PROBE_PATHS | ({b"metrics"} if server.metrics_public else frozenset())
+        app_resource = AuthGuard(app_resource, authenticator, public)
     app_resource = CorsResource(app_resource, CorsPolicy(server), server)
     segments = [s.encode() for s in base_url.strip("/").split("/") if s]
     root = app_resource if not segments else BaseURLResource(segments, app_resource)

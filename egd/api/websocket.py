@@ -22,6 +22,7 @@ from zope.interface import implementer
 from egd.config import ServerConfig
 from egd.kernels import wire
 from egd.kernels.kernel import Kernel
+from egd.metrics import RelayCounters
 
 log = Logger()
 
@@ -55,10 +56,13 @@ class KernelWebSocket(WebSocketServerProtocol):
     """One client connection to one kernel."""
 
     kernel: Kernel
+    #: The gateway's relay counters (the factory's), from onOpen on.
+    _relay: RelayCounters
 
     def __init__(self) -> None:
         super().__init__()
         self.session_key = ""
+        self._counted = False
         self._v1 = False
         self._attached = False
         self._bad_messages = 0
@@ -82,6 +86,9 @@ class KernelWebSocket(WebSocketServerProtocol):
         # stream) then needs dozens of turns. Let the kernel's socket buffer take what it can in one.
         transport.SEND_LIMIT = _SEND_LIMIT
         transport.registerProducer(_SendBufferWatch(self), True)
+        self._relay = self.factory.relay
+        self._relay.opened += 1
+        self._counted = True
         self._attached = True
         log.info("kernel {kernel_id}: client connected (session {session}, {protocol} protocol, {n} connected)",
                  kernel_id=self.kernel.id, session=self.session_key, protocol="v1" if self._v1 else "legacy",
@@ -104,10 +111,16 @@ class KernelWebSocket(WebSocketServerProtocol):
             if self._bad_messages >= _MAX_BAD_MESSAGES:
                 self.sendClose(4400, "too many invalid messages")
             return
+        relay = self._relay  # plain integers: the cheapest count there is on the hot path
+        relay.messages_from_clients += 1
+        relay.bytes_from_clients += len(payload)
         self.kernel.send_from_client(self, channel, message)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802,N803
         """Leave the kernel's clients; the session's messages are buffered for a reconnect."""
+        if self._counted:  # Autobahn calls onClose also for a connection that never opened
+            self._counted = False
+            self._relay.closed += 1
         if self._attached:
             self._attached = False
             self.kernel.detach(self)
@@ -125,6 +138,9 @@ class KernelWebSocket(WebSocketServerProtocol):
         the rest of the relay. egd never fragments, compresses or queues outgoing messages, so outside those
         states a frame is just a header and the payload (written without copying it).
         """
+        relay = self._relay  # plain integers: the cheapest count there is on the hot path
+        relay.messages_to_clients += 1
+        relay.bytes_to_clients += len(payload)
         if self.send_state != self.SEND_STATE_GROUND or self.send_queue or self._perMessageCompress is not None:
             self.sendMessage(payload, binary)
             return
@@ -158,10 +174,12 @@ class KernelWebSocket(WebSocketServerProtocol):
             self.sendClose(code, reason)
 
 
-def make_factory(config: ServerConfig, reactor: Any) -> WebSocketServerFactory:
-    """The Autobahn factory with explicit limits (Autobahn's defaults are unbounded)."""
+def make_factory(config: ServerConfig, reactor: Any, relay: RelayCounters | None = None) -> WebSocketServerFactory:
+    """The Autobahn factory with explicit limits (Autobahn's defaults are unbounded); its connections count
+    their messages in ``relay``."""
     factory = WebSocketServerFactory(reactor=reactor)
     factory.protocol = KernelWebSocket
+    factory.relay = RelayCounters() if relay is None else relay  # type: ignore[attr-defined]
     factory.setProtocolOptions(
         maxMessagePayloadSize=config.ws_max_message_size,
         maxFramePayloadSize=config.ws_max_message_size,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -25,6 +25,7 @@ from egd.kernels.env import KernelEnv
 from egd.kernels.hub import ClientHub, KernelClient, ReplayLimits
 from egd.kernels.specs import KernelSpecInfo
 from egd.kernels.zmqio import QueueFull, ReactorZmqFactory
+from egd.metrics import GatewayMetrics
 from egd.util import Background, wait_for
 
 log = Logger()
@@ -69,6 +70,14 @@ class KernelPolicy:
     replay: ReplayLimits = field(default_factory=ReplayLimits)
 
 
+async def _kill(handle: LaunchedKernel) -> None:
+    """The driver's forceful kill; a failure is logged (the caller goes on cleaning up)."""
+    try:
+        await handle.kill()
+    except Exception as exc:
+        log.warn("kill of {where} failed: {why}", where=handle.describe(), why=str(exc) or type(exc).__name__)
+
+
 class Kernel:
     """A kernel egd manages, whichever driver runs it."""
 
@@ -90,6 +99,8 @@ class Kernel:
         self.state = KernelState.STARTING
         self.execution_state = "starting"
         self.last_activity = clock.seconds()
+        #: When the kernel last reported ``busy`` after another state (the culler's busy timeout).
+        self.busy_since = clock.seconds()
         self.reason = ""
         self.restarts = 0
         self._restart_streak = 0
@@ -104,6 +115,10 @@ class Kernel:
         self._internal_session = f"egd-{kernel_id}"
         self._internal_marker = f'"{self._internal_session}"'.encode()
         self.hub = ClientHub(kernel_id, clock, policy.replay, lambda: None, lambda: None)
+        #: Called each time an incarnation of the kernel is ready (the manager records it in the state store).
+        self.on_ready: Callable[[Kernel], None] | None = None
+        #: The gateway's metrics (set by the manager; None: not counted, as in unit tests).
+        self.metrics: GatewayMetrics | None = None
 
     # -- model ------------------------------------------------------------------------------------------
 
@@ -137,26 +152,70 @@ class Kernel:
     async def start(self) -> None:
         """Launch the kernel and wait until it answers; on failure nothing of it is left running."""
         async with self._lock:
+            began = self._clock.seconds()
             try:
                 await self._launch()
             except BaseException as exc:
+                if self.metrics is not None:
+                    self.metrics.launch_failed(self.spec.driver, exc)
                 self._die(f"launch failed: {exc}", announce=False)
                 raise
+            if self.metrics is not None:
+                self.metrics.launch_succeeded(self.spec.driver, self._clock.seconds() - began)
             self._set_state(KernelState.RUNNING)
             self._flush_held()
+
+    async def adopt(self, handle: LaunchedKernel, timeout: float) -> None:
+        """Take over a kernel that is already running (a previous gateway started it): connect and check that
+        it answers within ``timeout``, as after a launch; on failure the caller cleans up."""
+        async with self._lock:
+            try:
+                await self._connect(handle, timeout)
+            except BaseException as exc:
+                self._die(f"re-attaching failed: {exc}", announce=False)
+                raise
+            self._set_state(KernelState.RUNNING)
+
+    def let_go(self) -> None:
+        """Let go of the kernel without stopping it (the gateway stops; the next one re-attaches)."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        if self._channels is not None:
+            self._channels.close()
+            self._channels = None
+        self.hub.close_all(1001, "the gateway is restarting")
+
+    @property
+    def handle(self) -> LaunchedKernel | None:
+        """The driver's handle of the running kernel."""
+        return self._handle
+
+    @property
+    def working_dir(self) -> str | None:
+        """The working directory asked for at start."""
+        return self._working_dir
+
+    @property
+    def launch_timeout(self) -> float:
+        """Seconds a launch of this kernel may take."""
+        return self._launch_timeout
 
     async def _launch(self) -> None:
         request = LaunchRequest(self.id, self.spec, self.env.for_spec(self.spec.env), self.env.username,
                                 self._working_dir, self._launch_timeout, self._launch_progress)
         self.reason = f"launching with driver {self.spec.driver}"
         self._started_at = self._clock.seconds()
-        handle = await self._driver.launch(request)
+        await self._connect(await self._driver.launch(request))
+
+    async def _connect(self, handle: LaunchedKernel, timeout: float | None = None) -> None:
+        """Connect to a started kernel and wait until it is ready (released again if it is not)."""
         self._handle = handle
         self._iopub_seen = False
         self._channels = KernelChannels(self._zmq, handle.connection_info, self.id, self._on_message)
         self.hub.set_flow_control(self._channels.pause_iopub, self._channels.resume_iopub)
         try:
-            await self._wait_ready(handle)
+            await self._wait_ready(handle, self._launch_timeout if timeout is None else timeout)
         except BaseException:
             await self._release(handle, graceful=False)
             raise
@@ -169,12 +228,14 @@ class Kernel:
         handle.exited.addCallback(self._exited, handle)
         log.info("kernel {kernel_id} ({spec}) is ready: {where}", kernel_id=self.id, spec=self.spec.name,
                  where=handle.describe())
+        if self.on_ready is not None:
+            self.on_ready(self)
 
     def _launch_progress(self, text: str) -> None:
         if self.state in (KernelState.STARTING, KernelState.RESTARTING):
             self.reason = text
 
-    async def _wait_ready(self, handle: LaunchedKernel) -> None:
+    async def _wait_ready(self, handle: LaunchedKernel, timeout: float) -> None:
         """Until the kernel answers kernel_info *and* its iopub reaches us (so no client output is lost)."""
         ready: Deferred[None] = Deferred()
         replied = False
@@ -209,7 +270,7 @@ class Kernel:
 
         ready.addCallback(lambda _: decide((0, None)))
         handle.exited.addCallback(exited)
-        deadline = self._clock.callLater(self._launch_timeout, decide, (2, None))
+        deadline = self._clock.callLater(timeout, decide, (2, None))
         probe.start(_SLOW_PROBE, now=True).addErrback(lambda f: log.failure("kernel_info probe failed", f))
         try:
             winner, status = await outcome
@@ -225,7 +286,7 @@ class Kernel:
                                f"{self._detail(handle)}")
         if winner == 2:
             raise LaunchTimeout(
-                f"Kernel {self.id} ({self.spec.name}) did not become ready within {self._launch_timeout:g} "
+                f"Kernel {self.id} ({self.spec.name}) did not become ready within {timeout:g} "
                 f"seconds{self._detail(handle)}")
 
     @staticmethod
@@ -277,8 +338,10 @@ class Kernel:
                 self.send_from_client(client, channel, message)
 
     def _on_message(self, channel: str, message: wire.RawMessage) -> None:
+        # Anything the kernel sends is activity (output, replies, input_request), as in Jupyter Server: a
+        # kernel printing progress is not idle, whoever listens.
+        self.last_activity = self._clock.seconds()
         if channel == "iopub":
-            self.last_activity = self._clock.seconds()
             if message.msg_type == "status":
                 try:
                     state = message.json_content().get("execution_state")
@@ -287,6 +350,8 @@ class Kernel:
                 # While (re)starting, only busy/idle replace "starting"/"restarting" (not the kernel's own
                 # "starting" of its boot, which would be stale by the time it arrives).
                 if isinstance(state, str) and (self.state is KernelState.RUNNING or state in ("busy", "idle")):
+                    if state == "busy" and self.execution_state != "busy":
+                        self.busy_since = self.last_activity
                     self.execution_state = state
             if not self._iopub_seen:
                 self._iopub_seen = True
@@ -359,8 +424,12 @@ class Kernel:
             log.info("kernel {kernel_id}: restart requested", kernel_id=self.id)
             audit.info("kernel restart {kernel_id} user={user} spec={spec}", kernel_id=self.id,
                        user=self.env.username, spec=self.spec.name)
+            if self.metrics is not None:
+                self.metrics.kernel_restarted(self.spec.name, "user")
             self._set_state(KernelState.RESTARTING)
-            self._announce("restarting")
+            # No iopub "restarting" here: Jupyter clients read it as "the server restarts a dead kernel"
+            # (JupyterLab then reports the kernel died); a restart the client asked for it tracks itself, as
+            # with Jupyter Server, which also announces only automatic restarts.
             await self._release(handle, graceful=True, restart=True)
             await self._relaunch()
 
@@ -405,7 +474,8 @@ class Kernel:
                 await handle.signal(signal.SIGTERM)
                 await wait_for(ended, 1.0, self._clock)
         if not ended.called:
-            await handle.kill()
+            # Bounded: a driver's kill that never fires must not hang a DELETE or the gateway's stop.
+            await wait_for(ensureDeferred(_kill(handle)), 30.0, self._clock)
             if not await wait_for(ended, 5.0, self._clock):
                 log.error("kernel {kernel_id}: {where} did not end after SIGKILL", kernel_id=self.id,
                           where=handle.describe())
@@ -452,6 +522,8 @@ class Kernel:
                 return
             log.info("kernel {kernel_id}: automatic restart {n} of {limit}", kernel_id=self.id,
                      n=self._restart_streak, limit=self._policy.restart_limit)
+            if self.metrics is not None:
+                self.metrics.kernel_restarted(self.spec.name, "automatic")
             self._set_state(KernelState.RESTARTING)
             self._announce("restarting")
             await self._release(handle, graceful=False)

@@ -8,21 +8,26 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
 
 from egd.auth import LOCAL_OPERATOR, Identity
 from egd.config import Config
 from egd.errors import Conflict, Forbidden, KernelNotFound, ServiceUnavailable
-from egd.kernels.env import build_kernel_env
+from egd.kernels.culler import KernelCuller
+from egd.kernels.env import KernelEnv, build_kernel_env
 from egd.kernels.hub import ReplayLimits
 from egd.kernels.kernel import Kernel, KernelPolicy
 from egd.kernels.specs import KernelSpecInfo, KernelSpecStore
 from egd.kernels.zmqio import ReactorZmqFactory, shutdown_factory
+from egd.metrics import GatewayMetrics, Readiness, services_running
 from egd.registry import DriverRegistry
+from egd.state import KernelRecord, StateStore
 from egd.util import shield
 
 log = Logger()
+#: Seconds a re-attached kernel has to answer kernel_info before it counts as gone.
+_ADOPT_TIMEOUT = 10.0
 #: One line per security-relevant event (who did what to which kernel); never a secret.
 audit = Logger(namespace="egd.audit")
 
@@ -31,8 +36,10 @@ class KernelManager(Service):
     """Starts, finds, lists and stops kernels; stops them all when the gateway stops."""
 
     def __init__(self, config: Config, reactor: Any, specs: KernelSpecStore, drivers: DriverRegistry,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, store: StateStore | None = None) -> None:
         self.name = "kernels"
+        #: Where running kernels are recorded, so that a restarted gateway re-attaches to them (None: nowhere).
+        self.store = store
         self._config = config
         self._reactor = reactor
         self.specs = specs
@@ -43,12 +50,26 @@ class KernelManager(Service):
         self._launches: dict[str, Deferred[Any]] = {}
         self._reserved: Counter[str] = Counter()
         self._accepting = True
+        #: This gateway's metrics (in a registry of its own) and the checks behind GET /readyz.
+        self.metrics = GatewayMetrics(self.list)
+        self.readiness = Readiness()
+        self.readiness.add("drivers", services_running(lambda: drivers.names, "drivers"))
+        self.readiness.add("kernels", self._accepts_work)
+        if store is not None:
+            self.readiness.add("store", lambda: None if store.ready else "the state store is not open")
         kc, sc = config.kernels, config.server
         self._policy = KernelPolicy(
             shutdown_wait=kc.shutdown_wait, restart_limit=kc.restart_limit,
             stable_start_seconds=kc.stable_start_seconds, heartbeat_interval=kc.heartbeat_interval,
             heartbeat_misses=kc.heartbeat_misses,
             replay=ReplayLimits(sc.replay_buffer_messages, sc.replay_buffer_bytes, sc.replay_buffer_seconds))
+        #: Idle and busy kernels are culled on the same clock as everything else (task.Clock in tests).
+        self.culler = KernelCuller(kc, self.list, reactor)
+
+    def reconfigure(self, config: Config) -> None:
+        """Use ``config`` from now on for what is read at use time (limits, user lists, defaults, timeouts of
+        launches to come); see ``egd.systemd.LIVE_KEYS``."""
+        self._config = config
 
     @property
     def default_kernel_name(self) -> str:
@@ -84,6 +105,7 @@ class KernelManager(Service):
         """Start a kernel of kernelspec ``name`` (default if None) with the request's ``env``, for ``identity``
         (a user-bound identity starts kernels as itself only)."""
         if not self._accepting:
+            self.metrics.start_refused("unavailable")
             raise ServiceUnavailable("The gateway is shutting down")
         kc = self._config.kernels
         if identity.user is not None and (env is None or isinstance(env, dict)):
@@ -91,6 +113,7 @@ class KernelManager(Service):
             if claimed is not None and claimed != identity.user:
                 audit.warn("kernel start refused: {who} claimed KERNEL_USERNAME={claimed!r}",
                            who=identity.describe(), claimed=str(claimed)[:64])
+                self.metrics.start_refused("unauthorized")
                 raise Forbidden("KERNEL_USERNAME must be your own user name with these credentials")
             env = {**(env or {}), "KERNEL_USERNAME": identity.user}
         kernel_env = build_kernel_env(
@@ -106,8 +129,13 @@ class KernelManager(Service):
             spec = await self.specs.get(name or self.default_kernel_name)
             if not self.allows(spec, user, identity.groups if identity.user == user else None):
                 audit.warn("kernel start refused user={user}: not authorized for {spec}", user=user, spec=spec.name)
+                self.metrics.start_refused("unauthorized")
                 raise Forbidden(f"User '{user}' is not authorized to start kernel '{spec.display_name}'")
-            driver = self._drivers.get(spec.driver)
+            try:
+                driver = self._drivers.get(spec.driver)
+            except ServiceUnavailable:
+                self.metrics.start_refused("unavailable")
+                raise
             if kernel_env.kernel_id in self.kernels:  # claimed while the spec was being read
                 raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
         finally:
@@ -120,6 +148,8 @@ class KernelManager(Service):
             timeout = min(spec.launch_timeout, kc.max_launch_timeout)
         kernel = Kernel(kernel_env.kernel_id, spec, kernel_env, driver, self._zmq, self._reactor, self._policy,
                         timeout, working_dir, self._forget)
+        kernel.on_ready = self._record
+        kernel.metrics = self.metrics
         self.kernels[kernel.id] = kernel
         log.info("kernel {kernel_id}: starting {spec} for {user} with driver {driver}", kernel_id=kernel.id,
                  spec=spec.name, user=kernel_env.username, driver=spec.driver)
@@ -148,18 +178,102 @@ class KernelManager(Service):
         total = len(self.kernels) + sum(self._reserved.values())
         if kc.max_kernels is not None and total >= kc.max_kernels:
             audit.warn("kernel start refused user={user}: gateway limit {limit}", user=user, limit=kc.max_kernels)
+            self.metrics.start_refused("limit")
             raise Forbidden(f"A max kernels limit has been set to {kc.max_kernels} and has been reached")
         if kc.max_kernels_per_user is not None:
             mine = sum(1 for k in self.kernels.values() if k.env.username == user) + self._reserved[user]
             if mine >= kc.max_kernels_per_user:
                 audit.warn("kernel start refused user={user}: per-user limit {limit}", user=user,
                            limit=kc.max_kernels_per_user)
+                self.metrics.start_refused("limit")
                 raise Forbidden(f"A max kernels per user limit has been set to {kc.max_kernels_per_user} "
                                 f"and user '{user}' has reached it")
+
+    def _accepts_work(self) -> str | None:
+        """Readiness: None while the manager runs and takes new kernels, otherwise why not."""
+        if not self._accepting:  # first: stopping also clears ``running``, and this says more
+            return "the gateway is shutting down"
+        if not self.running:
+            return "the kernel manager is not running"
+        return None
 
     def _forget(self, kernel: Kernel) -> None:
         if self.kernels.get(kernel.id) is kernel:
             del self.kernels[kernel.id]
+            if self.store is not None:
+                self._store_call(self.store.delete(kernel.id), f"forgetting kernel {kernel.id}")
+
+    def _store_call(self, work: Any, what: str) -> None:
+        """Run a store operation in the background; a failure is logged (the kernel itself is unaffected)."""
+        ensureDeferred(work).addErrback(lambda f: log.failure("state store: {what} failed", f, what=what))
+
+    def _record(self, kernel: Kernel) -> None:
+        """Record a ready kernel (again after each restart: its handle changed)."""
+        handle = kernel.handle
+        state = getattr(handle, "persistent_state", None)
+        if self.store is None or handle is None or state is None:
+            return
+        env = kernel.env
+        record = KernelRecord(kernel.id, env.username, kernel.spec.name, kernel.spec.driver,
+                              dict(handle.connection_info), dict(state()),
+                              {"kernel_id": env.kernel_id, "username": env.username,
+                               "launch_timeout": env.launch_timeout, "client": env.client,
+                               "inherited": env.inherited},
+                              kernel.working_dir, kernel.launch_timeout, self._reactor.seconds())
+        self._store_call(self.store.save(record), f"recording kernel {kernel.id}")
+
+    async def _restore(self) -> None:
+        """Re-attach to every recorded kernel still alive; forget (and clean up after) the others."""
+        assert self.store is not None
+        records = await self.store.load()
+        if records:
+            log.info("state: {count} kernel(s) recorded by the previous gateway; re-attaching", count=len(records))
+        await DeferredList([ensureDeferred(self._reattach(r)) for r in records], consumeErrors=True)
+
+    async def _reattach(self, record: KernelRecord) -> None:
+        assert self.store is not None
+        kernel: Kernel | None = None
+        try:
+            spec = await self.specs.get(record.spec)
+            driver = self._drivers.get(record.driver)
+            reattach = getattr(driver, "reattach", None)
+            if reattach is None:
+                raise LookupError(f"driver {record.driver} cannot re-attach to kernels")
+            handle = await maybeDeferred(reattach, record.kernel_id, record.handle, record.connection)
+            kernel = Kernel(record.kernel_id, spec, KernelEnv(**record.env), driver, self._zmq, self._reactor,
+                            self._policy, record.launch_timeout, record.working_dir, self._forget)
+            kernel.on_ready = self._record
+            kernel.metrics = self.metrics
+            self.kernels[kernel.id] = kernel
+            await kernel.adopt(handle, min(record.launch_timeout, _ADOPT_TIMEOUT))
+        except Exception as exc:
+            log.warn("kernel {kernel_id} ({spec}) of the previous gateway is gone: {why}; forgotten",
+                     kernel_id=record.kernel_id, spec=record.spec, why=str(exc) or type(exc).__name__)
+            if kernel is not None:
+                self._forget(kernel)
+            await self.store.delete(record.kernel_id)
+            return
+        audit.info("kernel re-attached {kernel_id} user={user} spec={spec}", kernel_id=kernel.id,
+                   user=record.username, spec=record.spec)
+
+    async def _stop_kernels(self) -> None:
+        """At gateway stop: with a state store and ``state.on_stop: keep``, let recorded kernels run on (the
+        next start re-attaches them); shut down the others."""
+        if self.store is None or self._config.state.on_stop != "keep":
+            await self.shutdown_all()
+            return
+        if self._launches:
+            await DeferredList([shield(d) for d in self._launches.values()], consumeErrors=True)
+        kept = [k for k in self.list()
+                if k.handle is not None and getattr(k.handle, "persistent_state", None) is not None
+                and k.state.value == "running"]
+        for kernel in kept:
+            kernel.let_go()
+            del self.kernels[kernel.id]
+        if kept:
+            log.info("{count} kernel(s) keep running; the next start of egd re-attaches them "
+                     "(state.on_stop: keep)", count=len(kept))
+        await self.shutdown_all()
 
     async def shutdown_kernel(self, kernel_id: str, identity: Identity = LOCAL_OPERATOR) -> None:
         """Stop one of ``identity``'s kernels (graceful, then forceful)."""
@@ -175,14 +289,32 @@ class KernelManager(Service):
         await DeferredList([ensureDeferred(k.shutdown()) for k in kernels], consumeErrors=True)
         await DeferredList([k.wait_background() for k in kernels], consumeErrors=True)
 
+    def startService(self) -> Deferred[None] | None:  # noqa: N802 - Twisted hook
+        """Start culling (the culler lives and dies with the manager); open the state store and re-attach to
+        the kernels it records before the gateway starts serving."""
+        super().startService()
+        self.culler.startService()
+        if self.store is None:
+            return None
+        store = self.store
+
+        async def restore() -> None:
+            await store.open()
+            await self._restore()
+
+        return ensureDeferred(restore())
+
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Refuse new kernels, stop the existing ones, close the ZeroMQ context."""
         self._accepting = False
         super().stopService()
+        self.culler.stopService()  # a cull in flight holds its kernel's lock: stopping that kernel waits for it
         async def stop() -> None:
             try:
-                await self.shutdown_all()
+                await self._stop_kernels()
             finally:
                 shutdown_factory(self._zmq)
+                if self.store is not None:
+                    self.store.close()
 
         return ensureDeferred(stop())

@@ -51,6 +51,10 @@ class PortAllocator:
             raise OSError(f"no free ports for a kernel (range {self._range or 'any'})")
         return chosen
 
+    def hold(self, ports: list[int]) -> None:
+        """Mark ports already in use by a kernel this gateway re-attached to as reserved."""
+        self._reserved.update(ports)
+
     def release(self, ports: list[int]) -> None:
         """Give ports back."""
         self._reserved.difference_update(ports)

@@ -28,6 +28,15 @@ _RESOURCE_FILES = ("kernel.js", "kernel.css")
 
 
 @dataclass(frozen=True)
+class CullOverrides:
+    """A kernelspec's own culling settings (``metadata.egd.cull``); None: the gateway's ``kernels.cull_*``."""
+
+    idle_timeout: float | None = None
+    busy_timeout: float | None = None
+    connected: bool | None = None
+
+
+@dataclass(frozen=True)
 class KernelSpecInfo:
     """One kernelspec as egd uses it."""
 
@@ -59,6 +68,24 @@ class KernelSpecInfo:
         egd_meta = self.metadata.get("egd")
         value = egd_meta.get("launch_timeout") if isinstance(egd_meta, dict) else None
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+    @property
+    def cull(self) -> CullOverrides:
+        """This spec's culling overrides (``metadata.egd.cull``); invalid values are ignored, as for
+        ``launch_timeout``, so that a typo in a spec falls back to the gateway's setting."""
+        egd_meta = self.metadata.get("egd")
+        raw = egd_meta.get("cull") if isinstance(egd_meta, dict) else None
+        raw = raw if isinstance(raw, dict) else {}
+
+        def seconds(key: str) -> float | None:
+            value = raw.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+                return float(value)
+            return None
+
+        connected = raw.get("connected")
+        return CullOverrides(seconds("idle_timeout"), seconds("busy_timeout"),
+                             connected if isinstance(connected, bool) else None)
 
     @property
     def driver_config(self) -> Mapping[str, Any]:
