@@ -333,6 +333,11 @@ class LocalDriver(Service):
                              f"{self._runtime_dir}, but {closed} does not let others pass (chmod o+x, or set "
                              f"kernels.runtime_dir to a directory such as /run/egd)")
 
+    @property
+    def impersonates(self) -> bool:
+        """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
+        return bool(self._impersonation)
+
     def startService(self) -> None:  # noqa: N802 - Twisted hook
         """Make sure the runtime directory for connection files exists and is private.
 

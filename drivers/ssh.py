@@ -151,6 +151,11 @@ class SshDriver(MultiService):
             command += ["--working-dir", request.working_dir]
         return [*command, "--", *argv]
 
+    @property
+    def impersonates(self) -> bool:
+        """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
+        return bool(self._impersonation)
+
     def startService(self) -> None:  # noqa: N802 - Twisted hook
         """Create the private directory of the shared ssh connections (in /tmp when the runtime directory's
         path would make their socket paths longer than a unix socket allows: 40 hex digits are added)."""

@@ -252,6 +252,11 @@ class YarnDriver(MultiService):
 
     # -- service --------------------------------------------------------------------------------------------
 
+    @property
+    def impersonates(self) -> bool:
+        """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
+        return bool(self._impersonation)
+
     def startService(self) -> None:  # noqa: N802 - Twisted hook
         """Create the staging directory and start watching."""
         os.makedirs(self._staging, mode=0o700, exist_ok=True)

@@ -114,6 +114,8 @@ class KernelsConfig:
     cull_busy_timeout: float = 0.0
     cull_connected: bool = False
     cull_interval: float = 60.0
+    #: Pre-started kernels per kernelspec name, handed out on POST and replenished in the background.
+    pools: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -348,6 +350,18 @@ def _groups(value: Any, path: str, problems: list[str]) -> Any:
     return result
 
 
+def _pools(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{path}: must map kernelspec names to a number of kernels, e.g. {{python3: 2}}")
+        return None
+    pools = {}
+    for name, size in value.items():
+        checked = _number(0, 100, integer=True)(size, f"{path}.{name}", problems)
+        if checked is not None and checked > 0:
+            pools[str(name)] = checked
+    return pools
+
+
 def _optional(check: Checker) -> Checker:
     def optional(value: Any, path: str, problems: list[str]) -> Any:
         return None if value is None else check(value, path, problems)
@@ -466,6 +480,7 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "cull_busy_timeout": _number(0),
         "cull_connected": _boolean,
         "cull_interval": _number(0.1),
+        "pools": _pools,
     },
 }
 

@@ -186,6 +186,25 @@ class Kernel:
             self._channels = None
         self.hub.close_all(1001, "the gateway is restarting")
 
+    def assign(self, env: KernelEnv, working_dir: str | None) -> None:
+        """Hand a pooled kernel to its user: from now on it is theirs (ownership, limits, restarts)."""
+        self.env = env
+        self._working_dir = working_dir
+        self._touch()
+
+    async def execute_quietly(self, code: str, timeout: float = 5.0) -> None:
+        """Run ``code`` in the kernel as egd (no history, no output to clients); fails if it raises."""
+        replied: Deferred[wire.RawMessage] = Deferred()
+        content = {"code": code, "silent": True, "store_history": False, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": True}
+        self._request("shell", "execute_request", content,
+                      lambda channel, message: None if replied.called else replied.callback(message))
+        replied.addTimeout(timeout, self._clock)
+        reply = await replied
+        status = reply.json_content().get("status")
+        if status != "ok":
+            raise RuntimeError(f"the kernel answered {status}")
+
     @property
     def handle(self) -> LaunchedKernel | None:
         """The driver's handle of the running kernel."""

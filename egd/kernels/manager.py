@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -18,6 +19,7 @@ from egd.kernels.culler import KernelCuller
 from egd.kernels.env import KernelEnv, build_kernel_env
 from egd.kernels.hub import ReplayLimits
 from egd.kernels.kernel import Kernel, KernelPolicy
+from egd.kernels.pool import KernelPool
 from egd.kernels.specs import KernelSpecInfo, KernelSpecStore
 from egd.kernels.zmqio import ReactorZmqFactory, shutdown_factory
 from egd.metrics import GatewayMetrics, Readiness, services_running
@@ -30,6 +32,20 @@ log = Logger()
 _ADOPT_TIMEOUT = 10.0
 #: One line per security-relevant event (who did what to which kernel); never a secret.
 audit = Logger(namespace="egd.audit")
+
+
+#: Request variables a pooled kernel can serve: they do not change how a kernel is launched.
+_POOLABLE_VARIABLES = frozenset({"KERNEL_USERNAME", "KERNEL_LAUNCH_TIMEOUT", "KERNEL_WORKING_DIR"})
+
+
+def _poolable(requested: Any, env: KernelEnv, spec: KernelSpecInfo, driver: Any) -> bool:
+    """Whether a pooled kernel is what this request would have launched: no chosen id, no other request
+    variables, a spec environment that does not substitute request values, a driver that does not run
+    kernels as their users."""
+    chose_id = isinstance(requested, dict) and "KERNEL_ID" in requested
+    return (not chose_id and set(env.client) <= _POOLABLE_VARIABLES
+            and not any("$" in value for value in spec.env.values())
+            and not getattr(driver, "impersonates", False))
 
 
 class KernelManager(Service):
@@ -63,6 +79,8 @@ class KernelManager(Service):
             stable_start_seconds=kc.stable_start_seconds, heartbeat_interval=kc.heartbeat_interval,
             heartbeat_misses=kc.heartbeat_misses,
             replay=ReplayLimits(sc.replay_buffer_messages, sc.replay_buffer_bytes, sc.replay_buffer_seconds))
+        #: Ready kernels per kernelspec (kernels.pools), started when the manager starts.
+        self.pool = KernelPool(kc.pools, self._start_pooled, reactor)
         #: Idle and busy kernels are culled on the same clock as everything else (task.Clock in tests).
         self.culler = KernelCuller(kc, self.list, reactor)
 
@@ -141,6 +159,9 @@ class KernelManager(Service):
         finally:
             self._reserved[user] -= 1
         working_dir = kernel_env.client.get("KERNEL_WORKING_DIR") or kc.working_dir
+        pooled = self.pool.take(spec.name) if _poolable(env, kernel_env, spec, driver) else None
+        if pooled is not None:
+            return await self._hand_out(pooled, kernel_env, working_dir)
         # A client may ask for more or less time (KERNEL_LAUNCH_TIMEOUT); otherwise the spec's default, then
         # the gateway's; never more than the gateway's maximum.
         timeout = kernel_env.launch_timeout
@@ -162,6 +183,40 @@ class KernelManager(Service):
         waiter = shield(launch)
         launch.addErrback(lambda _: None)  # the failure reaches the client through ``waiter``
         await waiter
+        return kernel
+
+    async def _start_pooled(self, name: str) -> Kernel:
+        """Start a kernel for the pool: no request, so no user-specific launch state."""
+        kc = self._config.kernels
+        env = build_kernel_env(None, client_envs=kc.client_envs, inherited_envs=kc.inherited_envs,
+                               gateway_environ=self._environ, default_launch_timeout=kc.launch_timeout,
+                               max_launch_timeout=kc.max_launch_timeout)
+        spec = await self.specs.get(name)
+        driver = self._drivers.get(spec.driver)
+        timeout = min(spec.launch_timeout, kc.max_launch_timeout) if spec.launch_timeout else env.launch_timeout
+        kernel = Kernel(env.kernel_id, spec, env, driver, self._zmq, self._reactor, self._policy, timeout,
+                        kc.working_dir, self._forget)
+        kernel.metrics = self.metrics
+        await kernel.start()
+        return kernel
+
+    async def _hand_out(self, kernel: Kernel, env: KernelEnv, working_dir: str | None) -> Kernel:
+        """Give a pooled kernel to the request's user, in the working directory it asked for."""
+        kernel.assign(replace(env, kernel_id=kernel.id), working_dir)
+        self.kernels[kernel.id] = kernel
+        kernel.on_ready = self._record
+        asked = env.client.get("KERNEL_WORKING_DIR")
+        if asked and os.path.isdir(asked):
+            try:
+                await kernel.execute_quietly(f"__import__('os').chdir({asked!r})")
+            except Exception as exc:
+                log.warn("kernel {kernel_id}: could not change to {path}: {why}", kernel_id=kernel.id, path=asked,
+                         why=str(exc) or type(exc).__name__)
+        self._record(kernel)
+        log.info("kernel {kernel_id}: {spec} from the pool for {user}", kernel_id=kernel.id, spec=kernel.spec.name,
+                 user=env.username)
+        audit.info("kernel start {kernel_id} user={user} spec={spec} pooled=yes", kernel_id=kernel.id,
+                   user=env.username, spec=kernel.spec.name)
         return kernel
 
     def allows(self, spec: KernelSpecInfo, user: str, groups: frozenset[str] | None = None) -> bool:
@@ -295,12 +350,14 @@ class KernelManager(Service):
         super().startService()
         self.culler.startService()
         if self.store is None:
+            self.pool.start()
             return None
         store = self.store
 
         async def restore() -> None:
             await store.open()
             await self._restore()
+            self.pool.start()
 
         return ensureDeferred(restore())
 
@@ -311,6 +368,7 @@ class KernelManager(Service):
         self.culler.stopService()  # a cull in flight holds its kernel's lock: stopping that kernel waits for it
         async def stop() -> None:
             try:
+                await self.pool.drain()
                 await self._stop_kernels()
             finally:
                 shutdown_factory(self._zmq)
