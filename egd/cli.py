@@ -13,7 +13,7 @@ from egd import __version__
 from egd.auth import token_digest
 from egd.config import ENV_OVERRIDES, Config, ConfigError, load_config, with_overrides
 
-_COMMANDS = ("run", "check-config", "kernelspecs", "token")
+_COMMANDS = ("run", "check-config", "kernelspecs", "token", "state-key")
 
 _EPILOG = """\
 With no command, egd runs the gateway. With no config file, it serves local kernels of every kernelspec
@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                                             "as the auth.users entry to put in the config (egd stores only "
                                             "the hash).")
     token.add_argument("user", metavar="USER", help="the user the token belongs to")
+    commands.add_parser("state-key", help="print a new key for state.secret_key_file",
+                        description="Print a new key that encrypts secrets in the state store; gateways sharing "
+                                    "a PostgreSQL store need the same one (write it to a file, mode 0600).")
     return parser
 
 
@@ -200,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             return _kernelspecs(args)
         if args.command == "token":
             return _token(args.user)
+        if args.command == "state-key":
+            from cryptography.fernet import Fernet
+
+            print(Fernet.generate_key().decode())
+            return 0
         return _run(args)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)

@@ -28,10 +28,11 @@ ENV_OVERRIDES: dict[str, str] = {
     "EGD_AUTH_TOKEN": "auth.token",
     "EGD_CERTFILE": "server.certfile",
     "EGD_KEYFILE": "server.keyfile",
+    "EGD_STATE_DSN": "state.dsn",
 }
 
 #: Overrides taken as text, never parsed as YAML (a token of digits must stay a string).
-_RAW_ENV = frozenset({"auth.token", "server.certfile", "server.keyfile"})
+_RAW_ENV = frozenset({"auth.token", "server.certfile", "server.keyfile", "state.dsn"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PORT_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 
@@ -162,8 +163,10 @@ class AuthConfig:
 class StateConfig:
     """Where egd keeps its kernels' records, so that a restarted egd re-attaches to them."""
 
-    #: sqlite (embedded, the default), or none (kernels are not remembered).
+    #: sqlite (embedded, the default), postgresql (several gateways share it), or none (not remembered).
     store: str = "sqlite"
+    #: PostgreSQL's connection string (libpq: "host=... dbname=... user=..." or a postgresql:// URL).
+    dsn: str | None = None
     #: The SQLite file (default: egd-state.sqlite in kernels.runtime_dir).
     path: str | None = None
     #: The key that encrypts kernel keys and launch secrets in the store (default: a file beside it, made at
@@ -447,7 +450,8 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "groups": _groups,
     },
     StateConfig: {
-        "store": _choice("sqlite", "none"),
+        "store": _choice("sqlite", "postgresql", "none"),
+        "dsn": _optional(_string),
         "path": _optional(_string),
         "secret_key_file": _optional(_string),
         "on_stop": _choice("keep", "shutdown"),
@@ -557,6 +561,8 @@ def parse_config(text: str, source: str = "configuration", environ: Mapping[str,
         problems.append("server.certfile: TLS needs both server.certfile and server.keyfile")
     if config.server.client_ca and not config.server.certfile:
         problems.append("server.client_ca: client certificates need TLS (server.certfile and server.keyfile)")
+    if config.state.store == "postgresql" and not (config.state.dsn and config.state.secret_key_file):
+        problems.append("state: a postgresql store needs state.dsn and state.secret_key_file (shared by the gateways)")
     if config.kernels.launch_timeout > config.kernels.max_launch_timeout:
         problems.append("kernels.launch_timeout: must not exceed kernels.max_launch_timeout")
     if problems:

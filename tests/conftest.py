@@ -22,11 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import sshhosts, yarncluster
+from tests import pgserver, sshhosts, yarncluster
 from tests.client import GatewayClient
 
 # Remote hosts for the ssh tests (network namespaces with their own sshd), built once per session when asked.
 ssh_lab = sshhosts.ssh_lab
+#: A PostgreSQL server for the tests of several gateways sharing a state store.
+postgres = pgserver.postgres
 ssh_hosts = sshhosts.ssh_hosts
 yarn_cluster = yarncluster.yarn_cluster
 

@@ -241,7 +241,9 @@ class GatewayAPI:
         """Every kernel (Jupyter Server's gateway client polls this)."""
         if not self._config.server.list_kernels:
             raise Forbidden("Listing kernels is disabled on this gateway")
-        return json_response(request, 200, [k.model() for k in self._kernels.visible(identity_of(request))])
+        identity = identity_of(request)
+        models = [k.model() for k in self._kernels.visible(identity)]
+        return json_response(request, 200, [*models, *self._kernels.others(identity)])
 
     @app.route("/api/kernels", methods=["POST"], strict_slashes=False)
     async def start_kernel(self, request: Any) -> bytes:
@@ -261,9 +263,12 @@ class GatewayAPI:
         return json_response(request, 201, kernel.model())
 
     @app.route("/api/kernels/<string:kernel_id>", methods=["GET"], strict_slashes=False)
-    def get_kernel(self, request: Any, kernel_id: str) -> bytes:
-        """One kernel's model."""
-        return json_response(request, 200, self._kernels.owned(kernel_id, identity_of(request), "read").model())
+    async def get_kernel(self, request: Any, kernel_id: str) -> bytes:
+        """One kernel's model (also of a kernel another gateway sharing the state store runs)."""
+        identity = identity_of(request)
+        if kernel_id in self._kernels.kernels:
+            return json_response(request, 200, self._kernels.owned(kernel_id, identity, "read").model())
+        return json_response(request, 200, await self._kernels.other(kernel_id, identity))
 
     @app.route("/api/kernels/<string:kernel_id>", methods=["DELETE"], strict_slashes=False)
     async def delete_kernel(self, request: Any, kernel_id: str) -> bytes:
@@ -275,21 +280,24 @@ class GatewayAPI:
     @app.route("/api/kernels/<string:kernel_id>/interrupt", methods=["POST"], strict_slashes=False)
     async def interrupt_kernel(self, request: Any, kernel_id: str) -> bytes:
         """Interrupt what the kernel is running."""
-        await self._kernels.owned(kernel_id, identity_of(request), "interrupt").interrupt()
+        await (await self._kernels.acquire(kernel_id, identity_of(request), "interrupt")).interrupt()
         request.setResponseCode(204)
         return b""
 
     @app.route("/api/kernels/<string:kernel_id>/restart", methods=["POST"], strict_slashes=False)
     async def restart_kernel(self, request: Any, kernel_id: str) -> bytes:
         """Restart the kernel under the same id."""
-        kernel = self._kernels.owned(kernel_id, identity_of(request), "restart")
+        kernel = await self._kernels.acquire(kernel_id, identity_of(request), "restart")
         await kernel.restart()
         return json_response(request, 200, kernel.model())
 
     @app.route("/api/kernels/<string:kernel_id>/channels", methods=["GET"])
-    def kernel_channels(self, request: Any, kernel_id: str) -> Any:
+    async def kernel_channels(self, request: Any, kernel_id: str) -> Any:
         """The kernel's WebSocket."""
-        kernel = self._kernels.owned(kernel_id, identity_of(request), "connection")
+        if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
+            kernel = await self._kernels.acquire(kernel_id, identity_of(request), "connection")
+        else:
+            kernel = self._kernels.owned(kernel_id, identity_of(request), "connection")
         if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
             raise BadRequest("This URL is a WebSocket endpoint; connect with a WebSocket client")
         origin = (request.getHeader(b"origin") or b"").decode("latin-1")

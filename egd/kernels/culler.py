@@ -128,10 +128,9 @@ class KernelCuller(Service):
     def cull(self, kernel: Kernel, due: Verdict) -> Deferred[None]:
         """Shut ``kernel`` down because of ``due``: the one place where the decision to cull is carried out.
 
-        With several gateways sharing a store, this is the method a store-backed lock on the kernel wraps, so
-        that exactly one gateway culls a given kernel: take the lock, call ``verdict`` again (another gateway
-        may have culled it, a client may have come back), then shut down. Here the whole decision runs in one
-        reactor turn, so nothing can change between ``verdict`` and the shutdown's first step.
+        With several gateways sharing a store, only the gateway the store names as the kernel's is its culler:
+        the shutdown first asks the store (``Kernel.ownership_check``) and lets go instead when another gateway
+        has taken the kernel over, so exactly one gateway culls a given kernel.
         """
         if kernel.id in self._culling:
             return succeed(None)
@@ -142,10 +141,20 @@ class KernelCuller(Service):
                    user=kernel.env.username, spec=kernel.spec.name, reason=due.reason)
         if kernel.metrics is not None:
             kernel.metrics.kernel_culled(kernel.spec.name, due.reason)
-        done: Deferred[None] = self._background.run(kernel.shutdown(), f"culling kernel {kernel.id}")
+        done: Deferred[None] = self._background.run(_cull(kernel), f"culling kernel {kernel.id}")
 
         def finished(result: Any) -> Any:
             self._culling.discard(kernel.id)
             return result
 
         return done.addBoth(finished)
+
+
+async def _cull(kernel: Kernel) -> None:
+    """Shut the kernel down, unless another gateway runs it now (then only let go of it)."""
+    if kernel.ownership_check is not None and not await kernel.ownership_check():
+        kernel.let_go()
+        if kernel.on_taken_over is not None:
+            kernel.on_taken_over(kernel)
+        return
+    await kernel.shutdown()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -117,6 +117,10 @@ class Kernel:
         self.hub = ClientHub(kernel_id, clock, policy.replay, lambda: None, lambda: None)
         #: Called each time an incarnation of the kernel is ready (the manager records it in the state store).
         self.on_ready: Callable[[Kernel], None] | None = None
+        #: With several gateways: whether this gateway still runs the kernel (asked before acting on its own),
+        #: and what to do when it does not.
+        self.ownership_check: Callable[[], Awaitable[bool]] | None = None
+        self.on_taken_over: Callable[[Kernel], None] | None = None
         #: The gateway's metrics (set by the manager; None: not counted, as in unit tests).
         self.metrics: GatewayMetrics | None = None
 
@@ -531,6 +535,12 @@ class Kernel:
     async def _auto_restart(self, handle: LaunchedKernel, status: ExitStatus) -> None:
         async with self._lock:
             if handle is not self._handle or self.state is not KernelState.RUNNING:
+                return
+            if self.ownership_check is not None and not await self.ownership_check():
+                # Another gateway took the kernel over (and restarted or deleted it): not ours to restart.
+                self.let_go()
+                if self.on_taken_over is not None:
+                    self.on_taken_over(self)
                 return
             now = self._clock.seconds()
             stable = now - self._started_at >= self._policy.stable_start_seconds

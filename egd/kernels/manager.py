@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from egd.auth import LOCAL_OPERATOR, Identity
 from egd.config import Config
 from egd.errors import Conflict, Forbidden, KernelNotFound, ServiceUnavailable
+from egd.kernels import wire
 from egd.kernels.culler import KernelCuller
 from egd.kernels.env import KernelEnv, build_kernel_env
 from egd.kernels.hub import ReplayLimits
@@ -24,12 +28,20 @@ from egd.kernels.specs import KernelSpecInfo, KernelSpecStore
 from egd.kernels.zmqio import ReactorZmqFactory, shutdown_factory
 from egd.metrics import GatewayMetrics, Readiness, services_running
 from egd.registry import DriverRegistry
-from egd.state import KernelRecord, StateStore
+from egd.state import KernelRecord, StateStore, Summary
 from egd.util import shield
 
 log = Logger()
 #: Seconds a re-attached kernel has to answer kernel_info before it counts as gone.
 _ADOPT_TIMEOUT = 10.0
+#: Seconds between looks at a shared store for kernels other gateways took over.
+_SYNC_INTERVAL = 2.0
+
+
+def _summary_model(summary: Summary) -> dict[str, Any]:
+    """The REST model of a kernel another gateway runs (what this one knows of it)."""
+    return {"id": summary.kernel_id, "name": summary.spec, "execution_state": "idle", "connections": 0,
+            "last_activity": wire.utc_timestamp(datetime.fromtimestamp(summary.updated, timezone.utc))}
 #: One line per security-relevant event (who did what to which kernel); never a secret.
 audit = Logger(namespace="egd.audit")
 
@@ -56,6 +68,13 @@ class KernelManager(Service):
         self.name = "kernels"
         #: Where running kernels are recorded, so that a restarted gateway re-attaches to them (None: nowhere).
         self.store = store
+        #: This process among the gateways sharing a store.
+        self.gateway_id = uuid.uuid4().hex[:12]
+        self._epochs: dict[str, int] = {}
+        self._saved: set[str] = set()
+        self._others: dict[str, Summary] = {}
+        self._adopting: dict[str, Deferred[None]] = {}
+        self._syncing: LoopingCall | None = None
         self._config = config
         self._reactor = reactor
         self.specs = specs
@@ -169,8 +188,7 @@ class KernelManager(Service):
             timeout = min(spec.launch_timeout, kc.max_launch_timeout)
         kernel = Kernel(kernel_env.kernel_id, spec, kernel_env, driver, self._zmq, self._reactor, self._policy,
                         timeout, working_dir, self._forget)
-        kernel.on_ready = self._record
-        kernel.metrics = self.metrics
+        self._watch_ownership(kernel)
         self.kernels[kernel.id] = kernel
         log.info("kernel {kernel_id}: starting {spec} for {user} with driver {driver}", kernel_id=kernel.id,
                  spec=spec.name, user=kernel_env.username, driver=spec.driver)
@@ -204,7 +222,7 @@ class KernelManager(Service):
         """Give a pooled kernel to the request's user, in the working directory it asked for."""
         kernel.assign(replace(env, kernel_id=kernel.id), working_dir)
         self.kernels[kernel.id] = kernel
-        kernel.on_ready = self._record
+        self._watch_ownership(kernel)
         asked = env.client.get("KERNEL_WORKING_DIR")
         if asked and os.path.isdir(asked):
             try:
@@ -255,6 +273,9 @@ class KernelManager(Service):
     def _forget(self, kernel: Kernel) -> None:
         if self.kernels.get(kernel.id) is kernel:
             del self.kernels[kernel.id]
+            self._others.pop(kernel.id, None)
+            self._saved.discard(kernel.id)
+            self._epochs.pop(kernel.id, None)
             if self.store is not None:
                 self._store_call(self.store.delete(kernel.id), f"forgetting kernel {kernel.id}")
 
@@ -275,7 +296,15 @@ class KernelManager(Service):
                                "launch_timeout": env.launch_timeout, "client": env.client,
                                "inherited": env.inherited},
                               kernel.working_dir, kernel.launch_timeout, self._reactor.seconds())
-        self._store_call(self.store.save(record), f"recording kernel {kernel.id}")
+        record.gateway = self.gateway_id
+        record.epoch = self._epochs.setdefault(kernel.id, 1)
+        self._store_call(self._save(record), f"recording kernel {kernel.id}")
+
+    async def _save(self, record: KernelRecord) -> None:
+        assert self.store is not None
+        await self.store.save(record)
+        if record.kernel_id in self.kernels:
+            self._saved.add(record.kernel_id)
 
     async def _restore(self) -> None:
         """Re-attach to every recorded kernel still alive; forget (and clean up after) the others."""
@@ -285,7 +314,8 @@ class KernelManager(Service):
             log.info("state: {count} kernel(s) recorded by the previous gateway; re-attaching", count=len(records))
         await DeferredList([ensureDeferred(self._reattach(r)) for r in records], consumeErrors=True)
 
-    async def _reattach(self, record: KernelRecord) -> None:
+    async def _reattach(self, record: KernelRecord) -> Kernel | None:
+        """Adopt the kernel of ``record`` (None, and the record forgotten, when it is gone)."""
         assert self.store is not None
         kernel: Kernel | None = None
         try:
@@ -297,19 +327,101 @@ class KernelManager(Service):
             handle = await maybeDeferred(reattach, record.kernel_id, record.handle, record.connection)
             kernel = Kernel(record.kernel_id, spec, KernelEnv(**record.env), driver, self._zmq, self._reactor,
                             self._policy, record.launch_timeout, record.working_dir, self._forget)
-            kernel.on_ready = self._record
-            kernel.metrics = self.metrics
+            self._watch_ownership(kernel)
+            self._epochs[kernel.id] = record.epoch
             self.kernels[kernel.id] = kernel
             await kernel.adopt(handle, min(record.launch_timeout, _ADOPT_TIMEOUT))
         except Exception as exc:
-            log.warn("kernel {kernel_id} ({spec}) of the previous gateway is gone: {why}; forgotten",
-                     kernel_id=record.kernel_id, spec=record.spec, why=str(exc) or type(exc).__name__)
+            log.warn("kernel {kernel_id} ({spec}) recorded by gateway {gateway} is gone: {why}; forgotten",
+                     kernel_id=record.kernel_id, spec=record.spec, gateway=record.gateway or "?",
+                     why=str(exc) or type(exc).__name__)
             if kernel is not None:
                 self._forget(kernel)
-            await self.store.delete(record.kernel_id)
-            return
+            else:
+                await self.store.delete(record.kernel_id)
+            return None
         audit.info("kernel re-attached {kernel_id} user={user} spec={spec}", kernel_id=kernel.id,
                    user=record.username, spec=record.spec)
+        return kernel
+
+    # -- several gateways sharing a store -------------------------------------------------------------------
+
+    def _watch_ownership(self, kernel: Kernel) -> None:
+        kernel.on_ready = self._record
+        kernel.metrics = self.metrics
+        if self.store is not None and self.store.shared:
+            kernel.ownership_check = lambda: self._still_mine(kernel)
+            kernel.on_taken_over = self._taken_over
+
+    async def _still_mine(self, kernel: Kernel) -> bool:
+        """Whether this gateway still runs ``kernel`` according to the shared store (asked before automatic
+        restarts and culls, so that exactly one gateway acts on a kernel)."""
+        assert self.store is not None
+        summary = (await self.store.summaries()).get(kernel.id)
+        return summary is not None and summary.gateway == self.gateway_id
+
+    def _taken_over(self, kernel: Kernel) -> None:
+        """Another gateway runs the kernel now (or it was deleted there): let go of it, stop nothing."""
+        if self.kernels.get(kernel.id) is kernel:
+            log.info("kernel {kernel_id} is run by another gateway now; letting go", kernel_id=kernel.id)
+            kernel.let_go()
+            del self.kernels[kernel.id]
+        self._saved.discard(kernel.id)
+        self._epochs.pop(kernel.id, None)
+
+    async def _sync(self) -> None:
+        """Let go of the kernels other gateways took over; remember the others' kernels for listings."""
+        assert self.store is not None
+        summaries = await self.store.summaries()
+        for kernel_id, kernel in list(self.kernels.items()):
+            summary = summaries.get(kernel_id)
+            if kernel_id in self._saved and (summary is None or summary.gateway != self.gateway_id):
+                self._taken_over(kernel)
+        self._others = {k: v for k, v in summaries.items() if k not in self.kernels}
+
+    def others(self, identity: Identity) -> Sequence[dict[str, Any]]:
+        """Models of the kernels other gateways run (as of the last sync) that ``identity`` may see."""
+        return [_summary_model(s) for k, s in self._others.items()
+                if k not in self.kernels and identity.owns(s.username)]
+
+    async def other(self, kernel_id: str, identity: Identity) -> dict[str, Any]:
+        """The model of a kernel another gateway runs; 404 if there is none ``identity`` may see."""
+        if self.store is not None and self.store.shared:
+            summary = (await self.store.summaries()).get(kernel_id)
+            if summary is not None and identity.owns(summary.username):
+                return _summary_model(summary)
+        raise KernelNotFound(kernel_id)
+
+    async def acquire(self, kernel_id: str, identity: Identity, action: str) -> Kernel:
+        """The kernel to act on: one this gateway runs, or, with a shared store, one another gateway runs,
+        which this gateway then takes over (compare and set on the record: one taker wins) and re-attaches."""
+        if kernel_id in self.kernels or self.store is None or not self.store.shared:
+            return self.owned(kernel_id, identity, action)
+        pending = self._adopting.get(kernel_id)
+        if pending is None:
+            pending = ensureDeferred(self._take_over(kernel_id, identity, action))
+            self._adopting[kernel_id] = pending
+            pending.addBoth(lambda result: (self._adopting.pop(kernel_id, None), result)[1])
+        await shield(pending)
+        return self.owned(kernel_id, identity, action)
+
+    async def _take_over(self, kernel_id: str, identity: Identity, action: str) -> None:
+        assert self.store is not None
+        for _ in range(3):
+            record = await self.store.get(kernel_id)
+            if record is None or not identity.owns(record.username):
+                if record is not None:
+                    audit.warn("refused {action} of kernel {kernel_id} (user={owner}) to {who}", action=action,
+                               kernel_id=kernel_id, owner=record.username, who=identity.describe())
+                raise KernelNotFound(kernel_id)
+            if await self.store.claim(kernel_id, self.gateway_id, record.epoch):
+                record.epoch += 1
+                log.info("kernel {kernel_id}: taking over from gateway {gateway}", kernel_id=kernel_id,
+                         gateway=record.gateway)
+                if await self._reattach(record) is None:
+                    raise KernelNotFound(kernel_id)
+                return
+        raise ServiceUnavailable(f"Kernel {kernel_id} is changing hands between gateways; try again")
 
     async def _stop_kernels(self) -> None:
         """At gateway stop: with a state store and ``state.on_stop: keep``, let recorded kernels run on (the
@@ -332,7 +444,7 @@ class KernelManager(Service):
 
     async def shutdown_kernel(self, kernel_id: str, identity: Identity = LOCAL_OPERATOR) -> None:
         """Stop one of ``identity``'s kernels (graceful, then forceful)."""
-        await self.owned(kernel_id, identity, "shutdown").shutdown()
+        await (await self.acquire(kernel_id, identity, "shutdown")).shutdown()
 
     async def shutdown_all(self) -> None:
         """Stop every kernel, in parallel; wait for launches in flight first."""
@@ -356,7 +468,13 @@ class KernelManager(Service):
 
         async def restore() -> None:
             await store.open()
-            await self._restore()
+            if store.shared:
+                # Kernels are taken over when they are used; a sync notices the ones others took.
+                self._syncing = LoopingCall(lambda: ensureDeferred(self._sync()))
+                self._syncing.clock = self._reactor
+                self._syncing.start(_SYNC_INTERVAL).addErrback(lambda f: log.failure("state sync stopped", f))
+            else:
+                await self._restore()
             self.pool.start()
 
         return ensureDeferred(restore())
@@ -367,6 +485,8 @@ class KernelManager(Service):
         super().stopService()
         self.culler.stopService()  # a cull in flight holds its kernel's lock: stopping that kernel waits for it
         async def stop() -> None:
+            if self._syncing is not None and self._syncing.running:
+                self._syncing.stop()
             try:
                 await self.pool.drain()
                 await self._stop_kernels()
