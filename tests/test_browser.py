@@ -25,8 +25,8 @@ from typing import Any, NoReturn
 
 import pytest
 
-from tests.conftest import GatewayProcess, wait_until, wait_until_gone
-from tests.test_jupyter_server import SERVER_STOP_TIMEOUT, JupyterServer, egd_kernel_ids, processes_of
+from tests.conftest import GatewayProcess, wait_until
+from tests.test_jupyter_server import JupyterServer, check_stopped_cleanly, egd_kernel_ids, processes_of
 
 pytestmark = [pytest.mark.ops, pytest.mark.timeout(240)]
 
@@ -92,10 +92,7 @@ def lab_server(gateway: GatewayProcess, tmp_path: Path) -> Iterator[JupyterServe
         yield server
     finally:
         server.stop()
-    assert not server.killed, f"Jupyter Server did not stop within {SERVER_STOP_TIMEOUT}s of SIGTERM"
-    assert not wait_until_gone(str(server.notebooks), 10), "Jupyter Server processes left behind"
-    left = [kid for kid in server.kernel_ids if gateway.client.kernel(kid).status != 404]
-    assert not left, f"kernels the Jupyter Server started are still on egd: {left}"
+    check_stopped_cleanly(server, gateway)
 
 
 def write_notebook(path: Path) -> None:

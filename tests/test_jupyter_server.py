@@ -203,9 +203,14 @@ def jupyter_server(gateway: GatewayProcess, tmp_path_factory: pytest.TempPathFac
         yield server
     finally:
         server.stop()
+    check_stopped_cleanly(server, gateway)
+
+
+def check_stopped_cleanly(server: JupyterServer, gateway: GatewayProcess) -> None:
+    """A stopped Jupyter Server left no process, and none of the kernels it started on egd (a stopping server
+    deletes the kernels it still has)."""
     assert not server.killed, f"Jupyter Server did not stop within {SERVER_STOP_TIMEOUT}s of SIGTERM"
     assert not wait_until_gone(str(server.notebooks), 10), "Jupyter Server processes left behind"
-    # A stopping Jupyter Server deletes the kernels it still has; none of those it started may remain.
     left = [kid for kid in server.kernel_ids if gateway.client.kernel(kid).status != 404]
     assert not left, f"kernels the Jupyter Server started are still on egd: {left}"
 

@@ -182,13 +182,17 @@ class Kernel:
 
     def let_go(self) -> None:
         """Let go of the kernel without stopping it (the gateway stops; the next one re-attaches)."""
+        self._disconnect()
+        self.hub.close_all(1001, "the gateway is restarting")
+
+    def _disconnect(self) -> None:
+        """Stop the heartbeat and close the ZeroMQ sockets (the kernel itself is not touched)."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
         if self._channels is not None:
             self._channels.close()
             self._channels = None
-        self.hub.close_all(1001, "the gateway is restarting")
 
     def assign(self, env: KernelEnv, working_dir: str | None) -> None:
         """Hand a pooled kernel to its user: from now on it is theirs (ownership, limits, restarts)."""
@@ -574,12 +578,7 @@ class Kernel:
         if announce:
             self._announce("dead")
         self.execution_state = "dead"
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-        if self._channels is not None:
-            self._channels.close()
-            self._channels = None
+        self._disconnect()
         self.hub.close_all(1000, "kernel died")
         self._on_gone(self)
 

@@ -22,3 +22,14 @@ apt_install() {
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "$@"
 }
+
+# no_service_start NAME: until this script exits, package scripts may not start services (the machine has no
+# systemd, and postinsts would start daemons through invoke-rc.d: a policy-rc.d answering 101 forbids it).
+# A policy-rc.d that already exists is left alone; one made here is removed at exit.
+no_service_start() {
+    [ -e /usr/sbin/policy-rc.d ] && return 0
+    printf '#!/bin/sh\n# created by egd tests/services (%s): do not start services from apt\nexit 101\n' "$1" \
+        > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+}

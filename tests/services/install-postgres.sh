@@ -13,14 +13,6 @@ if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && id postgres >/dev/null
     exit 0
 fi
 need_root install-postgres postgresql
-created_policy=""
-if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\n# created by egd tests/services/install-postgres.sh: do not start services from apt\nexit 101\n' \
-        > /usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    created_policy=1
-fi
-cleanup() { [ -z "$created_policy" ] || rm -f /usr/sbin/policy-rc.d; }
-trap cleanup EXIT
+no_service_start install-postgres
 apt_install install-postgres postgresql
 echo "install-postgres: done"

@@ -25,15 +25,7 @@ fi
 # shellcheck disable=SC2086  # word splitting of the package list is intended
 need_root install-ssh $missing
 
-created_policy=""
-if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\n# created by egd tests/services/install-ssh.sh: do not start services from apt\nexit 101\n' \
-        > /usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    created_policy=1
-fi
-cleanup() { [ -z "$created_policy" ] || rm -f /usr/sbin/policy-rc.d; }
-trap cleanup EXIT
+no_service_start install-ssh
 
 # shellcheck disable=SC2086
 apt_install install-ssh $missing
