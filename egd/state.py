@@ -83,6 +83,20 @@ class Summary:
     epoch: int
 
 
+#: Columns later versions added, with what older rows get.
+_ADDED_COLUMNS = {"gateway": "TEXT NOT NULL DEFAULT ''", "epoch": "INTEGER NOT NULL DEFAULT 1"}
+
+
+def _add_missing_columns(cursor: Any) -> None:
+    """Bring a store made by an older egd up to date (its rows stay valid)."""
+    cursor.execute("SELECT * FROM kernels WHERE 1 = 0")
+    present = {str(column[0]).lower() for column in cursor.description}
+    for name, definition in _ADDED_COLUMNS.items():
+        if name not in present:
+            log.info("state: adding column {name} to the store", name=name)
+            cursor.execute(f"ALTER TABLE kernels ADD COLUMN {name} {definition}")
+
+
 def load_or_create_key(path: str) -> bytes:
     """The store's encryption key from ``path``, created (mode 0600) if the file does not exist yet."""
     try:
@@ -130,6 +144,7 @@ class StateStore:
             "CREATE TABLE IF NOT EXISTS kernels (kernel_id TEXT PRIMARY KEY, username TEXT NOT NULL, "
             "spec TEXT NOT NULL, driver TEXT NOT NULL, updated REAL NOT NULL, gateway TEXT NOT NULL, "
             f"epoch INTEGER NOT NULL, sealed {self._dialect.blob} NOT NULL)")
+        await self._pool.runInteraction(_add_missing_columns)
         log.info("state: kernels are recorded in {where}", where=self.where)
 
     def close(self) -> None:
