@@ -156,3 +156,23 @@ def test_kill_9_with_an_ssh_kernel(tmp_path: Path, ssh_lab: Any) -> None:
         second.stop()
     for lab_host in ssh_lab.hosts:
         assert not lab_host.processes_matching("kernel_launcher"), "a launcher was left on a host"
+
+
+def test_store_of_an_earlier_version_is_brought_up_to_date(tmp_path: Path) -> None:
+    """A state store without the columns later versions added (gateway, epoch) is extended at start, not
+    refused."""
+    import sqlite3
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    with sqlite3.connect(runtime / "egd-state.sqlite") as db:
+        db.execute("CREATE TABLE kernels (kernel_id TEXT PRIMARY KEY, username TEXT NOT NULL, spec TEXT NOT NULL, "
+                   "driver TEXT NOT NULL, updated REAL NOT NULL, sealed BLOB NOT NULL)")
+    gw = persistent(runtime)
+    try:
+        assert gw.client.request("GET", "/readyz").json["checks"]["store"] == "ok"
+        assert "adding column gateway" in gw.log() and "adding column epoch" in gw.log()
+        kernel_id = gw.client.start_kernel()
+        assert gw.client.delete_kernel(kernel_id) == 204
+    finally:
+        gw.stop()
