@@ -130,7 +130,7 @@ def floor_spark(cluster: YarnCluster, tmp: Path, n: int) -> float:
     argv, env = spark_submit(cluster, program, f"floor-spark-{n}", tags=[f"yarnbench-{n}"], args=[str(marker)])
     started = time.monotonic()
     subprocess.run(argv, env=env, cwd=work, capture_output=True, check=True, timeout=180)
-    wait_until(marker.exists, 240, 0.05, what="the bare Spark app's SparkSession")
+    wait_until(lambda: marker.exists() and marker.read_text(), 240, 0.05, what="the bare Spark app's SparkSession")
     elapsed = time.monotonic() - started
     cluster.kill(marker.read_text().strip())
     return elapsed

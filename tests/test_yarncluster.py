@@ -152,7 +152,8 @@ def test_spark_cluster_mode_app_runs_and_is_killed(yarn_cluster: YarnCluster) ->
     assert apps[0]["applicationType"] == "SPARK"
     app = yarn_cluster.wait_for_state(app_id, {"RUNNING"}, timeout=150)
     print(f"spark app {app_id} RUNNING {time.monotonic() - started:.1f}s after spark-submit started")
-    wait_for(marker.exists, 30, "the program to write its marker")
+    # the program creates the file, then writes: wait for what it wrote, not for the file
+    wait_for(lambda: marker.exists() and marker.read_text(), 30, "the program to write its marker")
     assert marker.read_text() == app_id
     logs = yarn_cluster.app_logs(app_id)
     assert "SPARK READY" in logs
