@@ -158,6 +158,11 @@ class YarnKernel:
         watch.ended.addCallback(self._app_ended)
         watch.urgent = False
 
+    def persistent_state(self) -> dict[str, Any]:
+        """What a restarted gateway needs to find this kernel again: its application and its launcher."""
+        return {"app_id": self.watch.app_id, "user": self.user, "started_ms": self.watch.since_ms,
+                "remote": self.remote.persistent_state()}
+
     def _kernel_ended(self, status: ExitStatus) -> ExitStatus:
         # The launcher saw the kernel end; the application finishes right after: watch it closely.
         self._code = status.code
@@ -327,6 +332,35 @@ class YarnDriver(MultiService):
         log.info("kernel {kernel_id}: {app} runs it on {host}", kernel_id=request.kernel_id, app=watch.app_id,
                  host=info.get("hostname"))
         return kernel
+
+    def reattach(self, kernel_id: str, state: Mapping[str, Any], connection_info: dict[str, Any]) -> Deferred[Any]:
+        """The kernel a previous gateway started, if its application still runs and its launcher answers a
+        signed ping; ``LookupError`` otherwise (an application left running is killed)."""
+        async def reattach() -> YarnKernel:
+            app_id, user = str(state["app_id"]), str(state["user"])
+            remote_state = state["remote"]
+            app = await self.rm.app(app_id, self._user)
+            if app is None or app.get("state") != "RUNNING":
+                raise LookupError(f"YARN application {app_id} is {app.get('state') if app else 'unknown'}")
+            registration = self.listener.register(kernel_id, str(remote_state["secret"]).encode())
+            remote = RemoteKernel(self._reactor, registration, dict(remote_state["info"]),
+                                  str(connection_info["key"]), app_id, lambda _: None, self._no_force_kill)
+            watch = AppWatch(kernel_id, user, int(state.get("started_ms") or 0), lambda _: None, app_id=app_id)
+            watch.report = app
+            try:
+                if not await remote.ping():
+                    raise LookupError("its launcher says the kernel has ended")
+            except Exception as exc:
+                self.listener.unregister(registration)
+                await self.kill_app(watch, user)
+                raise LookupError(f"the kernel of {app_id} does not answer ({exc}); application killed") from None
+            self.watcher.watch(watch)
+            kernel = YarnKernel(self, remote, watch, user)
+            self._kernels[kernel_id] = kernel
+            log.info("kernel {kernel_id}: re-attached to {where}", kernel_id=kernel_id, where=kernel.describe())
+            return kernel
+
+        return Deferred.fromCoroutine(reattach())
 
     async def _no_force_kill(self, kernel: RemoteKernel) -> None:
         raise LaunchFailed("YARN kernels are killed through the ResourceManager")

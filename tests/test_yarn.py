@@ -75,8 +75,9 @@ def yarn_settings(cluster: YarnCluster, tmp: Path, **extra: Any) -> dict[str, An
     }
 
 
-def yarn_gateway(cluster: YarnCluster, tmp: Path, **extra: Any) -> GatewayProcess:
-    """egd with the yarn driver and this module's kernelspecs."""
+def yarn_gateway(cluster: YarnCluster, tmp: Path, state: dict[str, Any] | None = None,
+                 **extra: Any) -> GatewayProcess:
+    """egd with the yarn driver and this module's kernelspecs (``state``: its state section)."""
     specs = tmp / "specs"
     write_spec(specs, "yarn_python", 120, mode="python", memory="256m")
     write_spec(specs, "yarn_spark", 240, mode="spark", num_executors=1, max_executors=1)
@@ -85,6 +86,7 @@ def yarn_gateway(cluster: YarnCluster, tmp: Path, **extra: Any) -> GatewayProces
         "kernels": {"kernelspec_dirs": [str(KERNELSPECS), str(specs)], "launch_timeout": 120,
                     "heartbeat_interval": 1, "max_launch_timeout": 300},
         "drivers": {"local": {}, "yarn": yarn_settings(cluster, tmp, **extra)},
+        **({"state": state} if state else {}),
     })
 
 
@@ -295,3 +297,30 @@ def test_impersonation_runs_the_application_as_the_kernel_user(yarn_cluster: Yar
         assert not yarn_cluster.apps(startedTimeBegin=since), "an application was submitted for a refused user"
     finally:
         gw.stop()
+
+
+def test_kill_9_then_restart_reattaches_a_yarn_kernel(yarn_cluster: YarnCluster, tmp_path: Path) -> None:
+    """egd is SIGKILLed while a YARN kernel runs; the next egd with the same state finds the same application
+    running (RM) and its launcher answering (signed ping), and serves the kernel with its variables; DELETE
+    then ends the application."""
+    state = {"path": str(tmp_path / "state.sqlite"), "on_stop": "keep"}
+    first = yarn_gateway(yarn_cluster, tmp_path, state)
+    kernel_id = first.client.start_kernel("yarn_python")
+    app_id = app_of(first.client, kernel_id)
+    sock = first.client.connect(kernel_id)
+    sock.execute("w = 'kept in YARN'")
+    sock.close()
+    first.proc.kill()
+    first.proc.wait(10)
+    first.stop()
+    second = yarn_gateway(yarn_cluster, tmp_path, {**state, "on_stop": "shutdown"})
+    try:
+        assert [k["id"] for k in second.client.request("GET", "/api/kernels").json] == [kernel_id]
+        assert app_of(second.client, kernel_id) == app_id
+        sock = second.client.connect(kernel_id)
+        assert sock.execute("print(w)").stdout.strip() == "kept in YARN"
+        sock.close()
+        assert second.client.delete_kernel(kernel_id) == 204
+        assert yarn_cluster.app(app_id)["state"] in FINAL
+    finally:
+        second.stop()
