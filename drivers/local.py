@@ -38,7 +38,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest, impersonated_user
+from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest, check_settings, impersonated_user
 from egd.errors import Forbidden, LaunchFailed
 from egd.kernels.ports import PortAllocator
 
@@ -300,10 +300,7 @@ class LocalDriver(Service):
     def __init__(self, reactor: Any, settings: Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         self.name = "local"
-        unknown = set(settings) - _SETTINGS
-        if unknown:
-            raise ValueError(f"drivers.local: unknown setting(s) {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(sorted(_SETTINGS))})")
+        check_settings("local", settings, _SETTINGS)
         self._reactor = reactor
         self._runtime_dir = runtime_dir
         self._ip = str(settings.get("ip", "127.0.0.1"))

@@ -26,11 +26,11 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
-from egd.driverapi import LaunchedKernel, LaunchRequest, impersonated_user
+from egd.driverapi import LaunchedKernel, LaunchRequest, check_settings, impersonated_user, port_range_setting
 from egd.drivers.process import CapturedProcess
 from egd.errors import LaunchFailed, LaunchTimeout
 from egd.launchers import kernel_launcher
-from egd.remote import LaunchListener, LaunchRefused, RemoteKernel
+from egd.remote import LaunchListener, LaunchRefused, RemoteKernel, launcher_arguments
 
 log = Logger()
 
@@ -51,10 +51,7 @@ class SshDriver(MultiService):
                  port_range: tuple[int, int] | None) -> None:
         super().__init__()
         self.name = "ssh"
-        unknown = set(settings) - _SETTINGS
-        if unknown:
-            raise ValueError(f"drivers.ssh: unknown setting(s) {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(sorted(_SETTINGS))})")
+        check_settings("ssh", settings, _SETTINGS)
         self._reactor = reactor
         self._hosts: list[str] = [str(h) for h in settings.get("hosts", [])]
         if not self._hosts:
@@ -78,10 +75,7 @@ class SshDriver(MultiService):
         self._python = settings.get("python")
         self._launcher = str(settings.get("launcher_path", os.path.abspath(kernel_launcher.__file__)))
         self._log_dir = str(settings.get("log_dir", "/tmp"))
-        self._port_range = port_range
-        if settings.get("port_range"):
-            low, _, high = str(settings["port_range"]).partition("..")
-            self._port_range = (int(low), int(high))
+        self._port_range = port_range_setting(settings, port_range)
         self._next = 0
         self._running: dict[str, str] = {}  # kernel id -> host, for least-connection
         self._logins: set[tuple[str, str | None]] = set()  # (host, login) of every shared connection opened
@@ -142,14 +136,8 @@ class SshDriver(MultiService):
         python = self._python or (argv[0] if argv and os.path.isabs(argv[0]) else sys.executable)
         if argv and argv[0] in ("python", "python3"):
             argv[0] = python
-        command = ["exec", python, self._launcher, "--kernel-id", request.kernel_id,
-                   "--callback", f"{callback[0]}:{callback[1]}", "--log-dir", self._log_dir,
-                   "--startup-timeout", f"{request.timeout:g}"]
-        if self._port_range:
-            command += ["--port-range", f"{self._port_range[0]}..{self._port_range[1]}"]
-        if request.working_dir:
-            command += ["--working-dir", request.working_dir]
-        return [*command, "--", *argv]
+        return ["exec", python, self._launcher,
+                *launcher_arguments(request, callback, self._port_range, argv, "--log-dir", self._log_dir)]
 
     @property
     def impersonates(self) -> bool:

@@ -30,17 +30,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest, impersonated_user
+from egd.driverapi import (
+    ExitStatus,
+    LaunchedKernel,
+    LaunchRequest,
+    check_settings,
+    impersonated_user,
+    port_range_setting,
+)
 from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
 from egd.launchers import kernel_launcher
-from egd.remote import LaunchListener, Registration, RemoteKernel
+from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments
 
 log = Logger()
 
@@ -191,16 +198,12 @@ class YarnKernel:
     def kill(self) -> Deferred[None]:
         """Kill the application through the RM (as the kernel's user) and wait until YARN says it is over."""
         if self.exited.called:
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         return Deferred.fromCoroutine(self._driver.kill_app(self.watch, self.user))
 
     def cleanup(self) -> None:
         """Forget the launch and the watch."""
         self._driver.forget(self)
-
-
-async def _nothing() -> None:
-    return None
 
 
 class YarnDriver(MultiService):
@@ -210,10 +213,7 @@ class YarnDriver(MultiService):
                  port_range: tuple[int, int] | None) -> None:
         super().__init__()
         self.name = "yarn"
-        unknown = set(settings) - _SETTINGS
-        if unknown:
-            raise ValueError(f"drivers.yarn: unknown setting(s) {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(sorted(_SETTINGS))})")
+        check_settings("yarn", settings, _SETTINGS)
         managers = settings.get("resource_managers")
         if isinstance(managers, str):
             managers = [managers]
@@ -243,10 +243,7 @@ class YarnDriver(MultiService):
         self._ds_classpath = str(ds.get("classpath", _DEFAULT_DS_CLASSPATH))
         self._ds_am_memory = int(ds.get("am_memory_mb", 256))
         self._ds_java_options = str(ds.get("am_java_options", "-Xmx128m"))
-        self._port_range = port_range
-        if settings.get("port_range"):
-            low, _, high = str(settings["port_range"]).partition("..")
-            self._port_range = (int(low), int(high))
+        self._port_range = port_range_setting(settings, port_range)
         self.rm = ResourceManager(reactor, [str(m) for m in managers], float(settings.get("request_timeout", 10)))
         self.watcher = AppWatcher(reactor, self.rm, self._tag, self._user, float(settings.get("poll_interval", 2.0)),
                                   float(settings.get("fast_poll_interval", 0.5)))
@@ -367,18 +364,12 @@ class YarnDriver(MultiService):
 
     def _launcher_args(self, request: LaunchRequest, callback: tuple[str, int], secrets_file: str | None,
                        spark: bool) -> list[str]:
-        host, port = callback
-        args = ["--kernel-id", request.kernel_id, "--callback", f"{host}:{port}", "--foreground",
-                "--startup-timeout", f"{request.timeout:g}"]
+        options = ["--foreground"]
         if secrets_file:
-            args += ["--secrets-file", secrets_file]
+            options += ["--secrets-file", secrets_file]
         if spark:
-            args.append("--spark-session")
-        if self._port_range:
-            args += ["--port-range", f"{self._port_range[0]}..{self._port_range[1]}"]
-        if request.working_dir:
-            args += ["--working-dir", request.working_dir]
-        return [*args, "--", *request.spec.argv]
+            options.append("--spark-session")
+        return launcher_arguments(request, callback, self._port_range, request.spec.argv, *options)
 
     def _process_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EGD_")}

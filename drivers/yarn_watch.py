@@ -36,7 +36,6 @@ class AppWatch:
     on_report: Callable[[dict[str, Any]], None]
     app_id: str | None = None
     report: dict[str, Any] = field(default_factory=dict)
-    found: Deferred[dict[str, Any]] = field(default_factory=Deferred)
     ended: Deferred[dict[str, Any]] = field(default_factory=Deferred)
     #: True while something waits on this application (a launch or a kill): the watcher polls faster.
     urgent: bool = True
@@ -182,8 +181,6 @@ class AppWatcher:
         watch.report = app
         if watch.app_id is None:
             watch.app_id = str(app.get("id"))
-        if not watch.found.called:
-            watch.found.callback(app)
         if changed:
             watch.on_report(app)
         if watch.state in FINAL_STATES and not watch.ended.called:

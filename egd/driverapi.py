@@ -21,6 +21,22 @@ from egd.kernels.specs import KernelSpecInfo
 _LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
+def check_settings(driver: str, settings: Mapping[str, Any], known: frozenset[str]) -> None:
+    """``ValueError`` naming the settings of ``drivers.<driver>`` that the driver does not know (typos)."""
+    unknown = set(settings) - known
+    if unknown:
+        raise ValueError(f"drivers.{driver}: unknown setting(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(known))})")
+
+
+def port_range_setting(settings: Mapping[str, Any], default: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A driver's own ``port_range`` ("LOW..HIGH"), else the gateway's ``kernels.port_range``."""
+    if not settings.get("port_range"):
+        return default
+    low, _, high = str(settings["port_range"]).partition("..")
+    return int(low), int(high)
+
+
 def impersonated_user(username: str, prohibited: frozenset[str] | set[str] = frozenset({"root"})) -> str:
     """``username`` if a kernel may run as that user; :class:`Forbidden` (403) otherwise."""
     if not _LOGIN_NAME.match(username) or username in prohibited or username == "root":

@@ -23,13 +23,26 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
-from egd.driverapi import ExitStatus
+from egd.driverapi import ExitStatus, LaunchRequest
 from egd.launchers.kernel_launcher import MAX_LINE, NonceCache, sign, verify
 
 log = Logger()
 
 READ_DEADLINE = 10.0
 CONTROL_DEADLINE = 5.0
+
+
+def launcher_arguments(request: LaunchRequest, callback: tuple[str, int], port_range: tuple[int, int] | None,
+                       argv: list[str] | tuple[str, ...], *options: str) -> list[str]:
+    """The launcher's arguments (after its interpreter and script) for ``request``: where to call back, the
+    driver's own ``options``, then ``--`` and the kernel's ``argv``."""
+    args = ["--kernel-id", request.kernel_id, "--callback", f"{callback[0]}:{callback[1]}",
+            "--startup-timeout", f"{request.timeout:g}", *options]
+    if port_range:
+        args += ["--port-range", f"{port_range[0]}..{port_range[1]}"]
+    if request.working_dir:
+        args += ["--working-dir", request.working_dir]
+    return [*args, "--", *argv]
 
 
 class LaunchRefused(Exception):
