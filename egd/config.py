@@ -72,6 +72,19 @@ class ServerConfig:
     cors_max_age: int = 600
     #: GET /metrics without credentials (for a Prometheus that cannot send a token); it names users.
     metrics_public: bool = False
+    #: Host names (the Host header) served besides the loopback names (localhost, 127.0.0.1, [::1]). Without
+    #: credentials only these are served (DNS rebinding); with credentials, when not empty, too.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Open connections per listener; past it new connections are closed at once.
+    max_connections: int = 1000
+    #: Seconds a client has to send a request's whole header block (slowloris).
+    header_timeout: float = 10.0
+    #: How far one WebSocket client may fall behind its kernel's output (queued for it inside egd) before it
+    #: is disconnected (it then gets what it missed from its session's replay buffer when it reconnects).
+    client_backlog_bytes: int = 16 * 1024 * 1024
+    client_backlog_messages: int = 20_000
+    #: Absent sessions (with a session_id) whose messages one kernel keeps for a reconnect.
+    replay_buffer_sessions: int = 16
 
 
 @dataclass(frozen=True)
@@ -152,6 +165,9 @@ class AuthConfig:
     admin_users: tuple[str, ...] = ()
     admin_groups: tuple[str, ...] = ()
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: With distinct users (per-user tokens or JWT), every driver must run kernels as their users, or the
+    #: operator says with this switch that the users trust each other (their kernels share egd's OS user).
+    users_trust_each_other: bool = False
 
     @property
     def configured(self) -> bool:
@@ -440,6 +456,12 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "allow_methods": _strings,
         "cors_max_age": _number(0, 86400, integer=True),
         "metrics_public": _boolean,
+        "allowed_hosts": _strings,
+        "max_connections": _number(1, integer=True),
+        "header_timeout": _number(0.1),
+        "client_backlog_bytes": _number(64 * 1024, integer=True),
+        "client_backlog_messages": _number(16, integer=True),
+        "replay_buffer_sessions": _number(0, integer=True),
     },
     AuthConfig: {
         "token": _optional(_token),
@@ -448,6 +470,7 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "admin_users": _strings,
         "admin_groups": _strings,
         "groups": _groups,
+        "users_trust_each_other": _boolean,
     },
     StateConfig: {
         "store": _choice("sqlite", "postgresql", "none"),
