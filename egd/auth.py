@@ -23,7 +23,8 @@ import jwt
 
 from egd.config import AuthConfig
 
-_CLAIMED_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+#: A user name from a JWT: checked with fullmatch (``$`` would let "alice\n" through, a line in the audit log).
+_CLAIMED_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise AuthenticationFailed(f"invalid JWT ({type(exc).__name__})") from None
         user = claims.get(config.user_claim)
-        if not isinstance(user, str) or not _CLAIMED_USER.match(user):
+        if not isinstance(user, str) or not _CLAIMED_USER.fullmatch(user):
             raise AuthenticationFailed(f"the JWT's {config.user_claim} claim is not a user name")
         raw_groups = claims.get(config.groups_claim) or []
         groups = {g for g in raw_groups if isinstance(g, str)} if isinstance(raw_groups, list) else set()

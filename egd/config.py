@@ -33,8 +33,8 @@ ENV_OVERRIDES: dict[str, str] = {
 
 #: Overrides taken as text, never parsed as YAML (a token of digits must stay a string).
 _RAW_ENV = frozenset({"auth.token", "server.certfile", "server.keyfile", "state.dsn"})
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PORT_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_PORT_RANGE = re.compile(r"^(\d+)\.\.(\d+)\Z")
 
 
 class ConfigError(Exception):
@@ -77,7 +77,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     #: Open connections per listener; past it new connections are closed at once.
     max_connections: int = 1000
-    #: Seconds a client has to send a request's whole header block (slowloris).
+    #: Seconds a client has to send a request's whole header block, then again its body (slowloris).
     header_timeout: float = 10.0
     #: How far one WebSocket client may fall behind its kernel's output (queued for it inside egd) before it
     #: is disconnected (it then gets what it missed from its session's replay buffer when it reconnects).
@@ -265,7 +265,7 @@ def _token(value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
-_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?\Z|^\*\Z")
 
 
 def _origins(value: Any, path: str, problems: list[str]) -> Any:
@@ -281,8 +281,8 @@ def _origins(value: Any, path: str, problems: list[str]) -> Any:
     return origins
 
 
-_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")  # \Z: "$" allows a final newline
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def _users(value: Any, path: str, problems: list[str]) -> Any:

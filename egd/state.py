@@ -7,14 +7,28 @@ message key), the driver's handle (pids, hosts, launch secrets) and the request'
 without it is unreadable.
 
 The embedded store is SQLite through Twisted's ``adbapi`` (one connection in a worker thread, so the reactor
-never waits on the disk).
+never waits on the disk). An SQLite store belongs to one gateway: it is locked (``flock`` on ``<store>.lock``,
+held for the life of the process, so a lock of a gateway that died vanishes with it) and a second gateway on
+the same store refuses to start, naming the holder. Gateways that share kernels share a PostgreSQL store.
+
+The store, its key, its lock and the SQLite journals are readable by egd's OS user only (0600; looser files are
+made so, with a warning), in a directory nobody else may list or write (egd makes it 0700; an existing one that
+is open to others is warned about): kernels that run as other users (impersonation) cannot read kernel keys.
+A store that cannot be written is refused at start (a probe row is written and deleted); at run time a failed
+write is logged once per episode and turns the readiness check ``store`` to not ready until a write succeeds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import stat
+import uuid
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -22,8 +36,96 @@ from twisted.enterprise import adbapi
 from twisted.logger import Logger
 
 from egd.config import StateConfig
+from egd.util import Episode, describe
 
 log = Logger()
+#: Files beside an SQLite store that hold its data too (SQLite gives them the store's mode, but an older egd or
+#: an operator may have loosened them).
+_SQLITE_COMPANIONS = ("-journal", "-wal", "-shm", ".lock")
+
+
+class StoreUnusable(Exception):
+    """The state store cannot be used by this gateway (locked by another one, not writable): egd does not
+    start. The text says why and what to do."""
+
+
+def make_private(path: str, directory: bool = False) -> None:
+    """Check that a file of the store is egd's alone (0600 at most) and a directory of it lets nobody else list or
+    change it (others may pass through, as impersonated kernels must through the runtime directory).
+
+    A file of egd's user that is open to others (made by an older version or by hand) is made 0600, with a
+    warning. A directory is only warned about: it may hold more than the store (a home directory), and changing
+    its mode could break what else uses it. So is a file egd cannot change (another owner)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(status.st_mode)
+    loose = mode & (0o066 if directory else 0o077)
+    if not loose:
+        return
+    wanted = mode & ~(0o066 if directory else 0o077)
+    if not directory and status.st_uid == os.geteuid():
+        try:
+            os.chmod(path, wanted)
+        except OSError as exc:
+            log.warn("state: {path} is open to other users (mode {mode:o}) and egd could not change that ({why}): "
+                     "they may read kernel keys", path=path, mode=mode, why=exc.strerror)
+            return
+        log.warn("state: {path} was open to other users (mode {mode:o}); it is {wanted:o} now", path=path,
+                 mode=mode, wanted=wanted)
+        return
+    log.warn("state: {path} is open to other users (mode {mode:o}, owner uid {uid}): they may read or replace "
+             "kernel keys (chmod {wanted:o} closes it)", path=path, mode=mode, uid=status.st_uid, wanted=wanted)
+
+
+class StoreLock:
+    """The lock that makes an SQLite store one gateway's: ``flock`` on a file beside it, held as long as this
+    process lives (the kernel releases it when the process ends, however it ends), naming its holder."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, store: str) -> None:
+        """Take the lock, or :class:`StoreUnusable` naming the gateway that has it."""
+        try:
+            # O_CLOEXEC: a kernel started by this gateway must not hold the lock after the gateway has gone;
+            # O_NOFOLLOW: a link planted in a directory open to others must not make egd truncate its target.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StoreUnusable(f"the state store {store} cannot be written: its lock file {self.path} cannot be "
+                                f"created ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise StoreUnusable(
+                f"the state store {store} is in use by another egd ({holder}). An SQLite store belongs to one "
+                "gateway: give this one its own kernels.runtime_dir or state.path, or let the gateways share a "
+                "PostgreSQL store (state.store: postgresql)") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+        self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            return (f"pid {int(holder['pid'])} on host {str(holder['host'])[:100]}, "
+                    f"started {str(holder['started'])[:40]}")
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its pid is not recorded yet"
+
+    def release(self) -> None:
+        """Let go (at the end of the process: closing the file releases the lock)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
 @dataclass(frozen=True)
 class _Dialect:
@@ -99,12 +201,14 @@ def _add_missing_columns(cursor: Any) -> None:
 
 def load_or_create_key(path: str) -> bytes:
     """The store's encryption key from ``path``, created (mode 0600) if the file does not exist yet."""
+    make_private(path)
     try:
         with open(path, "rb") as handle:
             return handle.read().strip()
     except FileNotFoundError:
         pass
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    make_private(os.path.dirname(path) or ".", directory=True)
     key = Fernet.generate_key()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -124,6 +228,9 @@ class StateStore:
         self.where = where
         self.path = path
         self._pool: adbapi.ConnectionPool | None = None
+        self._lock = StoreLock(f"{path}.lock") if path is not None else None
+        #: Writes failing now (logged once per episode; the readiness check reports it).
+        self.writes = Episode(f"state store {where}: writing", log)
 
     @property
     def shared(self) -> bool:
@@ -134,24 +241,84 @@ class StateStore:
         return text.replace("?", self._dialect.mark)
 
     async def open(self) -> None:
-        """Connect (an SQLite file is created private to egd's user) and create the table."""
+        """Lock an SQLite store (created private to egd's user), connect, create the table and check that it can
+        be written: :class:`StoreUnusable` when another gateway holds it or a write fails."""
         if self.path is not None:
-            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-            if not os.path.exists(self.path):
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            self._open_file(self.path)
         self._pool = adbapi.ConnectionPool(self._dialect.module, *self._connect, cp_noisy=False, **self._options)
-        await self._pool.runOperation(
-            "CREATE TABLE IF NOT EXISTS kernels (kernel_id TEXT PRIMARY KEY, username TEXT NOT NULL, "
-            "spec TEXT NOT NULL, driver TEXT NOT NULL, updated REAL NOT NULL, gateway TEXT NOT NULL, "
-            f"epoch INTEGER NOT NULL, sealed {self._dialect.blob} NOT NULL)")
-        await self._pool.runInteraction(_add_missing_columns)
+        try:
+            await self._pool.runOperation(
+                "CREATE TABLE IF NOT EXISTS kernels (kernel_id TEXT PRIMARY KEY, username TEXT NOT NULL, "
+                "spec TEXT NOT NULL, driver TEXT NOT NULL, updated REAL NOT NULL, gateway TEXT NOT NULL, "
+                f"epoch INTEGER NOT NULL, sealed {self._dialect.blob} NOT NULL)")
+            await self._pool.runInteraction(_add_missing_columns)
+            await self._pool.runInteraction(self._write_probe)
+        except Exception as exc:
+            raise StoreUnusable(f"the state store {self.where} cannot be written ({describe(exc)}): kernels started "
+                                "now could not be found again after a restart") from None
         log.info("state: kernels are recorded in {where}", where=self.where)
+
+    def _open_file(self, path: str) -> None:
+        """An SQLite store's directory and files: private to egd's user, and locked by this gateway."""
+        directory = os.path.dirname(path) or "."
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnusable(f"the state store's directory {directory} cannot be made ({exc.strerror})") from None
+        make_private(directory, directory=True)
+        assert self._lock is not None
+        self._lock.acquire(path)
+        try:
+            if not os.path.exists(path):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError as exc:
+            self._lock.release()
+            raise StoreUnusable(f"the state store {path} cannot be created ({exc.strerror})") from None
+        for name in (path, *(path + suffix for suffix in _SQLITE_COMPANIONS)):
+            make_private(name)
+
+    def _write_probe(self, cursor: Any) -> None:
+        """Write a row and take it back in one transaction (nobody else ever sees it): raises if the store
+        cannot be written (a read-only file or file system, a full disk, a database user without rights)."""
+        probe = f"~write-check-{uuid.uuid4().hex}"  # never a kernel id (those are UUIDs)
+        cursor.execute(self._sql(f"INSERT INTO kernels ({', '.join(_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                       (probe, "", "", "", 0.0, "", 0, b""))
+        cursor.execute(self._sql("DELETE FROM kernels WHERE kernel_id = ?"), (probe,))
+
+    async def check_writable(self) -> bool:
+        """Whether a write succeeds now (a probe row); the outcome counts like any write (see ``writes``)."""
+        try:
+            await self._writing(self._require().runInteraction(self._write_probe))
+        except Exception:
+            return False
+        return True
+
+    async def _writing(self, work: Awaitable[Any]) -> Any:
+        """Await a write; note its failure (logged once per episode, the store is then not ready) or success."""
+        try:
+            result = await work
+        except Exception as exc:
+            self.writes.failed(describe(exc))
+            raise
+        self.writes.recovered()
+        return result
+
+    @property
+    def problem(self) -> str | None:
+        """Readiness: None while the store is open and writable, otherwise what is wrong."""
+        if self._pool is None:
+            return "the state store is not open"
+        if self.writes.problem is not None:
+            return f"the state store cannot be written: {self.writes.problem}"
+        return None
 
     def close(self) -> None:
         """Close the connections."""
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._lock is not None:
+            self._lock.release()
 
     @property
     def ready(self) -> bool:
@@ -169,14 +336,15 @@ class StateStore:
         cols = ", ".join(_COLUMNS)
         marks = ", ".join([self._dialect.mark] * len(_COLUMNS))
         sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])
-        await self._require().runOperation(
+        await self._writing(self._require().runOperation(
             self._dialect.upsert.format(cols=cols, marks=marks, sets=sets),
             (record.kernel_id, record.username, record.spec, record.driver, record.updated, record.gateway,
-             record.epoch, sealed))
+             record.epoch, sealed)))
 
     async def delete(self, kernel_id: str) -> None:
         """Forget a kernel."""
-        await self._require().runOperation(self._sql("DELETE FROM kernels WHERE kernel_id = ?"), (kernel_id,))
+        await self._writing(self._require().runOperation(self._sql("DELETE FROM kernels WHERE kernel_id = ?"),
+                                                         (kernel_id,)))
 
     async def claim(self, kernel_id: str, gateway: str, epoch: int) -> bool:
         """Take a kernel over if its record is still at ``epoch`` (compare and set: of gateways racing for it,
@@ -186,7 +354,7 @@ class StateStore:
                                      "WHERE kernel_id = ? AND epoch = ?"), (gateway, kernel_id, epoch))
             return int(cursor.rowcount)
 
-        return bool(await self._require().runInteraction(update))
+        return bool(await self._writing(self._require().runInteraction(update)))
 
     async def summaries(self) -> dict[str, Summary]:
         """Every kernel's clear columns (cheap: nothing is decrypted)."""
@@ -227,6 +395,7 @@ def store_from_config(state: StateConfig, runtime_dir: str) -> StateStore | None
         if not state.secret_key_file:
             raise ValueError("state.secret_key_file: several gateways share a PostgreSQL store; give them the "
                              "same key file (`egd state-key > FILE` makes one)")
+        make_private(state.secret_key_file)
         with open(state.secret_key_file, "rb") as handle:
             key = handle.read().strip()
         dsn = state.dsn or ""

@@ -29,6 +29,9 @@ TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789a
           "carol": "carol-token-0123456789abcdef"}
 SHARED = "shared-token-0123456789abcdef"
 HS_SECRET = "an-hs256-secret-of-at-least-32-characters!"
+#: These gateways run local kernels as egd's own OS user: separation here is the API's, which these tests check
+#: (kernels as their users: tests/test_impersonation.py). Without this switch egd refuses to start.
+TRUSTING = {"users_trust_each_other": True}
 
 
 def _users() -> dict[str, Any]:
@@ -40,7 +43,7 @@ def _users() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def multi() -> Iterator[GatewayProcess]:
     """A gateway with a shared token, three per-user tokens (carol is an admin) and HS256 JWTs."""
-    gw = GatewayProcess({"auth": {"token": SHARED, "users": _users(), "admin_groups": ["ops"],
+    gw = GatewayProcess({"auth": {"token": SHARED, "users": _users(), "admin_groups": ["ops"], **TRUSTING,
                                   "jwt": {"algorithm": "HS256", "secret": HS_SECRET, "audience": "egd",
                                           "user_claim": "preferred_username"}}})
     yield gw
@@ -175,7 +178,8 @@ def test_rs256_jwt(tmp_path: Path) -> None:
     public = key.public_key().public_bytes(serialization.Encoding.PEM,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
     (tmp_path / "jwt.pub").write_bytes(public)
-    gw = GatewayProcess({"auth": {"jwt": {"algorithm": "RS256", "public_key_file": str(tmp_path / "jwt.pub"),
+    gw = GatewayProcess({"auth": {**TRUSTING,
+                                  "jwt": {"algorithm": "RS256", "public_key_file": str(tmp_path / "jwt.pub"),
                                           "audience": "egd", "issuer": "https://idp.example"}}})
     try:
         claims = {"sub": "frank", "aud": "egd", "iss": "https://idp.example", "exp": int(time.time()) + 300}
@@ -216,7 +220,7 @@ def test_kernelspec_groups(tmp_path: Path) -> None:
     spec_dir.joinpath("kernel.json").write_text(json.dumps({
         "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "Data team",
         "language": "python", "metadata": {"egd": {"config": {"authorized_users": ["@data"]}}}}))
-    gw = GatewayProcess({"auth": {"users": _users(), "groups": {"data": ["bob"]},
+    gw = GatewayProcess({"auth": {"users": _users(), "groups": {"data": ["bob"]}, **TRUSTING,
                                   "jwt": {"algorithm": "HS256", "secret": HS_SECRET, "audience": "egd"}},
                          "kernels": {"kernelspec_dirs": [str(tmp_path / "specs")]}})
     try:

@@ -64,7 +64,8 @@ def test_pooled_kernels_are_per_user_private(tmp_path: Path) -> None:
 
     tokens = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef"}
     users: dict[str, Any] = {name: {"token_sha256": token_digest(t)} for name, t in tokens.items()}
-    gw = GatewayProcess({"kernels": {"pools": {"python3": 1}}, "auth": {"users": users}})
+    gw = GatewayProcess({"kernels": {"pools": {"python3": 1}},
+                         "auth": {"users": users, "users_trust_each_other": True}})
     try:
         wait_until(lambda: "pool python3: kernel" in gw.log(), 60, 0.2, what="the pool to fill")
         alice = GatewayClient(gw.url, tokens["alice"])

@@ -24,13 +24,12 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from egd.config import KernelsConfig
 from egd.kernels.kernel import Kernel, KernelState
 from egd.kernels.specs import KernelSpecInfo
-from egd.util import Background
+from egd.util import Background, ResilientLoop
 
 log = Logger()
 audit = Logger(namespace="egd.audit")
@@ -90,8 +89,8 @@ class KernelCuller(Service):
         self._config = config
         self._kernels = kernels
         self._clock = clock
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = clock
+        # A pass that fails (a kernel table that cannot be read) is logged and the next one runs all the same.
+        self._loop = ResilientLoop(self.check, config.cull_interval, clock, "kernel culler")
         self._culling: set[str] = set()
         self._background = Background()
 
@@ -99,16 +98,13 @@ class KernelCuller(Service):
         """Start checking. Always, even when the gateway's timeouts are 0: a kernelspec may turn culling on for
         its own kernels, and a pass over the kernel table costs next to nothing."""
         super().startService()
-        if not self._loop.running:
-            # now=False: a gateway that has just started has no kernel that could be due.
-            self._loop.start(self._config.cull_interval, now=False).addErrback(
-                lambda f: log.failure("the kernel culler stopped", f))
+        # now=False: a gateway that has just started has no kernel that could be due.
+        self._loop.start(now=False)
 
     def stopService(self) -> Deferred[Any]:  # noqa: N802 - Twisted hook
         """Stop checking; fires when culls in flight have finished."""
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        self._loop.stop()
         return self._background.wait()
 
     def check(self) -> list[Deferred[None]]:

@@ -3,7 +3,13 @@
 Enterprise Gateway's rules with Jupyter Kernel Gateway's safer default: from the request only ``KERNEL_*``
 variables and the configured ``client_envs`` pass; from the gateway's own environment only the configured
 ``inherited_envs`` pass, whether or not the request has an ``env``. The kernelspec's ``env`` is applied with
-``${VAR}`` substitution, and the request's values beat it. A rejected value is never echoed back.
+``${VAR}`` substitution, and the request's values beat it. A rejected value is never echoed back; a value
+that cannot be passed to a process (not encodable as UTF-8: a lone surrogate) is refused like any bad value.
+
+A kernel belongs to the user named by ``KERNEL_USERNAME``. A kernel started without one (by a trusted client
+with the shared token, or by the local operator) belongs to :data:`UNNAMED_OWNER`, a name no account can have
+(it is not a user name), so that no per-user token or JWT user, whatever their name, owns it; inside the kernel
+``KERNEL_USERNAME`` is then egd's OS user, as Jupyter's own kernels see it.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from egd.errors import BadRequest
 
 MAX_VALUE_LENGTH = 4096
 MAX_VARIABLES = 256
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # used with fullmatch: "$" would allow a final newline
 # Defence in depth: none of these has a use in a variable a client sends, all of them have uses in attacks.
 _PROHIBITED = re.compile(r"[\x00\r\n$`]")
 #: Set by egd; a request cannot override them.
 SYSTEM_OWNED = frozenset({"KERNEL_GATEWAY", "KERNEL_ID"})
+#: The owner of kernels started without ``KERNEL_USERNAME``: not a user name (egd's and the drivers' user name
+#: checks refuse it), so no credential is ever this user, and a driver never runs a kernel as it.
+UNNAMED_OWNER = "(gateway)"
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,19 @@ class KernelEnv:
             env[key] = string.Template(str(value)).safe_substitute(base)
         env.update(self.client)
         env["KERNEL_ID"] = self.kernel_id
-        env["KERNEL_USERNAME"] = self.username
+        env["KERNEL_USERNAME"] = getpass.getuser() if self.username == UNNAMED_OWNER else self.username
         env["KERNEL_GATEWAY"] = "1"
         return env
+
+
+def _encodable(value: str) -> bool:
+    """Whether ``value`` can reach a process's environment (and the connection file, logs and state store) as
+    UTF-8: JSON lets a client send lone surrogates (``"\\ud800"``), which no encoder accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_kernel_id(value: Any) -> str:
@@ -79,7 +98,7 @@ def build_kernel_env(
     allow_all = "*" in client_envs
     client: dict[str, str] = {}
     for name, value in requested.items():
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise BadRequest("env has a name that is not a valid environment variable name")
         if not (name.startswith("KERNEL_") or allow_all or name in client_envs) or name == "KERNEL_GATEWAY":
             continue
@@ -87,11 +106,11 @@ def build_kernel_env(
             raise BadRequest(f"Environment variable '{name}' must be a string")
         if len(value) > MAX_VALUE_LENGTH:
             raise BadRequest(f"Environment variable '{name}' is longer than {MAX_VALUE_LENGTH} characters")
-        if _PROHIBITED.search(value):
+        if _PROHIBITED.search(value) or not _encodable(value):
             raise BadRequest(f"Environment variable '{name}' contains prohibited characters")
         client[name] = value
     kernel_id = check_kernel_id(client.pop("KERNEL_ID")) if "KERNEL_ID" in client else str(uuid.uuid4())
-    username = client.get("KERNEL_USERNAME") or getpass.getuser()
+    username = client.get("KERNEL_USERNAME") or UNNAMED_OWNER
     timeout = default_launch_timeout
     if "KERNEL_LAUNCH_TIMEOUT" in client:
         try:

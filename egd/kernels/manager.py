@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from egd.auth import LOCAL_OPERATOR, Identity
@@ -20,7 +19,7 @@ from egd.config import Config
 from egd.errors import Conflict, Forbidden, KernelNotFound, ServiceUnavailable
 from egd.kernels import wire
 from egd.kernels.culler import KernelCuller
-from egd.kernels.env import KernelEnv, build_kernel_env
+from egd.kernels.env import UNNAMED_OWNER, KernelEnv, build_kernel_env
 from egd.kernels.hub import ReplayLimits
 from egd.kernels.kernel import Kernel, KernelPolicy
 from egd.kernels.pool import KernelPool
@@ -29,13 +28,18 @@ from egd.kernels.zmqio import ReactorZmqFactory, shutdown_factory
 from egd.metrics import GatewayMetrics, Readiness, services_running
 from egd.registry import DriverRegistry
 from egd.state import KernelRecord, StateStore, Summary
-from egd.util import shield
+from egd.util import ResilientLoop, shield, wait_for
 
 log = Logger()
 #: Seconds a re-attached kernel has to answer kernel_info before it counts as gone.
 _ADOPT_TIMEOUT = 10.0
 #: Seconds between looks at a shared store for kernels other gateways took over.
 _SYNC_INTERVAL = 2.0
+#: Seconds a start waits for its kernel's record to be written before answering anyway.
+_RECORD_WAIT = 5.0
+#: Seconds between write checks of the state store (a store can become read-only, full or refuse this gateway's
+#: database user at any time; readiness must say so even when no kernel starts or stops meanwhile).
+_STORE_CHECK_INTERVAL = 10.0
 
 
 def _summary_model(summary: Summary) -> dict[str, Any]:
@@ -72,9 +76,14 @@ class KernelManager(Service):
         self.gateway_id = uuid.uuid4().hex[:12]
         self._epochs: dict[str, int] = {}
         self._saved: set[str] = set()
+        #: Record writes in flight, by kernel id (a start answers once its kernel's is done).
+        self._recording: dict[str, Deferred[Any]] = {}
         self._others: dict[str, Summary] = {}
-        self._adopting: dict[str, Deferred[None]] = {}
-        self._syncing: LoopingCall | None = None
+        self._adopting: dict[str, Deferred[Exception | None]] = {}
+        self._syncing: ResilientLoop | None = None
+        self._store_check: ResilientLoop | None = None
+        #: Kernels whose record could not be deleted (the store failed): deleted when it works again.
+        self._undeleted: set[str] = set()
         self._config = config
         self._reactor = reactor
         self.specs = specs
@@ -91,13 +100,14 @@ class KernelManager(Service):
         self.readiness.add("drivers", services_running(lambda: drivers.names, "drivers"))
         self.readiness.add("kernels", self._accepts_work)
         if store is not None:
-            self.readiness.add("store", lambda: None if store.ready else "the state store is not open")
+            self.readiness.add("store", lambda: store.problem)
         kc, sc = config.kernels, config.server
         self._policy = KernelPolicy(
             shutdown_wait=kc.shutdown_wait, restart_limit=kc.restart_limit,
             stable_start_seconds=kc.stable_start_seconds, heartbeat_interval=kc.heartbeat_interval,
             heartbeat_misses=kc.heartbeat_misses,
-            replay=ReplayLimits(sc.replay_buffer_messages, sc.replay_buffer_bytes, sc.replay_buffer_seconds))
+            replay=ReplayLimits(sc.replay_buffer_messages, sc.replay_buffer_bytes, sc.replay_buffer_seconds,
+                                sc.replay_buffer_sessions, sc.client_backlog_messages, sc.client_backlog_bytes))
         #: Ready kernels per kernelspec (kernels.pools), started when the manager starts.
         self.pool = KernelPool(kc.pools, self._start_pooled, reactor)
         #: Idle and busy kernels are culled on the same clock as everything else (task.Clock in tests).
@@ -173,6 +183,10 @@ class KernelManager(Service):
             except ServiceUnavailable:
                 self.metrics.start_refused("unavailable")
                 raise
+            if user == UNNAMED_OWNER and getattr(driver, "impersonates", False):
+                # Runs kernels as their users: one without a user has no account to run as (never egd's own).
+                self.metrics.start_refused("unauthorized")
+                raise Forbidden(f"Kernels of '{spec.display_name}' run as their user: KERNEL_USERNAME is needed")
             if kernel_env.kernel_id in self.kernels:  # claimed while the spec was being read
                 raise Conflict(f"A kernel with id {kernel_env.kernel_id} already exists")
         finally:
@@ -201,6 +215,7 @@ class KernelManager(Service):
         waiter = shield(launch)
         launch.addErrback(lambda _: None)  # the failure reaches the client through ``waiter``
         await waiter
+        await self._recorded(kernel)
         return kernel
 
     async def _start_pooled(self, name: str) -> Kernel:
@@ -231,6 +246,7 @@ class KernelManager(Service):
                 log.warn("kernel {kernel_id}: could not change to {path}: {why}", kernel_id=kernel.id, path=asked,
                          why=str(exc) or type(exc).__name__)
         self._record(kernel)
+        await self._recorded(kernel)
         log.info("kernel {kernel_id}: {spec} from the pool for {user}", kernel_id=kernel.id, spec=kernel.spec.name,
                  user=env.username)
         audit.info("kernel start {kernel_id} user={user} spec={spec} pooled=yes", kernel_id=kernel.id,
@@ -277,11 +293,44 @@ class KernelManager(Service):
             self._saved.discard(kernel.id)
             self._epochs.pop(kernel.id, None)
             if self.store is not None:
-                self._store_call(self.store.delete(kernel.id), f"forgetting kernel {kernel.id}")
+                self._store_call(self._delete_record(kernel.id), f"forgetting kernel {kernel.id}")
 
-    def _store_call(self, work: Any, what: str) -> None:
-        """Run a store operation in the background; a failure is logged (the kernel itself is unaffected)."""
-        ensureDeferred(work).addErrback(lambda f: log.failure("state store: {what} failed", f, what=what))
+    async def _delete_record(self, kernel_id: str) -> None:
+        assert self.store is not None
+        try:
+            await self.store.delete(kernel_id)
+        except Exception:
+            self._undeleted.add(kernel_id)
+            raise
+        self._undeleted.discard(kernel_id)
+
+    def _store_call(self, work: Any, what: str) -> Deferred[Any]:
+        """Run a store write in the background (the Deferred never fails); the kernel itself is unaffected by a
+        failure, which the store logs once per episode (and readiness reports); each one is at debug level here.
+        The write is made again when the store works again (see :meth:`_check_store`)."""
+        return ensureDeferred(work).addErrback(
+            lambda f: log.debug("state store: {what} failed: {why}", what=what, why=f.getErrorMessage()))
+
+    async def _recorded(self, kernel: Kernel) -> None:
+        """Wait (a little) for the write of ``kernel``'s record: a client learns of a kernel once another gateway
+        sharing the store, or this one after a restart, can find it. A write that fails or hangs is the store's
+        problem (logged, /readyz): the kernel is handed out anyway, and recorded when the store works again."""
+        write = self._recording.pop(kernel.id, None)
+        if write is not None:
+            await wait_for(write, _RECORD_WAIT, self._reactor)
+
+    async def _check_store(self) -> None:
+        """Every few seconds: is the store writable? When it is (again), write what failed meanwhile: the records
+        of running kernels not recorded yet (or they would be lost to a restart) and the deletions."""
+        assert self.store is not None
+        if not await self.store.check_writable():
+            return
+        for kernel_id in list(self._undeleted):
+            if kernel_id not in self.kernels:
+                await self._delete_record(kernel_id)
+        for kernel in self.list():
+            if kernel.id not in self._saved and kernel.state.value == "running":
+                self._record(kernel)
 
     def _record(self, kernel: Kernel) -> None:
         """Record a ready kernel (again after each restart: its handle changed)."""
@@ -298,7 +347,10 @@ class KernelManager(Service):
                               kernel.working_dir, kernel.launch_timeout, self._reactor.seconds())
         record.gateway = self.gateway_id
         record.epoch = self._epochs.setdefault(kernel.id, 1)
-        self._store_call(self._save(record), f"recording kernel {kernel.id}")
+        write = self._store_call(self._save(record), f"recording kernel {kernel.id}")
+        if not write.called:
+            self._recording[kernel.id] = write
+            write.addBoth(lambda result: (self._recording.pop(kernel.id, None), result)[1])
 
     async def _save(self, record: KernelRecord) -> None:
         assert self.store is not None
@@ -319,13 +371,17 @@ class KernelManager(Service):
         assert self.store is not None
         kernel: Kernel | None = None
         try:
-            spec = await self.specs.get(record.spec)
+            # A running kernel is managed even if its spec is no longer offered (it can be shut down).
+            spec = await self.specs.get(record.spec, offered_only=False)
             driver = self._drivers.get(record.driver)
             reattach = getattr(driver, "reattach", None)
             if reattach is None:
                 raise LookupError(f"driver {record.driver} cannot re-attach to kernels")
             handle = await maybeDeferred(reattach, record.kernel_id, record.handle, record.connection)
-            kernel = Kernel(record.kernel_id, spec, KernelEnv(**record.env), driver, self._zmq, self._reactor,
+            env = KernelEnv(**record.env)
+            if "KERNEL_USERNAME" not in env.client:  # recorded by an older egd with its OS user as the owner
+                env = replace(env, username=UNNAMED_OWNER)
+            kernel = Kernel(record.kernel_id, spec, env, driver, self._zmq, self._reactor,
                             self._policy, record.launch_timeout, record.working_dir, self._forget)
             self._watch_ownership(kernel)
             self._epochs[kernel.id] = record.epoch
@@ -338,7 +394,7 @@ class KernelManager(Service):
             if kernel is not None:
                 self._forget(kernel)
             else:
-                await self.store.delete(record.kernel_id)
+                await self._delete_record(record.kernel_id)
             return None
         audit.info("kernel re-attached {kernel_id} user={user} spec={spec}", kernel_id=kernel.id,
                    user=record.username, spec=record.spec)
@@ -399,11 +455,22 @@ class KernelManager(Service):
             return self.owned(kernel_id, identity, action)
         pending = self._adopting.get(kernel_id)
         if pending is None:
-            pending = ensureDeferred(self._take_over(kernel_id, identity, action))
+            pending = Deferred.fromCoroutine(self._try_take_over(kernel_id, identity, action))
             self._adopting[kernel_id] = pending
             pending.addBoth(lambda result: (self._adopting.pop(kernel_id, None), result)[1])
-        await shield(pending)
+        failure = await shield(pending)
+        if failure is not None:
+            raise failure
         return self.owned(kernel_id, identity, action)
+
+    async def _try_take_over(self, kernel_id: str, identity: Identity, action: str) -> Exception | None:
+        """:meth:`_take_over`, its failure returned rather than raised: it is shared by every request that
+        waits for the same take-over, and each of them raises it."""
+        try:
+            await self._take_over(kernel_id, identity, action)
+        except Exception as exc:
+            return exc
+        return None
 
     async def _take_over(self, kernel_id: str, identity: Identity, action: str) -> None:
         assert self.store is not None
@@ -467,14 +534,18 @@ class KernelManager(Service):
         store = self.store
 
         async def restore() -> None:
-            await store.open()
+            await store.open()  # an SQLite store is locked from here on: no other gateway re-attaches our kernels
             if store.shared:
-                # Kernels are taken over when they are used; a sync notices the ones others took.
-                self._syncing = LoopingCall(lambda: ensureDeferred(self._sync()))
-                self._syncing.clock = self._reactor
-                self._syncing.start(_SYNC_INTERVAL).addErrback(lambda f: log.failure("state sync stopped", f))
+                # Kernels are taken over when they are used; a sync notices the ones others took. A failed sync
+                # (the database is away) is logged once and tried again: the loop must not end with it.
+                self._syncing = ResilientLoop(lambda: ensureDeferred(self._sync()), _SYNC_INTERVAL, self._reactor,
+                                              "state store: sync with the other gateways")
+                self._syncing.start()
             else:
                 await self._restore()
+            self._store_check = ResilientLoop(lambda: ensureDeferred(self._check_store()), _STORE_CHECK_INTERVAL,
+                                              self._reactor, "state store: write check")
+            self._store_check.start(now=False)
             self.pool.start()
 
         return ensureDeferred(restore())
@@ -485,8 +556,9 @@ class KernelManager(Service):
         super().stopService()
         self.culler.stopService()  # a cull in flight holds its kernel's lock: stopping that kernel waits for it
         async def stop() -> None:
-            if self._syncing is not None and self._syncing.running:
-                self._syncing.stop()
+            for loop in (self._syncing, self._store_check):
+                if loop is not None:
+                    loop.stop()
             try:
                 await self.pool.drain()
                 await self._stop_kernels()

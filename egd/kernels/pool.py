@@ -92,12 +92,15 @@ class KernelPool:
     def take(self, name: str) -> Kernel | None:
         """A ready kernel of ``name`` (it leaves the pool, which starts a replacement), or None."""
         kernels = self._ready.get(name)
-        while kernels:
+        taken = None
+        while kernels and taken is None:
             kernel = kernels.pop(0)
             if kernel.state is KernelState.RUNNING:
-                self.fill(name)
-                return kernel
-        return None
+                taken = kernel
+        if kernels is not None:
+            # Replace what left the pool, handed out or found dead: a pool whose kernels died must refill too.
+            self.fill(name)
+        return taken
 
     async def drain(self) -> None:
         """Stop filling and shut every pooled kernel down (those still starting included)."""

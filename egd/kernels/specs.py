@@ -190,9 +190,17 @@ class KernelSpecStore:
         found = self._manager().get_all_specs()
         return {name: _info(name, entry["resource_dir"], entry["spec"]) for name, entry in sorted(found.items())}
 
-    def _read_one(self, name: str) -> KernelSpecInfo:
+    def _read_one(self, name: str, offered_only: bool) -> KernelSpecInfo:
+        manager = self._manager()
+        if not offered_only:
+            manager.allowed_kernelspecs = set()
+        # jupyter_client finds a spec under any case of its name and applies allowed_kernelspecs to listings
+        # only: a spec is found here under the exact name the listing gives it (the directory's name in lower
+        # case), and only if the listing has it, so that what cannot be listed cannot be started either.
+        if name not in manager.find_kernel_specs():
+            raise KernelSpecNotFound(name)
         try:
-            spec = self._manager().get_kernel_spec(name)
+            spec = manager.get_kernel_spec(name)
         except (NoSuchKernel, ValueError):
             raise KernelSpecNotFound(name) from None
         return _info(name, spec.resource_dir, spec.to_dict())
@@ -206,9 +214,13 @@ class KernelSpecStore:
         result: dict[str, KernelSpecInfo] = await deferToThreadPool(self._reactor, self._threadpool, self._read_all)
         return result
 
-    async def get(self, name: str) -> KernelSpecInfo:
-        """One kernelspec; :class:`KernelSpecNotFound` if there is none by that name."""
+    async def get(self, name: str, offered_only: bool = True) -> KernelSpecInfo:
+        """One kernelspec egd offers (listed, within ``kernels.allowed_kernelspecs``), by its exact name;
+        :class:`KernelSpecNotFound` if there is none: the same answer for a spec that exists but is not offered.
+        ``offered_only=False`` finds any installed spec (for kernels that already run, such as re-attached ones).
+        """
         if not name or "/" in name or name.startswith("."):
             raise KernelSpecNotFound(name)
-        result: KernelSpecInfo = await deferToThreadPool(self._reactor, self._threadpool, self._read_one, name)
+        result: KernelSpecInfo = await deferToThreadPool(self._reactor, self._threadpool, self._read_one, name,
+                                                         offered_only)
         return result
