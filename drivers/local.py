@@ -34,19 +34,26 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import error, protocol
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest, check_settings, impersonated_user
-from egd.errors import Forbidden, LaunchFailed
-from egd.kernels.ports import PortAllocator
+from egd.errors import Forbidden, LaunchFailed, LaunchTimeout
+from egd.kernels.ports import PortAllocator, bound_by
 
 log = Logger()
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 _PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
 _STDERR_TAIL_BYTES = 8192
+#: Starts of one kernel with fresh ports when another program took one of its reserved ports meanwhile.
+_BIND_ATTEMPTS = 3
+#: How often a starting kernel's ports are checked (seconds).
+_BIND_POLL = 0.05
+#: strerror(EADDRINUSE), as a kernel that failed to bind writes it (ZeroMQ, Python and most runtimes).
+_ADDRESS_IN_USE = b"Address already in use"
 _SETSID = shutil.which("setsid")
 _SETTINGS = frozenset({"ip", "impersonation", "prohibited_uids", "prohibited_users"})
 #: Capabilities a non-root egd would need to impersonate (bits of CapEff): chown, dac_override, kill, setgid,
@@ -241,6 +248,20 @@ class LocalKernel:
         self.exited.callback(status)
         return status
 
+    @property
+    def ports(self) -> list[int]:
+        """The ports reserved for this kernel."""
+        return list(self._ports)
+
+    @property
+    def ended(self) -> bool:
+        """Whether the process has ended."""
+        return self._ended
+
+    def output_tail(self) -> bytes:
+        """The last bytes the kernel wrote (empty for a re-attached kernel)."""
+        return b"".join(self._tail or ())
+
     def describe(self) -> str:
         """The kernel's pid (and its user when impersonated)."""
         return f"pid {self.pid} as {self.user}" if self.user else f"pid {self.pid}"
@@ -336,7 +357,8 @@ class LocalDriver(Service):
         return bool(self._impersonation)
 
     def startService(self) -> None:  # noqa: N802 - Twisted hook
-        """Make sure the runtime directory for connection files exists and is private.
+        """Make sure the runtime directory for connection files exists and is private (0700, also when it
+        existed before with a looser mode).
 
         When impersonating, others may pass through it (0711) to the directory of their own kernel, not list it.
         """
@@ -344,11 +366,19 @@ class LocalDriver(Service):
         if self._impersonation:
             self._check_reachable()  # parents makedirs created just now (umask) may be closed
             os.chmod(self._runtime_dir, 0o711)
+        else:
+            os.chmod(self._runtime_dir, 0o700)
         super().startService()
 
     def _write_connection_file(self, kernel_id: str, info: dict[str, Any]) -> str:
+        """A fresh owner-only file: a stale one (or a link planted in its place) is removed, never written
+        through, and an existing file's looser mode is never inherited."""
         path = os.path.join(self._runtime_dir, f"kernel-{kernel_id}.json")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(info, handle)
         return path
@@ -375,12 +405,60 @@ class LocalDriver(Service):
 
     def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
         """Allocate ports, write the connection file, spawn the kernel in its own session (as its user when
-        impersonating; a user that may not run kernels here is refused with 403)."""
-        if not self._impersonation:
-            return succeed(self._spawn(request, None))
-        return Deferred.fromCoroutine(self._launch_as_user(request))
+        impersonating; a user that may not run kernels here is refused with 403), and wait until it listens on
+        its ports. A port another program took since it was reserved (``EADDRINUSE`` in the kernel's output)
+        stops that kernel at once; it starts again with fresh ports, up to ``_BIND_ATTEMPTS`` times. Every
+        failure releases what the launch took (ports, connection file, process)."""
+        return Deferred.fromCoroutine(self._launch(request))
 
-    async def _launch_as_user(self, request: LaunchRequest) -> LaunchedKernel:
+    async def _launch(self, request: LaunchRequest) -> LaunchedKernel:
+        account = await self._account(request) if self._impersonation else None
+        for attempt in range(1, _BIND_ATTEMPTS + 1):
+            kernel = self._spawn(request, account)
+            try:
+                taken = await self._wait_bound(kernel, request)
+            except BaseException:
+                await self._abandon(kernel)
+                raise
+            if not taken:
+                return kernel
+            log.warn("kernel {kernel_id}: a port was taken between its reservation and the kernel's bind "
+                     "(attempt {attempt} of {attempts}, ports {ports}){again}", kernel_id=request.kernel_id,
+                     attempt=attempt, attempts=_BIND_ATTEMPTS, ports=kernel.ports,
+                     again="; starting it again with fresh ports" if attempt < _BIND_ATTEMPTS else "")
+            await self._abandon(kernel)
+        raise LaunchFailed(f"the kernel could not bind its ports in {_BIND_ATTEMPTS} attempts: other programs "
+                           f"took them (Address already in use)")
+
+    async def _abandon(self, kernel: LocalKernel) -> None:
+        """Stop a kernel that will not be handed out, and free what it held."""
+        await kernel.kill()
+        kernel.cleanup()
+
+    async def _wait_bound(self, kernel: LocalKernel, request: LaunchRequest) -> bool:
+        """Until the kernel's processes listen on all its ports (False: bound) or its output says a port was
+        taken (True). A kernel that ends, or a host where this cannot be seen, is handed over as it is (the
+        kernel manager reports its end with its output); past the launch timeout, :class:`LaunchTimeout`."""
+        pool = self._reactor.getThreadPool()
+        deadline = self._reactor.seconds() + request.timeout
+        request.progress("waiting for the kernel to bind its ports")
+        while True:
+            if _ADDRESS_IN_USE in kernel.output_tail():
+                return True
+            if kernel.ended:
+                return False
+            bound = await deferToThreadPool(self._reactor, pool, bound_by, kernel.pid, kernel.ports)
+            if bound is None or bound:
+                return False
+            if self._reactor.seconds() >= deadline:
+                detail = kernel.failure_detail()
+                raise LaunchTimeout(f"Kernel {request.kernel_id} ({request.spec.name}) did not become ready within "
+                                    f"{request.timeout:g} seconds: it did not listen on its ports"
+                                    + (f": {detail}" if detail else ""))
+            await deferLater(self._reactor, _BIND_POLL, lambda: None)
+
+    async def _account(self, request: LaunchRequest) -> Account:
+        """The account the kernel runs as; :class:`Forbidden` (403) when it may not run kernels here."""
         name = impersonated_user(request.username, self._prohibited_users)
         account = await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _lookup_account, name)
         if account is None:
@@ -393,9 +471,11 @@ class LocalDriver(Service):
             log.warn("kernel {kernel_id} refused: user {user} (uid {uid}): {why}", kernel_id=request.kernel_id,
                      user=name, uid=account.uid, why=why)
             raise Forbidden(f"kernels cannot run as user {name!r} here")
-        return self._spawn(request, account)
+        return account
 
-    def _spawn(self, request: LaunchRequest, account: Account | None) -> LaunchedKernel:
+    def _spawn(self, request: LaunchRequest, account: Account | None) -> LocalKernel:
+        """Reserve ports, write the connection file and start the process. Whatever fails on the way gives back
+        all it had taken (ports, connection file) before it is reported as :class:`LaunchFailed`."""
         try:
             ports = self.ports.allocate(5)
         except OSError as exc:
@@ -405,39 +485,45 @@ class LocalDriver(Service):
             "kernel_name": request.spec.name,
             **dict(zip(("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"), ports, strict=False)),
         }
+        connection_file: str | None = None
+        private_dir: str | None = None
         try:
+            try:
+                if account is None:
+                    connection_file = self._write_connection_file(request.kernel_id, info)
+                else:
+                    connection_file = self._write_private_connection_file(request.kernel_id, info, account)
+                    private_dir = os.path.dirname(connection_file)
+            except OSError as exc:
+                raise LaunchFailed(f"cannot write the connection file: {exc.strerror}") from None
+            argv = kernel_argv(request.spec.argv, {
+                "connection_file": connection_file, "kernel_id": request.kernel_id,
+                "resource_dir": request.spec.resource_dir, "prefix": sys.prefix,
+            })
+            if not argv:
+                raise LaunchFailed(f"kernelspec {request.spec.name} has an empty argv")
+            if _SETSID:
+                argv = [_SETSID, *argv]
+            env = dict(request.env)
+            ids: dict[str, int] = {}
             if account is None:
-                connection_file = self._write_connection_file(request.kernel_id, info)
+                cwd = request.working_dir if request.working_dir and os.path.isdir(request.working_dir) else None
             else:
-                connection_file = self._write_private_connection_file(request.kernel_id, info, account)
-        except OSError as exc:
-            self.ports.release(ports)
-            raise LaunchFailed(f"cannot write the connection file: {exc.strerror}") from None
-        private_dir = os.path.dirname(connection_file) if account is not None else None
-        argv = kernel_argv(request.spec.argv, {
-            "connection_file": connection_file, "kernel_id": request.kernel_id,
-            "resource_dir": request.spec.resource_dir, "prefix": sys.prefix,
-        })
-        if not argv:
+                env.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
+                # The child chdirs as root, before it switches user: only a directory the user may enter will do.
+                cwd = next((d for d in (request.working_dir, account.home) if d and _enterable(d, account)), "/")
+                ids = {"uid": account.uid, "gid": account.gid}
+            proto = _KernelProcess(request.kernel_id)
+            try:
+                process = self._reactor.spawnProcess(proto, argv[0], argv, env=env, path=cwd, **ids)
+            except OSError as exc:
+                raise LaunchFailed(f"cannot start {argv[0]}: {exc.strerror}") from None
+            except (UnicodeError, ValueError, TypeError) as exc:  # an argument or variable that cannot be encoded
+                raise LaunchFailed(f"cannot start the kernel: its command line or environment cannot be passed "
+                                   f"to a process ({type(exc).__name__})") from None
+        except BaseException:
             self._discard(ports, connection_file, private_dir)
-            raise LaunchFailed(f"kernelspec {request.spec.name} has an empty argv")
-        if _SETSID:
-            argv = [_SETSID, *argv]
-        env = dict(request.env)
-        ids: dict[str, int] = {}
-        if account is None:
-            cwd = request.working_dir if request.working_dir and os.path.isdir(request.working_dir) else None
-        else:
-            env.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
-            # The child chdirs as root, before it switches user: only a directory the user may enter will do.
-            cwd = next((d for d in (request.working_dir, account.home) if d and _enterable(d, account)), "/")
-            ids = {"uid": account.uid, "gid": account.gid}
-        proto = _KernelProcess(request.kernel_id)
-        try:
-            process = self._reactor.spawnProcess(proto, argv[0], argv, env=env, path=cwd, **ids)
-        except OSError as exc:
-            self._discard(ports, connection_file, private_dir)
-            raise LaunchFailed(f"cannot start {argv[0]}: {exc.strerror}") from None
+            raise
         kernel = LocalKernel(self, process.pid, proto.exited, proto.tail, info, connection_file, ports, private_dir,
                              account.name if account else None)
         log.info("kernel {kernel_id} ({spec}) started as {where}", kernel_id=request.kernel_id,
@@ -463,9 +549,13 @@ class LocalDriver(Service):
         log.info("kernel {kernel_id}: re-attached to {where}", kernel_id=kernel_id, where=kernel.describe())
         return succeed(kernel)
 
-    def _discard(self, ports: list[int], connection_file: str, private_dir: str | None) -> None:
+    def _discard(self, ports: list[int], connection_file: str | None, private_dir: str | None) -> None:
+        """Give back what a launch that failed before its process started had taken."""
         self.ports.release(ports)
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
-        else:
-            os.unlink(connection_file)
+        elif connection_file:
+            try:
+                os.unlink(connection_file)
+            except FileNotFoundError:
+                pass

@@ -11,6 +11,7 @@ launch secrets travel on ssh's stdin as JSON, so no client-controlled value is e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -36,6 +37,15 @@ log = Logger()
 
 #: sun_path's size on Linux: a unix socket's path must be shorter.
 _SOCKET_PATH_MAX = 108
+#: The name of one shared connection's socket: hex digits of a hash of login and host (``%C`` would be 40).
+_SOCKET_NAME_LENGTH = 16
+#: ssh binds the master socket as ``<ControlPath>.<16 random characters>`` and renames it into place: the
+#: directory's path may be at most this long (with "/", the name, that suffix and the terminating NUL).
+_CONTROL_DIR_MAX = _SOCKET_PATH_MAX - 1 - _SOCKET_NAME_LENGTH - 17 - 1
+#: What ssh writes when the problem is on egd's side (its control socket), not the host's.
+#: (A master that died mid-request, "mux_client_...: read from master failed", is the host's problem: the
+#: connection is then made again, directly.)
+_LOCAL_SSH_PROBLEMS = ("too long for Unix domain socket", "unix_listener:", "ControlPath too long")
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
 SSH_FAILED = 255
 _SETTINGS = frozenset({"hosts", "placement", "ssh_command", "ssh_config", "ssh_options", "connect_timeout", "user",
@@ -67,8 +77,10 @@ class SshDriver(MultiService):
         # then costs a channel (milliseconds), not a handshake (hundreds of milliseconds).
         self._multiplex = bool(settings.get("multiplex", True))
         self._control_dir = os.path.join(runtime_dir, "ssh")
-        #: A directory of our own in /tmp when the runtime directory's path is too long for the sockets.
-        self._short_control_dir = False
+        #: Where a directory of our own is made when the runtime directory's path is too long for the sockets.
+        self._short_parent: str | None = None
+        if self._multiplex and len(os.fsencode(self._control_dir)) > _CONTROL_DIR_MAX:
+            self._short_parent = _short_parent(self._control_dir)
         self._user = settings.get("user")
         self._impersonation = bool(settings.get("impersonation", False))
         self._prohibited = {str(u) for u in settings.get("prohibited_users", ["root"])}
@@ -113,7 +125,7 @@ class SshDriver(MultiService):
         argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self._connect_timeout}",
                  "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=2"]
         if self._multiplex:
-            argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self._control_dir}/%C",
+            argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self._control_path(host, login)}",
                      "-o", "ControlPersist=300"]
         for option in self._ssh_options:
             argv += ["-o", option]
@@ -121,6 +133,12 @@ class SshDriver(MultiService):
         if login:
             argv += ["-l", login]
         return [*argv, "--", host, " ".join(shlex.quote(part) for part in remote)]
+
+    def _control_path(self, host: str, login: str | None) -> str:
+        """The shared connection's socket for ``host`` as ``login``: short whatever the host name, login and
+        directory (ssh's own ``%C`` is 40 characters, and ssh needs 17 more while it binds)."""
+        name = hashlib.sha256(f"{login or ''}@{host}".encode()).hexdigest()[:_SOCKET_NAME_LENGTH]
+        return os.path.join(self._control_dir, name).replace("%", "%%")  # ssh expands %-tokens in ControlPath
 
     async def _run_ssh(self, host: str, remote: list[str], stdin: bytes | None = None,
                        login: str | None = None) -> tuple[int, CapturedProcess]:
@@ -145,13 +163,15 @@ class SshDriver(MultiService):
         return bool(self._impersonation)
 
     def startService(self) -> None:  # noqa: N802 - Twisted hook
-        """Create the private directory of the shared ssh connections (in /tmp when the runtime directory's
-        path would make their socket paths longer than a unix socket allows: 40 hex digits are added)."""
+        """Create the private directory of the shared ssh connections: under the runtime directory when its path
+        leaves room for the sockets (a unix socket's path is limited to 107 bytes, and ssh binds at a longer
+        temporary name first), else a fresh private directory in the temporary directory or /tmp. A host where
+        none fits is a configuration error that names the limit, not an unreachable host at every launch."""
         if self._multiplex:
-            if len(os.fsencode(self._control_dir)) + 42 >= _SOCKET_PATH_MAX:
-                self._control_dir = tempfile.mkdtemp(prefix="egd-ssh-")
-                self._short_control_dir = True
+            if self._short_parent is not None:
+                self._control_dir = tempfile.mkdtemp(prefix="egd-ssh-", dir=self._short_parent)
             os.makedirs(self._control_dir, mode=0o700, exist_ok=True)
+            os.chmod(self._control_dir, 0o700)
         super().startService()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
@@ -168,7 +188,7 @@ class SshDriver(MultiService):
                         await proto.ended
                     except Exception:
                         log.warn("could not close the shared ssh connection to {host}", host=host)
-                if self._short_control_dir:
+                if self._short_parent is not None:
                     shutil.rmtree(self._control_dir, ignore_errors=True)
             await maybeDeferred(super(SshDriver, self).stopService)
 
@@ -193,7 +213,17 @@ class SshDriver(MultiService):
             secrets_line = json.dumps({"secret": registration.secret.decode(), "key": key,
                                        "env": env}).encode() + b"\n"
             remote = self._remote_command(request, self.listener.address)
-            code, proc = await self._run_ssh(host, remote, secrets_line, login)
+            try:
+                code, proc = await self._run_ssh(host, remote, secrets_line, login)
+            except BaseException:
+                self.listener.unregister(registration)
+                raise
+            if code == SSH_FAILED and any(problem in proc.stderr() for problem in _LOCAL_SSH_PROBLEMS):
+                self.listener.unregister(registration)
+                log.error("kernel {kernel_id}: ssh failed on this gateway's side, not {host}'s: {why}",
+                          kernel_id=request.kernel_id, host=host, why=proc.stderr())
+                raise LaunchFailed(f"ssh could not set up its shared connection on the gateway (a local problem, "
+                                   f"not host {host}): {proc.stderr()}")
             if code == SSH_FAILED:
                 why = proc.stderr() or "ssh failed"
                 log.warn("kernel {kernel_id}: host {host} unreachable, trying the next one: {why}",
@@ -271,6 +301,18 @@ class SshDriver(MultiService):
             return ""
         code, proc = await self._run_ssh(host, ["tail", "-n", "15", "--", path], login=login)
         return proc.stdout().strip() if code == 0 else ""
+
+
+def _short_parent(control_dir: str) -> str:
+    """A directory short enough to hold the shared connections' sockets (``ValueError`` naming the limit if
+    neither the temporary directory nor /tmp is)."""
+    for parent in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        # mkdtemp adds "/egd-ssh-" and 8 characters
+        if len(os.fsencode(parent)) + 17 <= _CONTROL_DIR_MAX and os.path.isdir(parent):
+            return parent
+    raise ValueError(f"drivers.ssh.multiplex: no directory for the shared ssh connections' sockets has a path of "
+                     f"at most {_CONTROL_DIR_MAX} bytes ({control_dir} and the temporary directory are too long): "
+                     f"set kernels.runtime_dir or TMPDIR to a shorter path, or multiplex: false")
 
 
 def _parse_started(proc: CapturedProcess) -> dict[str, Any]:

@@ -58,8 +58,8 @@ _SETTINGS = frozenset({
     "java_home", "env", "distributed_shell", "port_range",
 })
 _DS_SETTINGS = frozenset({"classpath", "am_memory_mb", "am_java_options"})
-_QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-_SIZE = re.compile(r"^(\d{1,7})([mMgG]?)$")
+_QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
+_SIZE = re.compile(r"^(\d{1,7})([mMgG]?)\Z")
 _DS_MAIN = "org.apache.hadoop.yarn.applications.distributedshell.ApplicationMaster"
 #: The classpath of a stock Hadoop installation (yarn.application.classpath's default plus the DS jar's folder).
 _DEFAULT_DS_CLASSPATH = "<CPS>".join([

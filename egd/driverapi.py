@@ -18,7 +18,7 @@ from egd.errors import Forbidden
 from egd.kernels.specs import KernelSpecInfo
 
 #: A user name a driver may log in or submit as when impersonating (POSIX portable, no leading dash or digit).
-_LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
 
 
 def check_settings(driver: str, settings: Mapping[str, Any], known: frozenset[str]) -> None:
@@ -98,7 +98,8 @@ class LaunchedKernel(Protocol):
         """The last lines the kernel or its launcher wrote to stderr (why a launch failed)."""
 
     def signal(self, signum: int) -> Deferred[None]:
-        """Deliver ``signum`` to the kernel (its whole process group where the driver can)."""
+        """Deliver ``signum`` to the kernel (its whole process group where the driver can); fails (an
+        ``egd.errors.EgdError``, such as ``ServiceUnavailable``) when it could not be delivered."""
 
     def kill(self) -> Deferred[None]:
         """End the kernel forcefully; fires once it is gone."""

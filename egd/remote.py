@@ -24,7 +24,8 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from egd.driverapi import ExitStatus, LaunchRequest
-from egd.launchers.kernel_launcher import MAX_LINE, NonceCache, sign, verify
+from egd.errors import ServiceUnavailable
+from egd.launchers.kernel_launcher import MAX_LINE, NonceCache, parse_message, sign, verify
 
 log = Logger()
 
@@ -87,7 +88,8 @@ def _peer(transport: Any) -> str:
 
 
 class _CallbackProtocol(LineOnlyReceiver, TimeoutMixin):
-    """One connection from a launcher: one line in, one line out, within a deadline."""
+    """One connection from a launcher: one line in, one line out, within a deadline (a total: it is not reset
+    by the bytes of a slow peer)."""
 
     MAX_LENGTH = MAX_LINE
     delimiter = b"\n"
@@ -173,11 +175,9 @@ class LaunchListener(Service):
             del self._registrations[registration.kernel_id]
 
     def receive(self, line: bytes, peer: str) -> dict[str, Any]:
-        """Check and apply one launcher message; the answer to send back."""
-        try:
-            message = json.loads(line)
-        except ValueError:
-            message = None
+        """Check and apply one launcher message; the answer to send back (never raises: a message nested too
+        deeply, not JSON or of the wrong shape is refused like a forged one)."""
+        message = parse_message(line)
         kernel_id = message.get("kernel_id") if isinstance(message, dict) else None
         registration = self._registrations.get(kernel_id) if isinstance(kernel_id, str) else None
         if registration is None:
@@ -238,7 +238,7 @@ async def control_request(reactor: Any, host: str, port: int, kernel_id: str, se
         transport: Any = client.transport
         if transport is not None:
             transport.abortConnection()
-    answer = json.loads(line)
+    answer = parse_message(line)
     why = verify(answer, secret, nonces)
     if why is None and answer.get("reply_to") != request["nonce"]:
         why = "answer to another request"
@@ -289,13 +289,26 @@ class RemoteKernel:
                                      **fields)
 
     def signal(self, signum: int) -> Deferred[None]:
-        """Ask the launcher to signal the kernel's process group."""
+        """Ask the launcher to signal the kernel's process group; fails with
+        :class:`egd.errors.ServiceUnavailable` when the signal was not delivered (launcher unreachable, no
+        valid answer, or the launcher says the kernel process is gone)."""
         async def send() -> None:
+            kernel_id = self.registration.kernel_id
             try:
-                await self._control("signal", signum=signum)
+                answer = await self._control("signal", signum=signum)
             except Exception as exc:
-                log.warn("kernel {kernel_id}: signal {signum} not delivered: {why}",
-                         kernel_id=self.registration.kernel_id, signum=signum, why=str(exc) or type(exc).__name__)
+                why = str(exc) or type(exc).__name__
+                log.warn("kernel {kernel_id}: signal {signum} not delivered: {why}", kernel_id=kernel_id,
+                         signum=signum, why=why)
+                raise ServiceUnavailable(f"Signal {signum} was not delivered to kernel {kernel_id}: its launcher "
+                                         f"on {self.where} did not answer") from None
+            if not answer.get("ok") or not answer.get("delivered"):
+                log.warn("kernel {kernel_id}: signal {signum} not delivered: the launcher answered {answer}",
+                         kernel_id=kernel_id, signum=signum, answer={k: answer.get(k) for k in
+                                                                     ("ok", "alive", "delivered", "error")})
+                why = "its process is gone" if answer.get("ok") else "its launcher refused the request"
+                raise ServiceUnavailable(f"Signal {signum} was not delivered to kernel {kernel_id} on {self.where}: "
+                                         f"{why}")
 
         return Deferred.fromCoroutine(send())
 

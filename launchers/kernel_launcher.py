@@ -17,6 +17,10 @@ The protocol is documented in ``docs/launcher-protocol.rst``. In short:
    output; a kernel that ends later as ``exited``.
 4. It serves signed control requests (``ping``, ``signal``, ``shutdown``) on its control port until the kernel
    ends, then exits. Every message carries a nonce and a timestamp; replays and stale messages are refused.
+   The control port is served by one non-blocking select loop: every connection has a total deadline and a
+   size limit, so no peer (silent, slow, oversized, hostile) holds it, and nothing a peer sends can end it.
+   The kernel dies with its launcher (``PR_SET_PDEATHSIG``): a killed launcher never leaves a kernel running
+   that no one can control; the gateway's heartbeat notices the end.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import argparse
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +46,11 @@ PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
 #: Messages older or newer than this (seconds) are refused; nonces are remembered at least this long.
 MAX_SKEW = 120.0
+#: A control connection must deliver its whole request within this many seconds (a total, not per recv).
+CONTROL_DEADLINE = 2.0
+#: Control connections served at once, in all and per peer address; beyond that the oldest is dropped.
+MAX_CONTROL_CONNECTIONS = 64
+MAX_CONTROL_PER_PEER = 16
 LOG_NAME = "egd-kernel-{kernel_id}.log"
 
 
@@ -75,18 +86,41 @@ class NonceCache:
         return True
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_message(line: bytes) -> Any:
+    """The JSON value of one protocol line, or None when it is not strict JSON (also when nested too deeply,
+    which ``json`` reports as ``RecursionError``, or when it uses ``NaN``/``Infinity``)."""
+    try:
+        return json.loads(line, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        return None
+
+
 def verify(message: Any, secret: bytes, nonces: NonceCache, now: float | None = None) -> str | None:
     """None if ``message`` is authentic, fresh and not a replay; otherwise why it is refused."""
     if not isinstance(message, dict):
         return "not a JSON object"
     mac, nonce, stamp = message.get("mac"), message.get("nonce"), message.get("ts")
-    if not isinstance(mac, str) or not isinstance(nonce, str) or not isinstance(stamp, (int, float)):
+    if (not isinstance(mac, str) or not mac.isascii() or not isinstance(nonce, str) or isinstance(stamp, bool)
+            or not isinstance(stamp, (int, float))):
         return "unsigned message"
-    expected = hmac.new(secret, canonical(message), hashlib.sha256).hexdigest()
+    try:
+        when = float(stamp)
+    except OverflowError:  # an int too large for a float
+        return "stale message"
+    if not math.isfinite(when):  # NaN compares false with everything: it would pass the freshness check
+        return "stale message"
+    try:
+        expected = hmac.new(secret, canonical(message), hashlib.sha256).hexdigest()
+    except (ValueError, RecursionError):  # nested too deeply (or numbers too long) to serialize again
+        return "malformed message"
     if not hmac.compare_digest(mac, expected):
         return "bad signature"
     now = time.time() if now is None else now
-    if abs(now - stamp) > MAX_SKEW:
+    if abs(now - when) > MAX_SKEW:
         return "stale message"
     if not nonces.fresh(nonce, now):
         return "replayed message"
@@ -98,6 +132,32 @@ def verify(message: Any, secret: bytes, nonces: NonceCache, now: float | None = 
 def _log(text: str) -> None:
     sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} egd-launcher[{os.getpid()}]: {text}\n")
     sys.stderr.flush()
+
+
+class _Throttled:
+    """Log lines about peers, at most ``limit`` per ``window`` seconds: a flood of hostile connections must not
+    fill the host's disk with the launcher's log. What was left out is counted in the next line written."""
+
+    def __init__(self, limit: int = 20, window: float = 60.0) -> None:
+        self._limit, self._window = limit, window
+        self._start, self._written, self._skipped = 0.0, 0, 0
+
+    def __call__(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._start >= self._window:
+            self._start, self._written = now, 0
+        if self._written >= self._limit:
+            self._skipped += 1
+            return
+        self._written += 1
+        if self._skipped:
+            text += f" ({self._skipped} similar lines left out)"
+            self._skipped = 0
+        _log(text)
+
+
+#: The log of refused and dropped control connections.
+_peer_log = _Throttled()
 
 
 def _parse_range(text: str | None) -> tuple[int, int] | None:
@@ -175,6 +235,116 @@ def _wait_for_ports(path: str, kernel: subprocess.Popen[bytes], timeout: float) 
     raise TimeoutError(f"kernel did not bind its ports within {timeout:g}s")
 
 
+def _die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this launcher dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A launcher killed with SIGKILL cannot take its kernel along, and a kernel without its launcher cannot be
+    interrupted or stopped by the gateway: it must not run on as an orphan that still answers heartbeats. The
+    launcher is single-threaded, so a ``preexec_fn`` is safe here. None where prctl is not available.
+    """
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+
+    def arm() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os._exit(1)
+
+    return arm
+
+
+def _send_quietly(conn: socket.socket, data: bytes) -> None:
+    """Send a short answer on a fresh non-blocking connection (it fits the empty send buffer) and close it."""
+    try:
+        conn.send(data)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+class _ControlConnections:
+    """The control connections being read: each with its total deadline, its buffer and its peer address."""
+
+    def __init__(self) -> None:
+        self._open: dict[socket.socket, tuple[float, bytearray, str]] = {}
+
+    def sockets(self) -> list[socket.socket]:
+        """The connections to watch."""
+        return list(self._open)
+
+    def timeout(self, now: float, idle: float) -> float:
+        """How long select may wait: until the nearest deadline, at most ``idle``."""
+        nearest = min((deadline for deadline, _, _ in self._open.values()), default=now + idle)
+        return max(0.0, min(idle, nearest - now))
+
+    def _drop(self, conn: socket.socket, why: str) -> None:
+        _, _, peer = self._open.pop(conn)
+        _peer_log(f"dropped a control connection from {peer}: {why}")
+        conn.close()
+
+    def expire(self, now: float) -> None:
+        """Drop the connections past their deadline."""
+        for conn, (deadline, _, _) in list(self._open.items()):
+            if now >= deadline:
+                self._drop(conn, f"no complete request within {CONTROL_DEADLINE:g}s")
+
+    def accept(self, control: socket.socket, now: float) -> None:
+        """Accept every pending connection; beyond the limits the oldest (of that peer, else of all) goes."""
+        while True:
+            try:
+                conn, address = control.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # for example out of file descriptors: the others are still served
+                _peer_log(f"cannot accept a control connection: {exc}")
+                return
+            conn.setblocking(False)
+            peer = str(address[0])
+            mine = [c for c, (_, _, p) in self._open.items() if p == peer]
+            if len(mine) >= MAX_CONTROL_PER_PEER:
+                self._drop(mine[0], "too many connections from this address")
+            elif len(self._open) >= MAX_CONTROL_CONNECTIONS:
+                self._drop(next(iter(self._open)), "too many connections")
+            self._open[conn] = (now + CONTROL_DEADLINE, bytearray(), peer)
+
+    def read(self, ready: list[socket.socket]) -> list[tuple[socket.socket, bytes, str]]:
+        """Read what the ready connections sent; ``(connection, line, peer)`` of each complete request (no
+        longer tracked: the caller answers and closes it)."""
+        complete = []
+        for conn in ready:
+            if conn not in self._open:
+                continue
+            try:
+                data = conn.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                self._drop(conn, str(exc))
+                continue
+            _, buffer, peer = self._open[conn]
+            buffer += data
+            end = buffer.find(b"\n")
+            if end >= 0 and end <= MAX_LINE:
+                del self._open[conn]
+                complete.append((conn, bytes(buffer[:end]), peer))
+            elif len(buffer) > MAX_LINE:
+                self._drop(conn, f"request longer than {MAX_LINE} bytes")
+            elif not data:
+                self._drop(conn, "closed before a complete request")
+        return complete
+
+    def close_all(self) -> None:
+        """Close every connection (the launcher ends)."""
+        for conn in self._open:
+            conn.close()
+        self._open.clear()
+
+
 def _tail(path: str, lines: int = 20) -> str:
     try:
         with open(path, "rb") as handle:
@@ -215,7 +385,8 @@ class Launcher:
                 with socket.create_connection(self.callback, timeout=10) as conn:
                     conn.sendall(payload)
                     answer = conn.makefile("rb").readline(MAX_LINE)
-                    return dict(json.loads(answer)) if answer else None
+                    parsed = parse_message(answer)
+                    return parsed if isinstance(parsed, dict) else None
             except (OSError, ValueError) as exc:
                 _log(f"callback to {self.callback[0]}:{self.callback[1]} failed ({exc}); attempt {attempt + 1}")
                 time.sleep(0.5 * (attempt + 1))
@@ -251,7 +422,8 @@ class Launcher:
             # Detached, the kernel gets its own session so the launcher can signal all of it; in the foreground
             # it stays in the container's process group, which the resource manager kills as a whole.
             self.kernel = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                                           start_new_session=not self.args.foreground, cwd=cwd, env=self.env)
+                                           start_new_session=not self.args.foreground, cwd=cwd, env=self.env,
+                                           preexec_fn=_die_with_parent(os.getpid()))
         finally:
             if output is not sys.stderr:
                 output.close()
@@ -280,61 +452,83 @@ class Launcher:
             return False
         return True
 
-    def handle(self, conn: socket.socket) -> bool:
-        """Serve one control connection; True when the launcher should stop."""
-        conn.settimeout(5)
-        stop = False
+    def answer(self, line: bytes, peer: str) -> tuple[bytes, bool]:
+        """The answer line to one control request, and whether the launcher should stop. Never raises: whatever
+        a peer sends is refused with a reason in the log."""
         try:
-            line = conn.makefile("rb").readline(MAX_LINE)
-            request: Any = json.loads(line) if line else None
+            request = parse_message(line)
             why = verify(request, self.secret, self.nonces)
             if why is None and request.get("kernel_id") != self.kernel_id:
                 why = "wrong kernel id"
             if why is not None:
-                _log(f"refused a control request from {conn.getpeername()[0]}: {why}")
-                conn.sendall(json.dumps({"ok": False, "error": why}).encode() + b"\n")
-                return False
-            op = request.get("op")
+                _peer_log(f"refused a control request from {peer}: {why}")
+                return json.dumps({"ok": False, "error": why}).encode() + b"\n", False
+            op, signum, stop = request.get("op"), request.get("signum", 0), False
             alive = self.kernel is not None and self.kernel.poll() is None
             answer: dict[str, Any] = {"ok": True, "op": op, "reply_to": request["nonce"], "alive": alive}
             if op == "signal":
-                signum = int(request.get("signum", 0))
-                answer["delivered"] = self.signal_kernel(signum) if signum else alive
+                if isinstance(signum, bool) or not isinstance(signum, int) or (
+                        signum and signum not in signal.valid_signals()):
+                    answer = {"ok": False, "error": "signum: a signal number", "reply_to": request["nonce"]}
+                else:
+                    answer["delivered"] = self.signal_kernel(signum) if signum else alive
             elif op == "shutdown":
                 self.signal_kernel(signal.SIGKILL)
                 stop = True
             elif op != "ping":
-                answer = {"ok": False, "error": f"unknown op {op!r}", "reply_to": request["nonce"]}
-            conn.sendall(json.dumps(sign(answer, self.secret)).encode() + b"\n")
-        except (OSError, ValueError, TypeError) as exc:
-            _log(f"bad control connection: {exc}")
-        finally:
-            conn.close()
-        return stop
+                answer = {"ok": False, "error": f"unknown op {str(op)[:20]!r}", "reply_to": request["nonce"]}
+            return json.dumps(sign(answer, self.secret)).encode() + b"\n", stop
+        except Exception as exc:  # a hostile request must never end the launcher
+            _peer_log(f"refused a control request from {peer}: {type(exc).__name__}")
+            return json.dumps({"ok": False, "error": "malformed request"}).encode() + b"\n", False
 
     def serve(self, control: socket.socket) -> int:
-        """Serve control requests until the kernel ends; its exit code."""
+        """Serve control requests until the kernel ends; its exit code.
+
+        One select loop over the listening socket and every open connection, all non-blocking: a connection
+        must deliver its request line (at most ``MAX_LINE`` bytes) within ``CONTROL_DEADLINE`` seconds in all,
+        or it is dropped; so a silent, slow or oversized peer delays no other request.
+        """
         assert self.kernel is not None
-        watched: list[Any] = [control]
+        control.setblocking(False)
+        pidfd: Any = None
         try:  # readable when the kernel exits: report its end at once rather than at the next poll
-            watched.append(os.pidfd_open(self.kernel.pid))
+            pidfd = os.pidfd_open(self.kernel.pid)
         except (AttributeError, OSError):
             pass
-        while True:
-            code = self.kernel.poll()
-            if code is not None:
-                return code
-            ready, _, _ = select.select(watched, [], [], 0.5)
-            if control in ready:
-                conn, _ = control.accept()
-                if self.handle(conn):
-                    self.kernel.wait(10)
-                    return self.kernel.returncode if self.kernel.returncode is not None else -9
+        conns = _ControlConnections()
+        try:
+            while True:
+                code = self.kernel.poll()
+                if code is not None:
+                    return code
+                now = time.monotonic()
+                conns.expire(now)
+                watched: list[Any] = [control, *conns.sockets()]
+                if pidfd is not None:
+                    watched.append(pidfd)
+                ready, _, _ = select.select(watched, [], [], conns.timeout(now, 0.5))
+                if control in ready:
+                    conns.accept(control, time.monotonic())
+                for conn, line, peer in conns.read([r for r in ready if isinstance(r, socket.socket)]):
+                    reply, stop = self.answer(line, peer)
+                    _send_quietly(conn, reply)
+                    if stop:
+                        try:
+                            self.kernel.wait(10)
+                        except subprocess.TimeoutExpired:
+                            pass
+                        return self.kernel.returncode if self.kernel.returncode is not None else -9
+        finally:
+            conns.close_all()
+            if pidfd is not None:
+                os.close(pidfd)
 
     def run(self) -> int:
         """Start, report, serve, report the end."""
-        # Told to stop (by the gateway over ssh, or by the host): take the kernel along, never orphan it.
-        signal.signal(signal.SIGTERM, lambda *_: (self.signal_kernel(signal.SIGKILL), os._exit(1)))
+        # Told to stop (by the gateway over ssh, or by the host): take the kernel along, never orphan it, and
+        # leave no connection file (it holds the kernel's key) behind.
+        signal.signal(signal.SIGTERM, lambda *_: self._terminate())
         try:
             control = _bind_control(self.args.bind_ip, self.port_range)
             ports = self.start_kernel()
@@ -360,13 +554,19 @@ class Launcher:
         self.report({"type": "exited", "code": code}, attempts=2)
         return 0
 
+    def _terminate(self) -> None:
+        """SIGTERM: kill the kernel, remove the private directory, end now."""
+        self.signal_kernel(signal.SIGKILL)
+        try:
+            self.cleanup()
+        finally:
+            os._exit(1)
+
     def cleanup(self) -> None:
         """Remove the private directory with the connection file (the kernel's own log goes to stderr first)."""
         if self.kernel_log != self.log_path:
             _log(f"the kernel's output ended with:\n{_tail(self.kernel_log, 40)}")
-        for name in os.listdir(self.workdir):
-            os.unlink(os.path.join(self.workdir, name))
-        os.rmdir(self.workdir)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _detach(log_path: str) -> None:
@@ -445,8 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = _read_secrets(args.stdin_timeout, args.secrets_file)
         _parse_range(args.port_range)
-    except (ValueError, TimeoutError, OSError) as exc:
-        _log(f"cannot start: {exc}")
+    except (ValueError, TimeoutError, OSError, RecursionError) as exc:
+        _log(f"cannot start: {type(exc).__name__}: {exc}")
         return 2
     if args.foreground:
         log_path = ""  # stderr is the container's log

@@ -12,6 +12,11 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not count)."""
+    return not is_zombie_or_gone(pid)
+
+
 def is_zombie_or_gone(pid: int) -> bool:
     """True once the process has exited (a zombie waiting for its parent counts as gone)."""
     try:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.client import GatewayClient
 from tests.conftest import GatewayProcess, wait_until
+from tests.procs import alive
 
 pytestmark = pytest.mark.ops
 
@@ -28,15 +29,6 @@ def pid_of(client: GatewayClient, kernel_id: str, code: str = "") -> int:
     pid = int(sock.execute(f"{code}\nimport os; print(os.getpid())").stdout.split()[-1])
     sock.close()
     return pid
-
-
-def alive(pid: int) -> bool:
-    """Whether the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_kill_9_then_restart_reattaches_and_cleans_up(tmp_path: Path) -> None:

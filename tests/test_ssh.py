@@ -6,6 +6,7 @@ reach. Kernels report their own host name and address, so every test checks wher
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,14 +57,23 @@ def ssh_gateway(lab: SshLab, tmp: Path, **ssh_settings: Any) -> GatewayProcess:
     return gw
 
 
+@contextlib.contextmanager
+def shared_ssh_gateway(lab: SshLab, tmp: Path) -> Iterator[GatewayProcess]:
+    """An :func:`ssh_gateway` for a whole module: when it stops, no launcher may be left on any host."""
+    gw = ssh_gateway(lab, tmp)
+    try:
+        yield gw
+    finally:
+        gw.stop()
+    for host in lab.hosts:
+        assert not host.processes_matching("kernel_launcher"), "launchers left on a host"
+
+
 @pytest.fixture(scope="module")
 def ssh_gw(ssh_lab: SshLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """egd with the ssh driver (round-robin), shared by this module."""
-    gw = ssh_gateway(ssh_lab, tmp_path_factory.mktemp("sshgw"))
-    yield gw
-    gw.stop()
-    for host in ssh_lab.hosts:
-        assert not host.processes_matching("kernel_launcher"), "launchers left on a host"
+    with shared_ssh_gateway(ssh_lab, tmp_path_factory.mktemp("sshgw")) as gw:
+        yield gw
 
 
 @pytest.fixture

@@ -2,12 +2,15 @@
 
 EG lost a kernel in concurrent starts because two launches picked the same free port before either kernel
 bound it. Here every port handed out stays reserved until its kernel is gone, so egd never hands the same port
-to two kernels; a port another program takes in the meantime makes that kernel fail to bind, which the
-kernel's early exit reports and the launch retries with fresh ports.
+to two kernels. A port another program takes in the meantime makes that kernel fail to bind: the local driver
+waits until the kernel's own processes listen on all its ports (:func:`bound_by`, from ``/proc``), and a
+kernel that reports ``EADDRINUSE`` instead is stopped at once and started again with fresh ports (a bounded
+number of times), instead of waiting out the launch timeout.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 
@@ -58,3 +61,79 @@ class PortAllocator:
     def release(self, ports: list[int]) -> None:
         """Give ports back."""
         self._reserved.difference_update(ports)
+
+
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
+
+
+def _listening(ports: set[int]) -> dict[int, set[int]] | None:
+    """The socket inodes listening on each of ``ports`` (any address), None without ``/proc/net/tcp``."""
+    found: dict[int, set[int]] = {}
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:
+            fields = row.split()
+            if len(fields) < 10 or fields[3] != _LISTEN:
+                continue
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if port in ports:
+                found.setdefault(port, set()).add(int(fields[9]))
+    return found if readable else None
+
+
+def _socket_inodes(pid: int) -> set[int] | None:
+    """The inodes of the sockets process ``pid`` holds, None if its descriptors cannot be read."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    inodes = set()
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def _session_members(session: int) -> list[int]:
+    """The processes of session ``session`` (a kernel's helpers may hold its sockets)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 3 and fields[3] == str(session):
+            members.append(int(entry))
+    return members
+
+
+def bound_by(pid: int, ports: list[int]) -> bool | None:
+    """Whether process ``pid`` (or a process of the session it leads) listens on every one of ``ports``: True
+    when it does, False while it does not (yet), None when this host cannot tell (no ``/proc``, or the process's
+    descriptors are not readable). Blocking (``/proc`` reads): call it from a thread."""
+    listening = _listening(set(ports))
+    if listening is None:
+        return None
+    if set(listening) != set(ports):
+        return False
+    owned = _socket_inodes(pid)
+    if owned is None:
+        return None
+    if all(listening[port] & owned for port in ports):
+        return True
+    for member in _session_members(pid):
+        owned |= _socket_inodes(member) or set()
+    return all(listening[port] & owned for port in ports)
