@@ -42,6 +42,7 @@ class Client:
 
     def __init__(self, key: str = "client") -> None:
         self.session_key = key
+        self.replayable = True
         self.closed: tuple[int, str] | None = None
 
     def deliver(self, channel: str, message: wire.RawMessage) -> None:

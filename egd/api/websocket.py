@@ -2,8 +2,14 @@
 
 Speaks the legacy JSON protocol (what Jupyter Server's gateway client uses) and
 ``v1.kernel.websocket.jupyter.org`` when the client offers it. Each connection is a client of the kernel's
-:class:`egd.kernels.hub.ClientHub`; its TCP send buffer is watched (a push producer) so that a slow client
-pauses the kernel's iopub instead of growing egd's memory or losing messages.
+:class:`egd.kernels.hub.ClientHub`; its TCP send buffer is watched (a push producer): while it is full the
+hub queues the client's messages (bounded; past the bound the client is disconnected with close code 4008), so
+a slow client neither holds up the kernel's other clients nor grows egd's memory without limit.
+
+A message egd cannot parse is ignored with one warning (the connection stays; after
+``_MAX_BAD_MESSAGES`` of them it is closed with 4400); a frame that breaks the WebSocket protocol itself
+(invalid UTF-8 in a text frame, bad opcodes, unmasked frames, too large) is closed by Autobahn with the
+standard code (1007, 1002, 1009).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from zope.interface import implementer
 
 from egd.config import ServerConfig
 from egd.kernels import wire
+from egd.kernels.hub import anonymous_key
 from egd.kernels.kernel import Kernel
 from egd.metrics import RelayCounters
 
@@ -40,7 +47,7 @@ class _SendBufferWatch:
         self._connection = connection
 
     def pauseProducing(self) -> None:  # noqa: N802 - Twisted interface
-        """The client's buffer is full."""
+        """The client's buffer is full: its messages wait in the hub."""
         self._connection.kernel.hub.mark_slow(self._connection)
 
     def resumeProducing(self) -> None:  # noqa: N802 - Twisted interface
@@ -48,8 +55,8 @@ class _SendBufferWatch:
         self._connection.kernel.hub.mark_fast(self._connection)
 
     def stopProducing(self) -> None:  # noqa: N802 - Twisted interface
-        """The connection is going away."""
-        self._connection.kernel.hub.mark_fast(self._connection)
+        """The connection is going away: onClose detaches it (what still waits for it is kept for its session,
+        so it must not be flushed into the closed connection here)."""
 
 
 class KernelWebSocket(WebSocketServerProtocol):
@@ -62,6 +69,7 @@ class KernelWebSocket(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.session_key = ""
+        self.replayable = False
         self._counted = False
         self._v1 = False
         self._attached = False
@@ -72,7 +80,10 @@ class KernelWebSocket(WebSocketServerProtocol):
         if self.kernel.state.value in ("terminating", "terminated", "dead"):
             raise ConnectionDeny(404, f"Kernel does not exist: {self.kernel.id}")
         session = (request.params.get("session_id") or [""])[0]
-        self.session_key = session if session else f"anonymous-{id(self)}"
+        # Without a session_id the client can never come back for a replay; its key must never be another
+        # connection's (id() values are reused), or that one would get its replies.
+        self.replayable = bool(session)
+        self.session_key = session if session else anonymous_key()
         if wire.V1_SUBPROTOCOL in request.protocols:
             self._v1 = True
             return wire.V1_SUBPROTOCOL
@@ -104,10 +115,11 @@ class KernelWebSocket(WebSocketServerProtocol):
                 channel, message = wire.from_legacy_binary(payload)
             else:
                 channel, message = wire.from_legacy_text(payload)
-        except wire.WireError as exc:
+        except Exception as exc:  # WireError, or a parser bug: one line, never a traceback per hostile frame
             self._bad_messages += 1
+            why = str(exc) if isinstance(exc, wire.WireError) else f"unexpected {type(exc).__name__}"
             log.warn("kernel {kernel_id}: ignored a message from session {session}: {why}",
-                     kernel_id=self.kernel.id, session=self.session_key, why=str(exc))
+                     kernel_id=self.kernel.id, session=self.session_key, why=why)
             if self._bad_messages >= _MAX_BAD_MESSAGES:
                 self.sendClose(4400, "too many invalid messages")
             return
@@ -187,6 +199,9 @@ def make_factory(config: ServerConfig, reactor: Any, relay: RelayCounters | None
         autoPingTimeout=config.ws_ping_timeout,
         openHandshakeTimeout=config.ws_handshake_timeout,
         closeHandshakeTimeout=5,
+        # A protocol violation gets a close frame with its RFC 6455 code (1002, 1007, 1009), so that the client
+        # sees why, instead of a dropped connection (1006).
+        failByDrop=False,
         tcpNoDelay=True,
         perMessageCompressionAccept=lambda offers: None,
     )

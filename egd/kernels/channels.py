@@ -68,14 +68,6 @@ class KernelChannels:
         """Sign and send ``message`` on a client channel; ``QueueFull`` if the kernel is not reading."""
         self._sockets[channel].send(wire.to_zmq(message, self.signer))
 
-    def pause_iopub(self) -> None:
-        """Stop reading iopub (a client is slow); messages wait in ZeroMQ, none is dropped."""
-        self._sockets["iopub"].pause()
-
-    def resume_iopub(self) -> None:
-        """Read iopub again."""
-        self._sockets["iopub"].resume()
-
     def close(self) -> None:
         """Close every socket."""
         for socket in self._sockets.values():

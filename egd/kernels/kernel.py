@@ -114,7 +114,7 @@ class Kernel:
         self._on_iopub_seen: Callable[[], None] | None = None
         self._internal_session = f"egd-{kernel_id}"
         self._internal_marker = f'"{self._internal_session}"'.encode()
-        self.hub = ClientHub(kernel_id, clock, policy.replay, lambda: None, lambda: None)
+        self.hub = ClientHub(kernel_id, clock, policy.replay)
         #: Called each time an incarnation of the kernel is ready (the manager records it in the state store).
         self.on_ready: Callable[[Kernel], None] | None = None
         #: With several gateways: whether this gateway still runs the kernel (asked before acting on its own),
@@ -240,7 +240,6 @@ class Kernel:
         self._handle = handle
         self._iopub_seen = False
         self._channels = KernelChannels(self._zmq, handle.connection_info, self.id, self._on_message)
-        self.hub.set_flow_control(self._channels.pause_iopub, self._channels.resume_iopub)
         try:
             await self._wait_ready(handle, self._launch_timeout if timeout is None else timeout)
         except BaseException:
@@ -369,7 +368,10 @@ class Kernel:
         # kernel printing progress is not idle, whoever listens.
         self.last_activity = self._clock.seconds()
         if channel == "iopub":
-            if message.msg_type == "status":
+            internal = self._internal_marker in message.parent_header
+            # egd's own requests (readiness probes, quiet executes) change no state a client sees: a late
+            # "busy" of a probe must not show a kernel that was just reported ready as busy.
+            if message.msg_type == "status" and not internal:
                 try:
                     state = message.json_content().get("execution_state")
                 except (ValueError, AttributeError):
@@ -384,7 +386,7 @@ class Kernel:
                 self._iopub_seen = True
                 if self._on_iopub_seen is not None:
                     self._on_iopub_seen()
-            if self._internal_marker not in message.parent_header:
+            if not internal:
                 # Clients see only traffic of their own requests, not egd's readiness probes.
                 self.hub.broadcast(channel, message)
             return
@@ -436,13 +438,25 @@ class Kernel:
         log.info("kernel {kernel_id}: interrupt ({mode})", kernel_id=self.id, mode=self.spec.interrupt_mode)
         audit.info("kernel interrupt {kernel_id} user={user} spec={spec}", kernel_id=self.id,
                    user=self.env.username, spec=self.spec.name)
-        await self._send_interrupt(handle)
+        await self._send_interrupt(handle, strict=True)
 
-    async def _send_interrupt(self, handle: LaunchedKernel) -> None:
+    async def _send_interrupt(self, handle: LaunchedKernel, strict: bool = False) -> None:
+        """By message or SIGINT; ``strict`` (a client's interrupt): a signal the driver could not deliver is the
+        client's error (the driver's, for example 503), never a silent 204."""
         if self.spec.interrupt_mode == "message":
             self._request("control", "interrupt_request", {})
         else:
-            await handle.signal(signal.SIGINT)
+            await self._signal(handle, signal.SIGINT, strict)
+
+    async def _signal(self, handle: LaunchedKernel, signum: int, strict: bool = False) -> None:
+        """Deliver ``signum``; unless ``strict`` a failure is only logged (a shutdown goes on to stronger means)."""
+        try:
+            await handle.signal(signum)
+        except Exception as exc:
+            if strict:
+                raise
+            log.warn("kernel {kernel_id}: signal {signum} not delivered: {why}", kernel_id=self.id, signum=signum,
+                     why=str(exc) or type(exc).__name__)
 
     async def restart(self) -> None:
         """Stop the kernel and start it again under the same id (same spec and environment)."""
@@ -498,7 +512,7 @@ class Kernel:
             await self._send_interrupt(handle)
             self._request("control", "shutdown_request", {"restart": restart})
             if not await wait_for(ended, self._policy.shutdown_wait, self._clock):
-                await handle.signal(signal.SIGTERM)
+                await self._signal(handle, signal.SIGTERM)
                 await wait_for(ended, 1.0, self._clock)
         if not ended.called:
             # Bounded: a driver's kill that never fires must not hang a DELETE or the gateway's stop.

@@ -36,6 +36,15 @@ class WireError(ValueError):
     """A message that cannot be accepted; the text says why (never echoes message content)."""
 
 
+def _loads(data: bytes, what: str) -> Any:
+    """Decode JSON; :class:`WireError` for anything that is not (also nesting too deep for the parser, which
+    raises RecursionError, and bytes that are not UTF-8)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise WireError(f"{what} is not JSON (or nested too deeply)") from None
+
+
 class Signer:
     """HMAC signatures of Jupyter messages with a kernel's key (``signature_scheme`` ``hmac-<digest>``)."""
 
@@ -83,22 +92,20 @@ class RawMessage:
         if len(self.parent_header) <= 2:
             return None
         try:
-            value = json.loads(self.parent_header).get("msg_id")
+            value = _loads(self.parent_header, "parent_header").get("msg_id")
         except (ValueError, AttributeError):
             return None
         return value if isinstance(value, str) else None
 
     def json_content(self) -> Any:
-        """Decode ``content`` (only for the few small messages egd looks into, such as ``status``)."""
-        return json.loads(self.content)
+        """Decode ``content`` (only for the few small messages egd looks into, such as ``status``);
+        :class:`WireError` (a ValueError) if it is not JSON."""
+        return _loads(self.content, "content")
 
 
 def parse_header(header: bytes) -> tuple[str, str]:
     """``(msg_id, msg_type)`` of a header frame; :class:`WireError` if it is not a JSON object with both."""
-    try:
-        parsed = json.loads(header)
-    except ValueError:
-        raise WireError("header is not JSON") from None
+    parsed = _loads(header, "header")
     if not isinstance(parsed, dict):
         raise WireError("header is not a JSON object")
     msg_id, msg_type = parsed.get("msg_id"), parsed.get("msg_type")
@@ -171,7 +178,7 @@ def _from_dict(msg: Any, buffers: list[bytes]) -> tuple[str, RawMessage]:
     if not isinstance(msg, dict):
         raise WireError("message is not a JSON object")
     channel = msg.get("channel", "shell")
-    if channel not in CLIENT_CHANNELS:
+    if not isinstance(channel, str) or channel not in CLIENT_CHANNELS:
         raise WireError(f"cannot send on channel {str(channel)[:20]!r}")
     header = msg.get("header")
     if not isinstance(header, dict) or not isinstance(header.get("msg_type"), str):
@@ -185,7 +192,7 @@ def _from_dict(msg: Any, buffers: list[bytes]) -> tuple[str, RawMessage]:
     msg_id = header.get("msg_id")
     try:
         encoded = [_dumps(header)] + [_dumps(p) for p in pieces]
-    except ValueError:
+    except (ValueError, RecursionError):
         raise WireError("message has values JSON cannot carry") from None
     raw = RawMessage(encoded[0], encoded[1], encoded[2], encoded[3], buffers,
                      msg_id if isinstance(msg_id, str) else "", header["msg_type"])
@@ -194,11 +201,7 @@ def _from_dict(msg: Any, buffers: list[bytes]) -> tuple[str, RawMessage]:
 
 def from_legacy_text(payload: bytes) -> tuple[str, RawMessage]:
     """Parse a legacy JSON text frame from a client into ``(channel, message)``."""
-    try:
-        msg = json.loads(payload)
-    except ValueError:
-        raise WireError("frame is not JSON") from None
-    return _from_dict(msg, [])
+    return _from_dict(_loads(payload, "frame"), [])
 
 
 def from_legacy_binary(payload: bytes) -> tuple[str, RawMessage]:
@@ -213,11 +216,7 @@ def from_legacy_binary(payload: bytes) -> tuple[str, RawMessage]:
     if offsets[0] < 4 * (count + 1) or any(b < a for a, b in itertools.pairwise(offsets)) or offsets[-2] > len(payload):
         raise WireError("bad offsets in binary frame")
     parts = [payload[a:b] for a, b in itertools.pairwise(offsets)]
-    try:
-        msg = json.loads(parts[0])
-    except ValueError:
-        raise WireError("binary frame's message is not JSON") from None
-    return _from_dict(msg, parts[1:])
+    return _from_dict(_loads(parts[0], "binary frame's message"), parts[1:])
 
 
 def from_v1(payload: bytes) -> tuple[str, RawMessage]:

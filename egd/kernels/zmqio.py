@@ -1,9 +1,9 @@
 """The one module that imports txzmq: ZeroMQ sockets as Twisted read descriptors.
 
-What we add to txzmq: the reactor is injected (txzmq schedules on the global one), reading can be paused and
-resumed (backpressure from slow WebSocket clients: a paused SUB socket keeps its messages in ZeroMQ's queue,
-whose receive high-water mark is unlimited, so nothing is dropped), linger is short, and the outbound queue of
-a DEALER is bounded so a kernel that stops reading cannot make egd grow without limit.
+What we add to txzmq: the reactor is injected (txzmq schedules on the global one), linger is short, and both
+queues are bounded: the outbound queue of a DEALER, so a kernel that stops reading cannot make egd grow without
+limit, and the inbound queue of every socket. egd never stops reading a socket (a slow WebSocket client gets a
+bounded queue of its own, see ``egd.kernels.hub``), so the inbound queue fills only while the reactor is busy.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ log = Logger()
 LINGER_MS = 200
 #: Bounded outbound queue per socket (messages). A full queue makes ``send`` raise :class:`QueueFull`.
 SEND_HWM = 10_000
+#: Bounded inbound queue per socket (messages): egd reads as fast as the reactor turns, this only absorbs a
+#: busy moment (a kernel publishing faster still drops iopub messages on its side, as ZeroMQ's PUB does).
+RECV_HWM = 10_000
 #: Reconnect quickly while a kernel is still binding its ports: start latency is the user's first wait.
 RECONNECT_IVL_MS = 20
 
@@ -41,7 +44,7 @@ class ReactorZmqFactory(ZmqFactory):
 
 
 class ZmqSocket(ZmqConnection):
-    """A connected ZeroMQ socket that hands each multipart message to ``on_message``; pausable."""
+    """A connected ZeroMQ socket that hands each multipart message to ``on_message``."""
 
     highWaterMark = 0
     reconnectInterval = RECONNECT_IVL_MS
@@ -51,9 +54,9 @@ class ZmqSocket(ZmqConnection):
                  on_message: Callable[[list[bytes]], None], identity: bytes | None = None) -> None:
         self.socketType = socket_type
         self._on_message = on_message
-        self._paused = False
         self._reactor: Any = factory.reactor
         super().__init__(factory, None, identity)
+        self.socket.set(zmq.RCVHWM, RECV_HWM)
         if socket_type != zmq.SUB:
             self.socket.set(zmq.SNDHWM, SEND_HWM)
         if socket_type == zmq.SUB:
@@ -66,14 +69,14 @@ class ZmqSocket(ZmqConnection):
         return self.factory is None
 
     def doRead(self) -> None:  # noqa: N802 - Twisted's IReadDescriptor
-        """Read every message ZeroMQ has ready (its descriptor is edge-triggered), unless paused."""
+        """Read every message ZeroMQ has ready (its descriptor is edge-triggered)."""
         if self.read_scheduled is not None:
             if not self.read_scheduled.called:
                 self.read_scheduled.cancel()
             self.read_scheduled = None
         socket = self.socket
         recv = socket.recv
-        while not self._paused and self.factory is not None:
+        while self.factory is not None:
             # Drain until EAGAIN (the descriptor only signals a change). Frame.more avoids a getsockopt call
             # per frame, which pyzmq wraps in enum conversions.
             try:
@@ -100,17 +103,6 @@ class ZmqSocket(ZmqConnection):
         if self.read_scheduled is None:
             # Sending can consume the descriptor's edge; look for input once more.
             self.read_scheduled = self._reactor.callLater(0, self.doRead)
-
-    def pause(self) -> None:
-        """Stop reading; messages wait in ZeroMQ's queue."""
-        self._paused = True
-
-    def resume(self) -> None:
-        """Read again, including whatever arrived while paused."""
-        if self._paused:
-            self._paused = False
-            if self.factory is not None and self.read_scheduled is None:
-                self.read_scheduled = self._reactor.callLater(0, self.doRead)
 
     def close(self) -> None:
         """Close the socket (idempotent)."""
