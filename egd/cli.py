@@ -13,6 +13,8 @@ from egd import __version__
 from egd.auth import token_digest
 from egd.config import ENV_OVERRIDES, Config, ConfigError, load_config, with_overrides
 
+#: Descriptors to keep for kernels, the state store and logs beside the connections (server.max_connections).
+_FILES_BESIDE_CONNECTIONS = 1024
 _COMMANDS = ("run", "check-config", "kernelspecs", "token", "state-key")
 
 _EPILOG = """\
@@ -77,11 +79,14 @@ def _check_config(path: str) -> int:
     problems = check_driver_names(config)
     if not problems:
         from egd.registry import DriverRegistry
+        from egd.tenancy import tenancy_problems
 
         try:  # building the drivers checks their settings; nothing listens or starts
-            DriverRegistry(config, None, config.kernels.runtime_dir or "/nonexistent")
+            registry = DriverRegistry(config, None, config.kernels.runtime_dir or "/nonexistent")
         except ValueError as exc:
             problems.append(str(exc))
+        else:
+            problems.extend(tenancy_problems(config, registry.names))
     if problems:
         print(str(ConfigError(problems, path)), file=sys.stderr)
         return 1
@@ -111,16 +116,27 @@ def _kernelspecs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_file_limit() -> None:
-    """Each kernel holds a dozen descriptors (ZeroMQ sockets, pipes): lift the soft limit to the hard one."""
+def _raise_file_limit(config: Config, log: Any) -> None:
+    """Each kernel holds a dozen descriptors (ZeroMQ sockets, pipes) and each connection one: lift the soft
+    limit to the hard one (logged), and warn when even that leaves little room beside the connection cap."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
+            log.info("raised the open file limit from {soft} to {hard} (the hard limit)", soft=soft,
+                     hard="unlimited" if hard == resource.RLIM_INFINITY else hard)
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warn("could not raise the open file limit from {soft} to {hard}: {why}", soft=soft, hard=hard,
+                     why=str(exc))
+    needed = config.server.max_connections + _FILES_BESIDE_CONNECTIONS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warn("the open file limit ({limit}) is below server.max_connections ({cap}) plus {more} for kernels "
+                 "and the rest: when it is reached, new connections fail; lower server.max_connections or raise "
+                 "the limit (LimitNOFILE= in systemd)", limit=soft, cap=config.server.max_connections,
+                 more=_FILES_BESIDE_CONNECTIONS)
 
 
 def _run_config(args: argparse.Namespace) -> Config:
@@ -148,8 +164,8 @@ def _run(args: argparse.Namespace) -> int:
     reactor: Any = global_reactor
     config = _run_config(args)
     start_logging(config.logging.level, config.logging.format)
-    _raise_file_limit()
     log = Logger(namespace="egd")
+    _raise_file_limit(config, log)
     if len(passed) > 1:
         log.warn("systemd passed {count} sockets ({names}); egd serves on the first only", count=len(passed),
                  names=", ".join(f"fd {fd} {name}" for fd, name in passed))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
@@ -11,14 +13,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
-    SSL4ServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
 from twisted.logger import Logger
 
 from egd.api.app import GatewayAPI
-from egd.api.site import make_site
+from egd.api.site import limit_connections, make_site
 from egd.auth import Authenticator
 from egd.config import Config
 from egd.kernels.manager import KernelManager
@@ -27,6 +28,7 @@ from egd.registry import DriverRegistry
 from egd.service import AsyncMultiService
 from egd.state import store_from_config
 from egd.systemd import passed_socket
+from egd.tenancy import check_tenancy
 
 log = Logger()
 
@@ -51,8 +53,11 @@ class HTTPListener(Service):
     """Listens for HTTP and WebSocket connections; the last to start, the first to stop."""
 
     def __init__(self, site: Any, reactor: Any, ip: str, port: int, base_url: str = "/",
-                 tls: Any = None, fd: int | None = None) -> None:
+                 tls: Any = None, fd: int | None = None, wrap: Callable[[Any], Any] | None = None) -> None:
+        """``wrap``: puts the connection factory (the site, behind TLS when there is TLS) behind the listener's
+        connection limit, which so sees every TCP connection from its start, TLS handshake included."""
         self.name = "http"
+        self._wrap = wrap
         #: A listening socket passed by systemd (socket activation): served instead of binding ip:port.
         self._fd = fd
         self._base_url = base_url
@@ -74,14 +79,14 @@ class HTTPListener(Service):
         super().startService()
         endpoint: Any
         factory: Any = self._site
+        if self._tls is not None:  # what SSL4ServerEndpoint does, with the connection limit outside TLS
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            factory = TLSMemoryBIOFactory(self._tls, False, self._site)
+        if self._wrap is not None:
+            factory = self._wrap(factory)
         if self._fd is not None:
             endpoint = AdoptedStreamServerEndpoint(self._reactor, self._fd, passed_socket(self._fd)[0])
-            if self._tls is not None:  # what SSL4ServerEndpoint does for a port it binds itself
-                from twisted.protocols.tls import TLSMemoryBIOFactory
-
-                factory = TLSMemoryBIOFactory(self._tls, False, self._site)
-        elif self._tls is not None:
-            endpoint = SSL4ServerEndpoint(self._reactor, self._port, self._tls, interface=self._ip, backlog=256)
         else:
             endpoint_type = TCP6ServerEndpoint if ":" in self._ip else TCP4ServerEndpoint
             endpoint = endpoint_type(self._reactor, self._port, interface=self._ip, backlog=256)
@@ -115,6 +120,7 @@ class Gateway(AsyncMultiService):
         threadpool = reactor.getThreadPool()
         self.drivers = DriverRegistry(config, reactor, runtime_dir)
         self.drivers.setServiceParent(self)
+        check_tenancy(config, self.drivers.names)  # ValueError: users would not be apart beneath the API
         specs = KernelSpecStore(config.kernels, reactor, threadpool)
         self.kernels = KernelManager(config, reactor, specs, self.drivers,
                                      store=store_from_config(config.state, runtime_dir))
@@ -135,7 +141,8 @@ class Gateway(AsyncMultiService):
                      "on loopback only", ip=ip)
         site = make_site(self.api.resource(), config.server, Authenticator(config.auth))
         self.http = HTTPListener(site, reactor, ip, config.server.port, config.server.base_url,
-                                 tls_options(config), listen_fd)
+                                 tls_options(config), listen_fd,
+                                 wrap=partial(limit_connections, server=config.server, clock=reactor))
         self.http.setServiceParent(self)
 
     def reconfigure(self, config: Config) -> None:

@@ -149,7 +149,7 @@ def test_probes_need_no_credentials_but_metrics_do(make_gateway: Any) -> None:
     """/healthz and /readyz answer without a token (below the base URL); /metrics needs one; a user-bound
     caller needs to be an admin for it."""
     gw = make_gateway({"server": {"base_url": "/gw/"}, "auth": {
-        "token": TOKEN, "users": {"ursula": {"token_sha256": token_digest(USER_TOKEN)},
+        "token": TOKEN, "users_trust_each_other": True, "users": {"ursula": {"token_sha256": token_digest(USER_TOKEN)},
                                   "adam": {"token_sha256": token_digest(ADMIN_TOKEN), "admin": True}}}})
     anonymous = GatewayClient(gw.url)
     resp = anonymous.request("GET", "/healthz")
@@ -158,7 +158,9 @@ def test_probes_need_no_credentials_but_metrics_do(make_gateway: Any) -> None:
     assert resp.status == 200 and resp.json == {"status": "ready",
                                                 "checks": {"drivers": "ok", "kernels": "ok", "store": "ok"}}
     assert anonymous.request("GET", "/metrics").status == 401
-    assert anonymous.request("POST", "/healthz", {}).status == 401  # only GET and HEAD are public
+    # Probes answer every method without credentials: another method gets 405 naming the allowed ones.
+    wrong = anonymous.request("POST", "/healthz", {})
+    assert wrong.status == 405 and "GET" in wrong.headers["allow"]
     assert anonymous.request("GET", "/api/kernels").status == 401
     assert GatewayClient(gw.url, USER_TOKEN).request("GET", "/metrics").status == 403
     assert GatewayClient(gw.url, ADMIN_TOKEN).request("GET", "/metrics").status == 200

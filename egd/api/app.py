@@ -6,6 +6,7 @@ answer. Every failure becomes a JSON ``{"reason", "message"}`` response in ``egd
 
 from __future__ import annotations
 
+import base64
 import json
 import mimetypes
 import os
@@ -18,8 +19,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from egd import API_VERSION, __version__
-from egd.api.cors import CorsPolicy
+from egd.api.cors import CorsPolicy, HostPolicy
 from egd.api.errors import error_response, json_response, render_failure
+from egd.api.redact import printable
 from egd.api.site import identity_of, security_log
 from egd.api.websocket import KernelChannelsResource, make_factory
 from egd.auth import Identity
@@ -27,6 +29,7 @@ from egd.config import Config
 from egd.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from egd.kernels.manager import KernelManager
 from egd.kernels.sessions import SessionManager
+from egd.kernels.specs import KernelSpecInfo
 from egd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 MAX_BODY = 1024 * 1024
@@ -46,6 +49,32 @@ def read_json(request: Any) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise BadRequest("The request body is not valid JSON") from None
+
+
+def _header_tokens(request: Any, name: bytes) -> set[bytes]:
+    """The comma-separated tokens of a header, lower case."""
+    return {token.strip().lower() for value in request.requestHeaders.getRawHeaders(name, []) for token in
+            value.split(b",")}
+
+
+def websocket_handshake_problem(request: Any) -> str | None:
+    """What makes ``request`` not a WebSocket handshake egd accepts (RFC 6455 section 4.2.1), None if nothing
+    does: checked before the hand-over, whose own refusals are not JSON."""
+    if b"websocket" not in _header_tokens(request, b"upgrade"):
+        return "This URL is a WebSocket endpoint; connect with a WebSocket client"
+    if request.clientproto != b"HTTP/1.1":
+        return "A WebSocket handshake needs HTTP/1.1"
+    if b"upgrade" not in _header_tokens(request, b"connection"):
+        return "A WebSocket handshake needs the header 'Connection: Upgrade'"
+    if request.getHeader(b"sec-websocket-version") != b"13":
+        return "Only WebSocket version 13 is supported (Sec-WebSocket-Version: 13)"
+    try:
+        key = base64.b64decode(request.getHeader(b"sec-websocket-key") or b"", validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        return "The WebSocket handshake needs a Sec-WebSocket-Key of 16 bytes in base64"
+    return None
 
 
 def _user_arg(request: Any) -> str:
@@ -70,10 +99,19 @@ _BlockDumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
     "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
 
 
-def render_openapi(base_url: str, secured: bool, public_metrics: bool = False) -> tuple[bytes, bytes]:
-    """The OpenAPI document as served (YAML, JSON): ``servers`` is the base URL, the version egd's, and
-    without configured credentials no security requirement. Blocking file I/O: call it in a thread."""
+def render_openapi(base_url: str, secured: bool, public_metrics: bool = False,
+                   client_envs: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
+    """The OpenAPI document as served (YAML, JSON): ``servers`` is the base URL, the version egd's, without
+    configured credentials no security requirement, and the variables of ``kernels.client_envs`` checked as egd
+    checks them. Blocking file I/O: call it in a thread."""
     document = yaml.safe_load(_read_file(OPENAPI_PATH))
+    env = document["components"]["schemas"]["KernelEnv"]
+    checked = {"$ref": "#/components/schemas/KernelEnvValue"}
+    if "*" in client_envs:  # every valid name is passed, so checked
+        env["patternProperties"] = {"^(?!KERNEL_GATEWAY$)[A-Za-z_][A-Za-z0-9_]{0,254}$": checked,
+                                    "^KERNEL_GATEWAY$": {}}
+    elif client_envs:  # these names are passed too ("properties" apply besides the name patterns)
+        env["properties"] = {name: checked for name in client_envs if name != "KERNEL_GATEWAY"}
     document["servers"] = [{"url": base_url.rstrip("/") or "/"}]
     document["info"]["version"] = __version__
     if not secured:
@@ -89,12 +127,15 @@ class _Resource(KleinResource):
     path or host is not UTF-8."""
 
     def render(self, request: Any) -> Any:
-        """Check the URL's encoding, then route."""
+        """Check the URL's encoding, then route. An empty segment (``//``) is a 404 wherever it is: Klein would
+        drop one right after the base URL, werkzeug merge the others."""
         try:
             for part in (*request.prepath, *request.postpath, request.getRequestHostname()):
                 part.decode("utf-8")
         except UnicodeDecodeError:
             return error_response(request, 400, "Bad Request", "The URL is not valid UTF-8")
+        if b"" in request.postpath[:-1]:
+            return error_response(request, 404, "Not Found", "")
         return super().render(request)
 
 
@@ -102,6 +143,9 @@ class GatewayAPI:
     """The routes of egd's HTTP API."""
 
     app = Klein()
+    # "//" in a path is a 404 like any other unknown path: werkzeug would merge the slashes and answer a 308
+    # without a Location (Klein drops it).
+    app.url_map.merge_slashes = False
 
     def __init__(self, config: Config, kernels: KernelManager, reactor: Any, threadpool: ThreadPool) -> None:
         self._config = config
@@ -111,7 +155,7 @@ class GatewayAPI:
         self._reactor = reactor
         self._threadpool = threadpool
         self._ws_factory = make_factory(config.server, reactor, kernels.metrics.relay)
-        self._cors = CorsPolicy(config.server)
+        self._cors = CorsPolicy(config.server, HostPolicy(config.server.allowed_hosts, config.auth.configured))
         self._openapi: tuple[bytes, bytes] | None = None
 
     def reconfigure(self, config: Config) -> None:
@@ -142,7 +186,8 @@ class GatewayAPI:
         if self._openapi is None:
             self._openapi = await deferToThreadPool(self._reactor, self._threadpool, render_openapi,
                                                     self._base_url, self._config.auth.configured,
-                                                    self._config.server.metrics_public)
+                                                    self._config.server.metrics_public,
+                                                    self._config.kernels.client_envs)
         return self._openapi
 
     @app.route("/api/swagger.yaml", methods=["GET"])
@@ -206,25 +251,35 @@ class GatewayAPI:
                             if not user or self._kernels.allows(spec, user, self._groups(identity, user))},
         })
 
-    @app.route("/api/kernelspecs/<string:name>", methods=["GET"], strict_slashes=False)
-    async def get_kernelspec(self, request: Any, name: str) -> bytes:
-        """One kernelspec."""
+    async def _usable_spec(self, request: Any, name: str) -> KernelSpecInfo:
+        """The kernelspec ``name`` if the caller (a user-bound caller, or the ``?user=`` it names) may use it;
+        :class:`Forbidden` if not, :class:`NotFound` if there is no such spec."""
         spec = await self._kernels.specs.get(name)
         identity = identity_of(request)
         user = identity.user or _user_arg(request).split("/", 1)[0]
         if user and not self._kernels.allows(spec, user, self._groups(identity, user)):
             raise Forbidden(f"User {user} is not authorized to use kernel spec {name}")
-        return json_response(request, 200, spec.model(self._base_url, identity.admin))
+        return spec
+
+    @app.route("/api/kernelspecs/<string:name>", methods=["GET"], strict_slashes=False)
+    async def get_kernelspec(self, request: Any, name: str) -> bytes:
+        """One kernelspec."""
+        spec = await self._usable_spec(request, name)
+        return json_response(request, 200, spec.model(self._base_url, identity_of(request).admin))
 
     @app.route("/kernelspecs/<string:name>/<path:filename>", methods=["GET", "HEAD"])
     async def kernelspec_resource(self, request: Any, name: str, filename: str) -> bytes:
-        """A file of a kernelspec's resource directory (logos, kernel.js); nothing outside it."""
-        spec = await self._kernels.specs.get(name)
+        """One of a kernelspec's resource files (its logos, kernel.js, kernel.css: what its model's
+        ``resources`` lists), to whoever may see the spec's model. Nothing else of its directory: kernel.json
+        holds the command line and environment, which only admins see."""
+        spec = await self._usable_spec(request, name)
         root = os.path.realpath(spec.resource_dir)
-        if "\0" in filename:  # os.path would raise ValueError
-            raise NotFound(f"Kernel spec {name} has no such resource")
+        if filename not in spec.resources.values() or filename.lower().endswith(".json"):
+            raise NotFound(f"Kernel spec {name} has no resource {filename}")
         path = os.path.realpath(os.path.join(root, filename))
-        if not path.startswith(root + os.sep) or not os.path.isfile(path):
+        # A resource that is a link to the spec's kernel.json or out of the directory is not served either.
+        if (not path.startswith(root + os.sep) or os.path.basename(path).lower().endswith(".json")
+                or not os.path.isfile(path)):
             raise NotFound(f"Kernel spec {name} has no resource {filename}")
         try:
             data = await deferToThreadPool(self._reactor, self._threadpool, _read_file, path)
@@ -293,17 +348,18 @@ class GatewayAPI:
 
     @app.route("/api/kernels/<string:kernel_id>/channels", methods=["GET"])
     async def kernel_channels(self, request: Any, kernel_id: str) -> Any:
-        """The kernel's WebSocket."""
-        if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
-            kernel = await self._kernels.acquire(kernel_id, identity_of(request), "connection")
-        else:
-            kernel = self._kernels.owned(kernel_id, identity_of(request), "connection")
-        if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
-            raise BadRequest("This URL is a WebSocket endpoint; connect with a WebSocket client")
+        """The kernel's WebSocket: the handshake and the browser's origin (and Host) are checked here, so that
+        every refusal is a JSON answer before the connection is handed over."""
+        problem = websocket_handshake_problem(request)
+        if problem is not None:
+            self._kernels.owned(kernel_id, identity_of(request), "connection")  # 404 first, as for the REST API
+            raise BadRequest(problem)
+        kernel = await self._kernels.acquire(kernel_id, identity_of(request), "connection")
         origin = (request.getHeader(b"origin") or b"").decode("latin-1")
-        if not self._cors.allowed(origin, (request.getHeader(b"host") or b"").decode("latin-1")):
-            security_log.warn("refused a WebSocket to kernel {kernel_id} from origin {origin}", kernel_id=kernel_id,
-                              origin=origin[:200])
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if not self._cors.allowed(origin, host):
+            security_log.warn("refused a WebSocket to kernel {kernel_id} from origin {origin} (Host {host})",
+                              kernel_id=kernel_id, origin=printable(origin), host=printable(host))
             raise Forbidden("Cross-origin WebSocket connections are not allowed from this origin")
         return KernelChannelsResource(self._ws_factory, kernel)
 

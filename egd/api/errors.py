@@ -10,8 +10,9 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from egd.api.redact import loggable
 from egd.errors import EgdError
 
 log = Logger()
@@ -34,15 +35,18 @@ def render_failure(request: Any, failure: Failure) -> bytes:
     error = failure.value
     if isinstance(error, EgdError):
         if error.status >= 500:
-            log.warn("{method} {path}: {status} {message}", method=request.method.decode(),
-                     path=request.path.decode("utf-8", "replace"), status=error.status, message=error.message)
+            log.warn("{method} {path}: {status} {message}", method=loggable(request.method),
+                     path=loggable(request.path), status=error.status, message=error.message)
         return error_response(request, error.status, error.reason, error.message)
     if isinstance(error, HTTPException) and error.code is not None:
         message = "" if error.code == 404 else str(error.description or "")
-        if error.code == 405:
-            message = f"{request.method.decode()} is not allowed here"
+        if isinstance(error, MethodNotAllowed):
+            message = f"{loggable(request.method)} is not allowed here"
+            # RFC 9110: a 405 names the methods the resource has (OPTIONS: every path answers CORS preflights).
+            allowed = sorted({*(error.valid_methods or ()), "OPTIONS"})
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
         return error_response(request, error.code, error.name, message)
-    log.failure("unexpected error serving {method} {path}", failure, method=request.method.decode(),
-                path=request.path.decode("utf-8", "replace"))
+    log.failure("unexpected error serving {method} {path}", failure, method=loggable(request.method),
+                path=loggable(request.path))
     return error_response(request, 500, "Internal Server Error",
                           "An unexpected error occurred; the gateway's log has the details")
