@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application.service import Service
 from twisted.internet import error, protocol
@@ -39,7 +39,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest, check_settings, impersonated_user
+from egd import checks
+from egd.checks import Checker, Settings, boolean, settings_of, strings, whole_numbers
+from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest
+from egd.drivertools import impersonated_user
 from egd.errors import Forbidden, LaunchFailed, LaunchTimeout
 from egd.kernels.ports import PortAllocator, bound_by
 
@@ -55,7 +58,6 @@ _BIND_POLL = 0.05
 #: strerror(EADDRINUSE), as a kernel that failed to bind writes it (ZeroMQ, Python and most runtimes).
 _ADDRESS_IN_USE = b"Address already in use"
 _SETSID = shutil.which("setsid")
-_SETTINGS = frozenset({"ip", "impersonation", "prohibited_uids", "prohibited_users"})
 #: Capabilities a non-root egd would need to impersonate (bits of CapEff): chown, dac_override, kill, setgid,
 #: setuid. Twisted's child calls setuid(0) before switching, so in practice this means root.
 _IMPERSONATION_CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
@@ -315,28 +317,41 @@ class LocalKernel:
             pass
 
 
+@dataclass(frozen=True)
+class LocalSettings(Settings):
+    """``drivers.local`` (documented in ``conf/egd.yaml``)."""
+
+    #: The address kernels listen on.
+    ip: str = "127.0.0.1"
+    #: Run each kernel as its user (egd must be root); root and these uids and users are always refused.
+    impersonation: bool = False
+    prohibited_uids: tuple[int, ...] = (0,)
+    prohibited_users: tuple[str, ...] = ("root",)
+
+    schema: ClassVar[Mapping[str, Checker]] = {
+        "ip": checks.ip,  # the module's: the field shadows the name here
+        "impersonation": boolean,
+        "prohibited_uids": whole_numbers,
+        "prohibited_users": strings,
+    }
+
+
 class LocalDriver(Service):
     """Launches kernels as child processes of the gateway."""
 
-    def __init__(self, reactor: Any, settings: Mapping[str, Any], runtime_dir: str,
+    settings_type = LocalSettings
+
+    def __init__(self, reactor: Any, settings: LocalSettings | Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         self.name = "local"
-        check_settings("local", settings, _SETTINGS)
+        self.settings = settings = settings_of(LocalSettings, settings, "drivers.local")
         self._reactor = reactor
         self._runtime_dir = runtime_dir
-        self._ip = str(settings.get("ip", "127.0.0.1"))
+        self._ip = settings.ip
         self.ports = PortAllocator(self._ip, port_range)
-        self._impersonation = settings.get("impersonation", False)
-        if not isinstance(self._impersonation, bool):
-            raise ValueError("drivers.local.impersonation: true or false")
-        uids = settings.get("prohibited_uids", [0])
-        if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
-            raise ValueError("drivers.local.prohibited_uids: a list of numeric uids")
-        self._prohibited_uids = frozenset({0, *uids})
-        users = settings.get("prohibited_users", ["root"])
-        if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
-            raise ValueError("drivers.local.prohibited_users: a list of user names")
-        self._prohibited_users = frozenset({"root", *users})
+        self._impersonation = settings.impersonation
+        self._prohibited_uids = frozenset({0, *settings.prohibited_uids})
+        self._prohibited_users = frozenset({"root", *settings.prohibited_users})
         if self._impersonation:
             missing = _missing_capabilities()
             if missing:
@@ -488,39 +503,10 @@ class LocalDriver(Service):
         connection_file: str | None = None
         private_dir: str | None = None
         try:
-            try:
-                if account is None:
-                    connection_file = self._write_connection_file(request.kernel_id, info)
-                else:
-                    connection_file = self._write_private_connection_file(request.kernel_id, info, account)
-                    private_dir = os.path.dirname(connection_file)
-            except OSError as exc:
-                raise LaunchFailed(f"cannot write the connection file: {exc.strerror}") from None
-            argv = kernel_argv(request.spec.argv, {
-                "connection_file": connection_file, "kernel_id": request.kernel_id,
-                "resource_dir": request.spec.resource_dir, "prefix": sys.prefix,
-            })
-            if not argv:
-                raise LaunchFailed(f"kernelspec {request.spec.name} has an empty argv")
-            if _SETSID:
-                argv = [_SETSID, *argv]
-            env = dict(request.env)
-            ids: dict[str, int] = {}
-            if account is None:
-                cwd = request.working_dir if request.working_dir and os.path.isdir(request.working_dir) else None
-            else:
-                env.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
-                # The child chdirs as root, before it switches user: only a directory the user may enter will do.
-                cwd = next((d for d in (request.working_dir, account.home) if d and _enterable(d, account)), "/")
-                ids = {"uid": account.uid, "gid": account.gid}
+            connection_file, private_dir = self._connection_file(request, info, account)
+            argv, env, cwd, ids = self._command(request, account, connection_file)
             proto = _KernelProcess(request.kernel_id)
-            try:
-                process = self._reactor.spawnProcess(proto, argv[0], argv, env=env, path=cwd, **ids)
-            except OSError as exc:
-                raise LaunchFailed(f"cannot start {argv[0]}: {exc.strerror}") from None
-            except (UnicodeError, ValueError, TypeError) as exc:  # an argument or variable that cannot be encoded
-                raise LaunchFailed(f"cannot start the kernel: its command line or environment cannot be passed "
-                                   f"to a process ({type(exc).__name__})") from None
+            process = self._start_process(proto, argv, env, cwd, ids)
         except BaseException:
             self._discard(ports, connection_file, private_dir)
             raise
@@ -529,6 +515,50 @@ class LocalDriver(Service):
         log.info("kernel {kernel_id} ({spec}) started as {where}", kernel_id=request.kernel_id,
                  spec=request.spec.name, where=kernel.describe())
         return kernel
+
+    def _connection_file(self, request: LaunchRequest, info: dict[str, Any],
+                         account: Account | None) -> tuple[str, str | None]:
+        """The kernel's connection file, and the private directory it is in when impersonating."""
+        try:
+            if account is None:
+                return self._write_connection_file(request.kernel_id, info), None
+            connection_file = self._write_private_connection_file(request.kernel_id, info, account)
+        except OSError as exc:
+            raise LaunchFailed(f"cannot write the connection file: {exc.strerror}") from None
+        return connection_file, os.path.dirname(connection_file)
+
+    @staticmethod
+    def _command(request: LaunchRequest, account: Account | None,
+                 connection_file: str) -> tuple[list[str], dict[str, str], str | None, dict[str, int]]:
+        """The kernel's argv (in a session of its own), environment, working directory, and uid and gid when
+        it runs as its user."""
+        argv = kernel_argv(request.spec.argv, {
+            "connection_file": connection_file, "kernel_id": request.kernel_id,
+            "resource_dir": request.spec.resource_dir, "prefix": sys.prefix,
+        })
+        if not argv:
+            raise LaunchFailed(f"kernelspec {request.spec.name} has an empty argv")
+        if _SETSID:
+            argv = [_SETSID, *argv]
+        env = dict(request.env)
+        if account is None:
+            cwd = request.working_dir if request.working_dir and os.path.isdir(request.working_dir) else None
+            return argv, env, cwd, {}
+        env.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
+        # The child chdirs as root, before it switches user: only a directory the user may enter will do.
+        cwd = next((d for d in (request.working_dir, account.home) if d and _enterable(d, account)), "/")
+        return argv, env, cwd, {"uid": account.uid, "gid": account.gid}
+
+    def _start_process(self, proto: _KernelProcess, argv: list[str], env: dict[str, str], cwd: str | None,
+                       ids: dict[str, int]) -> Any:
+        """``spawnProcess``; what it refuses is a :class:`LaunchFailed`."""
+        try:
+            return self._reactor.spawnProcess(proto, argv[0], argv, env=env, path=cwd, **ids)
+        except OSError as exc:
+            raise LaunchFailed(f"cannot start {argv[0]}: {exc.strerror}") from None
+        except (UnicodeError, ValueError, TypeError) as exc:  # an argument or variable that cannot be encoded
+            raise LaunchFailed(f"cannot start the kernel: its command line or environment cannot be passed "
+                               f"to a process ({type(exc).__name__})") from None
 
     def reattach(self, kernel_id: str, state: Mapping[str, Any], connection_info: dict[str, Any]) -> Deferred[Any]:
         """The kernel a previous gateway started, if its process still runs (same pid *and* start time, so a

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -21,17 +22,26 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
-from egd.driverapi import LaunchedKernel, LaunchRequest, check_settings, impersonated_user, port_range_setting
+from egd.checks import Checker, boolean, choice, host_names, number, optional, readable_file, settings_of, strings, text
+from egd.driverapi import LaunchedKernel, LaunchRequest
 from egd.drivers.process import CapturedProcess
+from egd.drivertools import LauncherSettings, impersonated_user
 from egd.errors import LaunchFailed, LaunchTimeout
-from egd.launchers import kernel_launcher
-from egd.remote import LaunchListener, LaunchRefused, RemoteKernel, launcher_arguments
+from egd.remote import (
+    LaunchListener,
+    LaunchRefused,
+    Registration,
+    RemoteKernel,
+    launcher_arguments,
+    reattach_remote,
+)
 
 log = Logger()
 
@@ -48,51 +58,78 @@ _CONTROL_DIR_MAX = _SOCKET_PATH_MAX - 1 - _SOCKET_NAME_LENGTH - 17 - 1
 _LOCAL_SSH_PROBLEMS = ("too long for Unix domain socket", "unix_listener:", "ControlPath too long")
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
 SSH_FAILED = 255
-_SETTINGS = frozenset({"hosts", "placement", "ssh_command", "ssh_config", "ssh_options", "connect_timeout", "user",
-                       "multiplex",
-                       "impersonation", "prohibited_users", "python", "launcher_path", "log_dir", "port_range",
-                       "callback_host", "callback_port"})
+
+
+def _whole_seconds(value: Any, path: str, problems: list[str]) -> Any:
+    """ssh's ConnectTimeout takes whole seconds: a fraction is rounded up."""
+    checked = number(1, 3600)(value, path, problems)
+    return None if checked is None else math.ceil(checked)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SshSettings(LauncherSettings):
+    """``drivers.ssh`` (documented in ``conf/ssh-pool.yaml``)."""
+
+    hosts: tuple[str, ...]
+    placement: str = "round-robin"
+    ssh_command: str = "ssh"
+    ssh_config: str | None = None
+    ssh_options: tuple[str, ...] = ()
+    #: Seconds ssh may take to connect (ssh's ConnectTimeout: whole seconds).
+    connect_timeout: int = 5
+    #: One ssh connection per host, reused by every launch and signal (OpenSSH's ControlMaster): a launch
+    #: then costs a channel (milliseconds), not a handshake (hundreds of milliseconds).
+    multiplex: bool = True
+    #: Where launchers write their logs on the hosts.
+    log_dir: str = "/tmp"
+
+    schema: ClassVar[Mapping[str, Checker]] = {
+        **LauncherSettings.schema,
+        "hosts": host_names,
+        "placement": choice("round-robin", "least-connection"),
+        "ssh_command": text,
+        "ssh_config": optional(readable_file),
+        "ssh_options": strings,
+        "connect_timeout": _whole_seconds,
+        "multiplex": boolean,
+        "log_dir": text,
+    }
 
 
 class SshDriver(MultiService):
     """Launches kernels on ssh hosts, round-robin or on the host with the fewest kernels."""
 
-    def __init__(self, reactor: Any, settings: Mapping[str, Any], runtime_dir: str,
+    settings_type = SshSettings
+
+    def __init__(self, reactor: Any, settings: SshSettings | Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         super().__init__()
         self.name = "ssh"
-        check_settings("ssh", settings, _SETTINGS)
+        self.settings = settings = settings_of(SshSettings, settings, "drivers.ssh")
         self._reactor = reactor
-        self._hosts: list[str] = [str(h) for h in settings.get("hosts", [])]
-        if not self._hosts:
-            raise ValueError("drivers.ssh.hosts: list at least one host")
-        self._placement = str(settings.get("placement", "round-robin"))
-        if self._placement not in ("round-robin", "least-connection"):
-            raise ValueError("drivers.ssh.placement: round-robin or least-connection")
-        self._ssh = str(settings.get("ssh_command", "ssh"))
-        self._ssh_config = settings.get("ssh_config")
-        self._ssh_options = [str(o) for o in settings.get("ssh_options", [])]
-        self._connect_timeout = int(settings.get("connect_timeout", 5))
-        # One ssh connection per host, reused by every launch and signal (OpenSSH's ControlMaster): a launch
-        # then costs a channel (milliseconds), not a handshake (hundreds of milliseconds).
-        self._multiplex = bool(settings.get("multiplex", True))
+        self._hosts = list(settings.hosts)
+        self._placement = settings.placement
+        self._ssh = settings.ssh_command
+        self._ssh_config = settings.ssh_config
+        self._ssh_options = list(settings.ssh_options)
+        self._connect_timeout = settings.connect_timeout
+        self._multiplex = settings.multiplex
         self._control_dir = os.path.join(runtime_dir, "ssh")
         #: Where a directory of our own is made when the runtime directory's path is too long for the sockets.
         self._short_parent: str | None = None
         if self._multiplex and len(os.fsencode(self._control_dir)) > _CONTROL_DIR_MAX:
             self._short_parent = _short_parent(self._control_dir)
-        self._user = settings.get("user")
-        self._impersonation = bool(settings.get("impersonation", False))
-        self._prohibited = {str(u) for u in settings.get("prohibited_users", ["root"])}
-        self._python = settings.get("python")
-        self._launcher = str(settings.get("launcher_path", os.path.abspath(kernel_launcher.__file__)))
-        self._log_dir = str(settings.get("log_dir", "/tmp"))
-        self._port_range = port_range_setting(settings, port_range)
+        self._user = settings.user
+        self._impersonation = settings.impersonation
+        self._prohibited = set(settings.prohibited_users)
+        self._python = settings.python
+        self._launcher = settings.launcher_path
+        self._log_dir = settings.log_dir
+        self._port_range = settings.port_range or port_range
         self._next = 0
         self._running: dict[str, str] = {}  # kernel id -> host, for least-connection
         self._logins: set[tuple[str, str | None]] = set()  # (host, login) of every shared connection opened
-        self.listener = LaunchListener(reactor, str(settings.get("callback_host", "127.0.0.1")),
-                                       int(settings.get("callback_port", 0)))
+        self.listener = LaunchListener(reactor, settings.callback_host, settings.callback_port)
         self.listener.setServiceParent(self)
 
     # -- placement ----------------------------------------------------------------------------------------
@@ -205,74 +242,76 @@ class SshDriver(MultiService):
         login = self._login(request)
         for host in self._candidates(request):
             registration = self.listener.register(request.kernel_id)
-            key = uuid.uuid4().hex
-            env = dict(request.env)
-            if self._impersonation:  # the login's own HOME, USER and LOGNAME, not those of egd's environment
-                for name in ("HOME", "USER", "LOGNAME"):
-                    env.pop(name, None)
-            secrets_line = json.dumps({"secret": registration.secret.decode(), "key": key,
-                                       "env": env}).encode() + b"\n"
-            remote = self._remote_command(request, self.listener.address)
             try:
-                code, proc = await self._run_ssh(host, remote, secrets_line, login)
+                kernel = await self._launch_on(request, host, login, registration, tried)
             except BaseException:
                 self.listener.unregister(registration)
                 raise
-            if code == SSH_FAILED and any(problem in proc.stderr() for problem in _LOCAL_SSH_PROBLEMS):
-                self.listener.unregister(registration)
-                log.error("kernel {kernel_id}: ssh failed on this gateway's side, not {host}'s: {why}",
-                          kernel_id=request.kernel_id, host=host, why=proc.stderr())
-                raise LaunchFailed(f"ssh could not set up its shared connection on the gateway (a local problem, "
-                                   f"not host {host}): {proc.stderr()}")
-            if code == SSH_FAILED:
-                why = proc.stderr() or "ssh failed"
-                log.warn("kernel {kernel_id}: host {host} unreachable, trying the next one: {why}",
-                         kernel_id=request.kernel_id, host=host, why=why)
-                tried.append(f"{host}: {why}")
-                self.listener.unregister(registration)
-                continue
-            if code != 0:
-                self.listener.unregister(registration)
-                raise LaunchFailed(f"the launcher on {host} exited with code {code}: {proc.stderr() or 'no output'}")
-            started = _parse_started(proc)
-            log.info("kernel {kernel_id}: launcher started on {host} (pid {pid})", kernel_id=request.kernel_id,
-                     host=host, pid=started.get("launcher_pid"))
-            waiter = registration.ready
-            waiter.addTimeout(request.timeout, self._reactor)
-            try:
-                info = await waiter
-            except LaunchRefused as exc:
-                self.listener.unregister(registration)
-                raise LaunchFailed(f"the kernel failed to start on {host}: {exc}") from None
-            except Exception:
-                self.listener.unregister(registration)
-                await self._kill_launcher(host, started.get("launcher_pid"), login)
-                detail = await self._log_tail(host, str(started.get("log", "")), login)
-                raise LaunchTimeout(f"the launcher on {host} did not report within {request.timeout:g} seconds"
-                                    + (f": {detail}" if detail else "")) from None
-            kernel = RemoteKernel(self._reactor, registration, info, key, host, self._forget, self._force_kill)
-            kernel.login = login
-            kernel.detail = proc.stderr()
-            self._running[request.kernel_id] = host
-            return kernel
+            if kernel is not None:
+                self._running[request.kernel_id] = host
+                return kernel
+            self.listener.unregister(registration)
         raise LaunchFailed("no ssh host could start the kernel: " + "; ".join(tried))
+
+    def _secrets_line(self, request: LaunchRequest, registration: Registration, key: str) -> bytes:
+        """What the launcher reads on its stdin: the launch secret, the kernel's key and environment."""
+        env = dict(request.env)
+        if self._impersonation:  # the login's own HOME, USER and LOGNAME, not those of egd's environment
+            for name in ("HOME", "USER", "LOGNAME"):
+                env.pop(name, None)
+        return json.dumps({"secret": registration.secret.decode(), "key": key, "env": env}).encode() + b"\n"
+
+    async def _launch_on(self, request: LaunchRequest, host: str, login: str | None, registration: Registration,
+                         tried: list[str]) -> RemoteKernel | None:
+        """The kernel started on ``host``; None when ssh cannot reach the host (why is appended to ``tried``);
+        ``LaunchFailed`` or ``LaunchTimeout`` when it was reached but the kernel did not start."""
+        key = uuid.uuid4().hex
+        remote = self._remote_command(request, self.listener.address)
+        code, proc = await self._run_ssh(host, remote, self._secrets_line(request, registration, key), login)
+        if code == SSH_FAILED and any(problem in proc.stderr() for problem in _LOCAL_SSH_PROBLEMS):
+            log.error("kernel {kernel_id}: ssh failed on this gateway's side, not {host}'s: {why}",
+                      kernel_id=request.kernel_id, host=host, why=proc.stderr())
+            raise LaunchFailed(f"ssh could not set up its shared connection on the gateway (a local problem, "
+                               f"not host {host}): {proc.stderr()}")
+        if code == SSH_FAILED:
+            why = proc.stderr() or "ssh failed"
+            log.warn("kernel {kernel_id}: host {host} unreachable, trying the next one: {why}",
+                     kernel_id=request.kernel_id, host=host, why=why)
+            tried.append(f"{host}: {why}")
+            return None
+        if code != 0:
+            raise LaunchFailed(f"the launcher on {host} exited with code {code}: {proc.stderr() or 'no output'}")
+        started = _parse_started(proc)
+        log.info("kernel {kernel_id}: launcher started on {host} (pid {pid})", kernel_id=request.kernel_id,
+                 host=host, pid=started.get("launcher_pid"))
+        info = await self._await_report(request, host, login, registration, started)
+        kernel = RemoteKernel(self._reactor, registration, info, key, host, self._forget, self._force_kill)
+        kernel.login = login
+        kernel.detail = proc.stderr()
+        return kernel
+
+    async def _await_report(self, request: LaunchRequest, host: str, login: str | None,
+                            registration: Registration, started: Mapping[str, Any]) -> dict[str, Any]:
+        """The launcher's connection info; on a timeout the launcher is killed and its log's tail reported."""
+        waiter = registration.ready
+        waiter.addTimeout(request.timeout, self._reactor)
+        try:
+            return await waiter
+        except LaunchRefused as exc:
+            raise LaunchFailed(f"the kernel failed to start on {host}: {exc}") from None
+        except Exception:
+            self.listener.unregister(registration)
+            await self._kill_launcher(host, started.get("launcher_pid"), login)
+            detail = await self._log_tail(host, str(started.get("log", "")), login)
+            raise LaunchTimeout(f"the launcher on {host} did not report within {request.timeout:g} seconds"
+                                + (f": {detail}" if detail else "")) from None
 
     def reattach(self, kernel_id: str, state: Mapping[str, Any], connection_info: dict[str, Any]) -> Deferred[Any]:
         """The kernel a previous gateway started on a host, if its launcher still answers (signed ping) and
         says the kernel is alive; ``LookupError`` otherwise."""
         async def reattach() -> RemoteKernel:
-            registration = self.listener.register(kernel_id, str(state["secret"]).encode())
-            kernel = RemoteKernel(self._reactor, registration, dict(state["info"]), str(connection_info["key"]),
-                                  str(state["where"]), self._forget, self._force_kill)
-            kernel.login = state.get("login")
-            try:
-                alive = await kernel.ping()
-            except Exception as exc:
-                self.listener.unregister(registration)
-                raise LookupError(f"its launcher on {kernel.where} does not answer: {exc}") from None
-            if not alive:
-                self.listener.unregister(registration)
-                raise LookupError(f"its launcher on {kernel.where} says the kernel has ended")
+            kernel = await reattach_remote(self._reactor, self.listener, kernel_id, state,
+                                           str(connection_info["key"]), self._forget, self._force_kill)
             self._running[kernel_id] = kernel.where
             log.info("kernel {kernel_id}: re-attached to {where}", kernel_id=kernel_id, where=kernel.describe())
             return kernel

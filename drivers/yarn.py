@@ -26,38 +26,25 @@ import shutil
 import sys
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from egd.driverapi import (
-    ExitStatus,
-    LaunchedKernel,
-    LaunchRequest,
-    check_settings,
-    impersonated_user,
-    port_range_setting,
-)
+from egd.checks import Checker, Settings, build, number, optional, seconds, settings_of, string_map, text, urls
+from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest
 from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
+from egd.drivertools import LauncherSettings, impersonated_user
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
-from egd.launchers import kernel_launcher
-from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments
+from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments, reattach_remote
 
 log = Logger()
 
-_SETTINGS = frozenset({
-    "resource_managers", "request_timeout", "poll_interval", "fast_poll_interval", "application_tag", "user",
-    "impersonation", "prohibited_users", "callback_host", "callback_port", "python", "launcher_path",
-    "staging_dir", "kill_timeout", "queue", "spark_home", "spark_submit", "spark_conf", "hadoop_conf_dir",
-    "java_home", "env", "distributed_shell", "port_range",
-})
-_DS_SETTINGS = frozenset({"classpath", "am_memory_mb", "am_java_options"})
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
 _SIZE = re.compile(r"^(\d{1,7})([mMgG]?)\Z")
 _DS_MAIN = "org.apache.hadoop.yarn.applications.distributedshell.ApplicationMaster"
@@ -68,6 +55,66 @@ _DEFAULT_DS_CLASSPATH = "<CPS>".join([
     "{{HADOOP_HDFS_HOME}}/share/hadoop/hdfs/*", "{{HADOOP_HDFS_HOME}}/share/hadoop/hdfs/lib/*",
     "{{HADOOP_YARN_HOME}}/share/hadoop/yarn/*", "{{HADOOP_YARN_HOME}}/share/hadoop/yarn/lib/*",
 ])
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedShellSettings(Settings):
+    """``drivers.yarn.distributed_shell``: the ApplicationMaster of plain (non-Spark) kernels."""
+
+    classpath: str = _DEFAULT_DS_CLASSPATH
+    am_memory_mb: int = 256
+    am_java_options: str = "-Xmx128m"
+
+    schema: ClassVar[Mapping[str, Checker]] = {
+        "classpath": text,
+        "am_memory_mb": number(32, 1024 * 1024, integer=True),
+        "am_java_options": text,
+    }
+
+
+def _distributed_shell(value: Any, path: str, problems: list[str]) -> Any:
+    return build(DistributedShellSettings, value, path, problems)
+
+
+@dataclass(frozen=True, kw_only=True)
+class YarnSettings(LauncherSettings):
+    """``drivers.yarn`` (documented in ``conf/yarn-cluster.yaml``)."""
+
+    #: The RM web addresses; a second one is tried when the first does not answer.
+    resource_managers: tuple[str, ...]
+    request_timeout: float = 10.0
+    poll_interval: float = 2.0
+    fast_poll_interval: float = 0.5
+    application_tag: str = "egd"
+    queue: str = "default"
+    staging_dir: str | None = None
+    kill_timeout: float = 30.0
+    spark_home: str | None = None
+    spark_submit: str | None = None
+    spark_conf: Mapping[str, str] = field(default_factory=dict)
+    hadoop_conf_dir: str | None = None
+    java_home: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    distributed_shell: DistributedShellSettings = DistributedShellSettings()
+
+    schema: ClassVar[Mapping[str, Checker]] = {
+        **LauncherSettings.schema,
+        "resource_managers": urls,
+        "request_timeout": seconds,
+        "poll_interval": seconds,
+        "fast_poll_interval": seconds,
+        "application_tag": text,
+        "queue": text,
+        "staging_dir": optional(text),
+        "kill_timeout": seconds,
+        "spark_home": optional(text),
+        "spark_submit": optional(text),
+        "spark_conf": string_map,
+        "hadoop_conf_dir": optional(text),
+        "java_home": optional(text),
+        "env": string_map,
+        "distributed_shell": _distributed_shell,
+    }
 
 
 def parse_memory_mb(text: str, what: str) -> int:
@@ -209,46 +256,36 @@ class YarnKernel:
 class YarnDriver(MultiService):
     """Launches kernels as YARN applications and watches them all with one RM request per interval."""
 
-    def __init__(self, reactor: Any, settings: Mapping[str, Any], runtime_dir: str,
+    settings_type = YarnSettings
+
+    def __init__(self, reactor: Any, settings: YarnSettings | Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         super().__init__()
         self.name = "yarn"
-        check_settings("yarn", settings, _SETTINGS)
-        managers = settings.get("resource_managers")
-        if isinstance(managers, str):
-            managers = [managers]
-        if not managers or not all(isinstance(m, str) and m.startswith(("http://", "https://")) for m in managers):
-            raise ValueError("drivers.yarn.resource_managers: list the RM web addresses, e.g. http://rm1:8088 "
-                             "(a second one is tried when the first does not answer)")
-        ds = settings.get("distributed_shell") or {}
-        if not isinstance(ds, dict) or set(ds) - _DS_SETTINGS:
-            raise ValueError(f"drivers.yarn.distributed_shell: a mapping of {', '.join(sorted(_DS_SETTINGS))}")
+        self.settings = settings = settings_of(YarnSettings, settings, "drivers.yarn")
         self._reactor = reactor
-        self._user = str(settings.get("user") or getpass.getuser())
-        self._impersonation = bool(settings.get("impersonation", False))
-        self._prohibited = {str(u) for u in settings.get("prohibited_users", ["root"])}
-        self._tag = str(settings.get("application_tag", "egd")).lower()
-        self._queue = str(settings.get("queue", "default"))
-        self._python = str(settings.get("python") or sys.executable)
-        self._launcher = str(settings.get("launcher_path", os.path.abspath(kernel_launcher.__file__)))
-        self._staging = str(settings.get("staging_dir") or os.path.join(runtime_dir, "yarn"))
-        self._kill_timeout = float(settings.get("kill_timeout", 30))
-        self._spark_home = settings.get("spark_home")
-        self._spark_submit = str(settings.get("spark_submit") or (
-            os.path.join(str(self._spark_home), "bin", "spark-submit") if self._spark_home else "spark-submit"))
-        self._spark_conf = {str(k): str(v) for k, v in (settings.get("spark_conf") or {}).items()}
-        self._hadoop_conf_dir = settings.get("hadoop_conf_dir")
-        self._java_home = settings.get("java_home")
-        self._extra_env = {str(k): str(v) for k, v in (settings.get("env") or {}).items()}
-        self._ds_classpath = str(ds.get("classpath", _DEFAULT_DS_CLASSPATH))
-        self._ds_am_memory = int(ds.get("am_memory_mb", 256))
-        self._ds_java_options = str(ds.get("am_java_options", "-Xmx128m"))
-        self._port_range = port_range_setting(settings, port_range)
-        self.rm = ResourceManager(reactor, [str(m) for m in managers], float(settings.get("request_timeout", 10)))
-        self.watcher = AppWatcher(reactor, self.rm, self._tag, self._user, float(settings.get("poll_interval", 2.0)),
-                                  float(settings.get("fast_poll_interval", 0.5)))
-        self.listener = LaunchListener(reactor, str(settings.get("callback_host", "127.0.0.1")),
-                                       int(settings.get("callback_port", 0)))
+        self._user = settings.user or getpass.getuser()
+        self._impersonation = settings.impersonation
+        self._prohibited = set(settings.prohibited_users)
+        self._tag = settings.application_tag.lower()
+        self._queue = settings.queue
+        self._python = settings.python or sys.executable
+        self._launcher = settings.launcher_path
+        self._staging = settings.staging_dir or os.path.join(runtime_dir, "yarn")
+        self._kill_timeout = settings.kill_timeout
+        self._spark_home = settings.spark_home
+        self._spark_submit = settings.spark_submit or (
+            os.path.join(settings.spark_home, "bin", "spark-submit") if settings.spark_home else "spark-submit")
+        self._spark_conf = dict(settings.spark_conf)
+        self._hadoop_conf_dir = settings.hadoop_conf_dir
+        self._java_home = settings.java_home
+        self._extra_env = dict(settings.env)
+        self._ds = settings.distributed_shell
+        self._port_range = settings.port_range or port_range
+        self.rm = ResourceManager(reactor, list(settings.resource_managers), settings.request_timeout)
+        self.watcher = AppWatcher(reactor, self.rm, self._tag, self._user, settings.poll_interval,
+                                  settings.fast_poll_interval)
+        self.listener = LaunchListener(reactor, settings.callback_host, settings.callback_port)
         self.listener.setServiceParent(self)
         self._kernels: dict[str, YarnKernel] = {}
 
@@ -339,18 +376,14 @@ class YarnDriver(MultiService):
             app = await self.rm.app(app_id, self._user)
             if app is None or app.get("state") != "RUNNING":
                 raise LookupError(f"YARN application {app_id} is {app.get('state') if app else 'unknown'}")
-            registration = self.listener.register(kernel_id, str(remote_state["secret"]).encode())
-            remote = RemoteKernel(self._reactor, registration, dict(remote_state["info"]),
-                                  str(connection_info["key"]), app_id, lambda _: None, self._no_force_kill)
             watch = AppWatch(kernel_id, user, int(state.get("started_ms") or 0), lambda _: None, app_id=app_id)
             watch.report = app
             try:
-                if not await remote.ping():
-                    raise LookupError("its launcher says the kernel has ended")
-            except Exception as exc:
-                self.listener.unregister(registration)
+                remote = await reattach_remote(self._reactor, self.listener, kernel_id, remote_state,
+                                               str(connection_info["key"]), lambda _: None, self._no_force_kill)
+            except LookupError as exc:
                 await self.kill_app(watch, user)
-                raise LookupError(f"the kernel of {app_id} does not answer ({exc}); application killed") from None
+                raise LookupError(f"{exc}; YARN application {app_id} killed") from None
             self.watcher.watch(watch)
             kernel = YarnKernel(self, remote, watch, user)
             self._kernels[kernel_id] = kernel
@@ -445,12 +478,12 @@ class YarnDriver(MultiService):
                           script: str) -> dict[str, Any]:
         """The RM REST submission of a plain kernel: DistributedShell's AM, running egd's launch script."""
         stat = os.stat(script)
-        command = (f"{{{{JAVA_HOME}}}}/bin/java {self._ds_java_options} {_DS_MAIN}"
+        command = (f"{{{{JAVA_HOME}}}}/bin/java {self._ds.am_java_options} {_DS_MAIN}"
                    f" --container_memory {resources.memory_mb} --container_vcores {resources.cores}"
                    " --num_containers 1 --priority 0"
                    " 1><LOG_DIR>/AppMaster.stdout 2><LOG_DIR>/AppMaster.stderr")
         environment = {
-            "CLASSPATH": self._ds_classpath,
+            "CLASSPATH": self._ds.classpath,
             "DISTRIBUTEDSHELLSCRIPTLOCATION": f"file://{os.path.abspath(script)}",
             "DISTRIBUTEDSHELLSCRIPTTIMESTAMP": str(stat.st_mtime_ns // 1_000_000),
             "DISTRIBUTEDSHELLSCRIPTLEN": str(stat.st_size),
@@ -463,7 +496,7 @@ class YarnDriver(MultiService):
             "max-app-attempts": 1,
             "unmanaged-AM": False,
             "keep-containers-across-application-attempts": False,
-            "resource": {"memory": self._ds_am_memory, "vCores": 1},
+            "resource": {"memory": self._ds.am_memory_mb, "vCores": 1},
             "application-tags": {"tag": [self._tag, request.kernel_id]},
             "am-container-spec": {
                 "commands": {"command": command},

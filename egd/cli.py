@@ -11,7 +11,7 @@ from typing import Any
 
 from egd import __version__
 from egd.auth import token_digest
-from egd.config import ENV_OVERRIDES, Config, ConfigError, load_config, with_overrides
+from egd.config import ENV_OVERRIDES, Config, ConfigError, KernelsConfig, load_config, with_overrides
 
 #: Descriptors to keep for kernels, the state store and logs beside the connections (server.max_connections).
 _FILES_BESIDE_CONNECTIONS = 1024
@@ -68,25 +68,36 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _check_config(path: str) -> int:
-    from egd.registry import check_driver_names
+def _read_specs(kernels: KernelsConfig) -> dict[str, Any]:
+    """Every kernelspec egd would offer with ``kernels``, read on this thread (the CLI has no reactor)."""
+    from twisted.python.threadpool import ThreadPool
 
-    try:
-        config = load_config(path)
+    from egd.kernels.specs import KernelSpecStore
+
+    no_reactor: Any = None  # read_all_blocking never goes through the reactor
+    return KernelSpecStore(kernels, no_reactor, ThreadPool()).read_all_blocking()
+
+
+def _spec_drivers(kernels: KernelsConfig) -> dict[str, str]:
+    return {name: spec.driver for name, spec in _read_specs(kernels).items()}
+
+
+def _check_config(path: str) -> int:
+    try:  # every problem of the file, driver settings and the kernelspecs it names included
+        config = load_config(path, spec_drivers=_spec_drivers)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    problems = check_driver_names(config)
-    if not problems:
-        from egd.registry import DriverRegistry
-        from egd.tenancy import tenancy_problems
+    from egd.registry import DriverRegistry
+    from egd.tenancy import tenancy_problems
 
-        try:  # building the drivers checks their settings; nothing listens or starts
-            registry = DriverRegistry(config, None, config.kernels.runtime_dir or "/nonexistent")
-        except ValueError as exc:
-            problems.append(str(exc))
-        else:
-            problems.extend(tenancy_problems(config, registry.names))
+    problems: list[str] = []
+    try:  # building the drivers checks what only this host can tell; nothing listens or starts
+        registry = DriverRegistry(config, None, config.kernels.runtime_dir or "/nonexistent")
+    except ValueError as exc:
+        problems.append(str(exc))
+    else:
+        problems.extend(tenancy_problems(config, registry.names))
     if problems:
         print(str(ConfigError(problems, path)), file=sys.stderr)
         return 1
@@ -95,12 +106,8 @@ def _check_config(path: str) -> int:
 
 
 def _kernelspecs(args: argparse.Namespace) -> int:
-    from twisted.python.threadpool import ThreadPool
-
-    from egd.kernels.specs import KernelSpecStore
-
     config = load_config(args.config)
-    specs = KernelSpecStore(config.kernels, None, ThreadPool()).read_all_blocking()
+    specs = _read_specs(config.kernels)
     if args.json:
         print(json.dumps({name: {"display_name": s.display_name, "driver": s.driver, "language": s.language,
                                  "resource_dir": s.resource_dir} for name, s in specs.items()}, indent=2))

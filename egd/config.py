@@ -7,7 +7,6 @@ file, so a systemd drop-in or a container can change the address without editing
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -15,6 +14,22 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import yaml
+
+from egd.checks import (
+    Checker,
+    boolean,
+    build,
+    choice,
+    ip,
+    names,
+    number,
+    optional,
+    port_range,
+    readable_file,
+    string,
+    strings,
+)
+from egd.plugins import load_driver_class
 
 #: Environment variable -> dotted config key. Values are parsed like the YAML scalar they replace.
 ENV_OVERRIDES: dict[str, str] = {
@@ -33,8 +48,6 @@ ENV_OVERRIDES: dict[str, str] = {
 
 #: Overrides taken as text, never parsed as YAML (a token of digits must stay a string).
 _RAW_ENV = frozenset({"auth.token", "server.certfile", "server.keyfile", "state.dsn"})
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-_PORT_RANGE = re.compile(r"^(\d+)\.\.(\d+)\Z")
 
 
 class ConfigError(Exception):
@@ -201,62 +214,15 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     state: StateConfig = field(default_factory=StateConfig)
-    drivers: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"local": {}})
+    #: Each driver's settings by driver name: an instance of the driver's ``settings_type`` (a mapping, checked
+    #: when the driver is built, where a config is made in code).
+    drivers: Mapping[str, Any] = field(default_factory=lambda: {"local": {}})
     source: str = "embedded defaults"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Field checkers: each takes (value, path, problems) and returns the converted value (or None on error).
 # ---------------------------------------------------------------------------------------------------------
-
-Checker = Callable[[Any, str, list[str]], Any]
-
-
-def _number(minimum: float, maximum: float | None = None, integer: bool = False) -> Checker:
-    def check(value: Any, path: str, problems: list[str]) -> Any:
-        kind = "a whole number" if integer else "a number"
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            problems.append(f"{path}: must be {kind}, got {type(value).__name__}")
-            return None
-        if value < minimum or (maximum is not None and value > maximum):
-            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-            problems.append(f"{path}: must be {bounds}, got {value}")
-            return None
-        return value if integer else float(value)
-
-    return check
-
-
-def _boolean(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, bool):
-        problems.append(f"{path}: must be true or false, got {value!r}")
-        return None
-    return value
-
-
-def _choice(*choices: str) -> Checker:
-    def check(value: Any, path: str, problems: list[str]) -> Any:
-        if not isinstance(value, str) or value.lower() not in choices:
-            problems.append(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
-            return None
-        return value.lower()
-
-    return check
-
-
-def _string(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, str) or not value:
-        problems.append(f"{path}: must be a non-empty string")
-        return None
-    return value
-
-
-def _readable_file(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, str) or not os.path.isfile(value) or not os.access(value, os.R_OK):
-        problems.append(f"{path}: not a readable file: {value!r}")
-        return None
-    return value
-
 
 def _token(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, str) or len(value) < 16 or any(c.isspace() for c in value):
@@ -285,28 +251,32 @@ _USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")  # \Z: "$" allo
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
+def _user(name: Any, entry: Any, where: str, problems: list[str]) -> UserCredential | None:
+    """One entry of ``auth.users``; None, with the problem appended, when it is not valid."""
+    if not isinstance(name, str) or not _USER_NAME.match(name):
+        problems.append(f"{where}: not a user name")
+        return None
+    if not isinstance(entry, dict) or set(entry) - {"token_sha256", "groups", "admin"}:
+        problems.append(f"{where}: must be a mapping with token_sha256 (and optionally groups, admin)")
+        return None
+    digest = entry.get("token_sha256")
+    if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
+        problems.append(f"{where}.token_sha256: must be the 64 hex digits of the token's SHA-256 "
+                        "(`egd token` prints a new token and its hash)")
+        return None
+    groups = strings(entry.get("groups", []), f"{where}.groups", problems)
+    admin = boolean(entry.get("admin", False), f"{where}.admin", problems)
+    if groups is None or admin is None:
+        return None
+    return UserCredential(name, digest.lower(), groups, admin)
+
+
 def _users(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, dict):
         problems.append(f"{path}: must map user names to {{token_sha256, groups, admin}}")
         return None
-    users = []
-    for name, entry in value.items():
-        where = f"{path}.{name}"
-        if not isinstance(name, str) or not _USER_NAME.match(name):
-            problems.append(f"{where}: not a user name")
-            continue
-        if not isinstance(entry, dict) or set(entry) - {"token_sha256", "groups", "admin"}:
-            problems.append(f"{where}: must be a mapping with token_sha256 (and optionally groups, admin)")
-            continue
-        digest = entry.get("token_sha256")
-        if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
-            problems.append(f"{where}.token_sha256: must be the 64 hex digits of the token's SHA-256 "
-                            "(`egd token` prints a new token and its hash)")
-            continue
-        groups = _strings(entry.get("groups", []), f"{where}.groups", problems)
-        admin = _boolean(entry.get("admin", False), f"{where}.admin", problems)
-        if groups is not None and admin is not None:
-            users.append(UserCredential(name, digest.lower(), groups, admin))
+    checked = (_user(name, entry, f"{path}.{name}", problems) for name, entry in value.items())
+    users = [user for user in checked if user is not None]
     digests = [u.token_sha256 for u in users]
     if len(set(digests)) != len(digests):
         problems.append(f"{path}: two users have the same token")
@@ -314,7 +284,7 @@ def _users(value: Any, path: str, problems: list[str]) -> Any:
 
 
 def _read_key(value: Any, path: str, problems: list[str]) -> str | None:
-    checked = _readable_file(value, path, problems)
+    checked = readable_file(value, path, problems)
     if checked is None:
         return None
     with open(checked, encoding="utf-8") as handle:
@@ -347,11 +317,11 @@ def _jwt(value: Any, path: str, problems: list[str]) -> Any:
             key = None
     else:
         problems.append(f"{path}.algorithm: must be HS256 or RS256")
-    audience = _string(value.get("audience"), f"{path}.audience", problems)
-    issuer = _optional(_string)(value.get("issuer"), f"{path}.issuer", problems)
-    user_claim = _string(value.get("user_claim", "sub"), f"{path}.user_claim", problems)
-    groups_claim = _string(value.get("groups_claim", "groups"), f"{path}.groups_claim", problems)
-    leeway = _number(0, 600)(value.get("leeway", 30), f"{path}.leeway", problems)
+    audience = string(value.get("audience"), f"{path}.audience", problems)
+    issuer = optional(string)(value.get("issuer"), f"{path}.issuer", problems)
+    user_claim = string(value.get("user_claim", "sub"), f"{path}.user_claim", problems)
+    groups_claim = string(value.get("groups_claim", "groups"), f"{path}.groups_claim", problems)
+    leeway = number(0, 600)(value.get("leeway", 30), f"{path}.leeway", problems)
     if None in (key, audience, user_claim, groups_claim, leeway):
         return None
     return JWTConfig(algorithm, str(key), audience, issuer, user_claim, groups_claim, float(leeway))
@@ -363,7 +333,7 @@ def _groups(value: Any, path: str, problems: list[str]) -> Any:
         return None
     result = {}
     for name, members in value.items():
-        checked = _strings(members, f"{path}.{name}", problems)
+        checked = strings(members, f"{path}.{name}", problems)
         if checked is not None:
             result[str(name)] = checked
     return result
@@ -375,25 +345,10 @@ def _pools(value: Any, path: str, problems: list[str]) -> Any:
         return None
     pools = {}
     for name, size in value.items():
-        checked = _number(0, 100, integer=True)(size, f"{path}.{name}", problems)
+        checked = number(0, 100, integer=True)(size, f"{path}.{name}", problems)
         if checked is not None and checked > 0:
             pools[str(name)] = checked
     return pools
-
-
-def _optional(check: Checker) -> Checker:
-    def optional(value: Any, path: str, problems: list[str]) -> Any:
-        return None if value is None else check(value, path, problems)
-
-    return optional
-
-
-def _ip(value: Any, path: str, problems: list[str]) -> Any:
-    try:
-        return str(ipaddress.ip_address(str(value)))
-    except ValueError:
-        problems.append(f"{path}: not an IP address: {value!r}")
-        return None
 
 
 def _base_url(value: Any, path: str, problems: list[str]) -> Any:
@@ -403,110 +358,79 @@ def _base_url(value: Any, path: str, problems: list[str]) -> Any:
     return "/" + "/".join(s for s in value.split("/") if s) + "/" if value.strip("/") else "/"
 
 
-def _names(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, list):
-        problems.append(f"{path}: must be a list of names")
-        return None
-    bad = [f"{path}[{i}]: not an environment variable name: {v!r}" for i, v in enumerate(value)
-           if not isinstance(v, str) or not (_ENV_NAME.match(v) or v == "*")]
-    problems.extend(bad)
-    return None if bad else tuple(value)
-
-
-def _strings(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, list):
-        problems.append(f"{path}: must be a list of strings")
-        return None
-    bad = [f"{path}[{i}]: must be a non-empty string" for i, v in enumerate(value) if not isinstance(v, str) or not v]
-    problems.extend(bad)
-    return None if bad else tuple(value)
-
-
-def _port_range(value: Any, path: str, problems: list[str]) -> Any:
-    match = _PORT_RANGE.match(str(value))
-    if not match:
-        problems.append(f"{path}: must look like 40000..41000, got {value!r}")
-        return None
-    low, high = int(match.group(1)), int(match.group(2))
-    if not 1024 <= low < high <= 65535 or high - low < 20:
-        problems.append(f"{path}: needs 1024 <= low < high <= 65535 and at least 20 ports, got {value}")
-        return None
-    return (low, high)
-
-
 _SCHEMA: dict[type, dict[str, Checker]] = {
     ServerConfig: {
-        "ip": _ip,
-        "port": _number(0, 65535, integer=True),
+        "ip": ip,
+        "port": number(0, 65535, integer=True),
         "base_url": _base_url,
-        "ws_ping_interval": _number(0),
-        "ws_ping_timeout": _number(1),
-        "ws_max_message_size": _number(1024, integer=True),
-        "ws_handshake_timeout": _number(1),
-        "replay_buffer_messages": _number(0, integer=True),
-        "replay_buffer_bytes": _number(0, integer=True),
-        "replay_buffer_seconds": _number(0),
-        "list_kernels": _boolean,
-        "certfile": _optional(_readable_file),
-        "keyfile": _optional(_readable_file),
-        "client_ca": _optional(_readable_file),
+        "ws_ping_interval": number(0),
+        "ws_ping_timeout": number(1),
+        "ws_max_message_size": number(1024, integer=True),
+        "ws_handshake_timeout": number(1),
+        "replay_buffer_messages": number(0, integer=True),
+        "replay_buffer_bytes": number(0, integer=True),
+        "replay_buffer_seconds": number(0),
+        "list_kernels": boolean,
+        "certfile": optional(readable_file),
+        "keyfile": optional(readable_file),
+        "client_ca": optional(readable_file),
         "allow_origin": _origins,
-        "allow_credentials": _boolean,
-        "allow_headers": _strings,
-        "allow_methods": _strings,
-        "cors_max_age": _number(0, 86400, integer=True),
-        "metrics_public": _boolean,
-        "allowed_hosts": _strings,
-        "max_connections": _number(1, integer=True),
-        "header_timeout": _number(0.1),
-        "client_backlog_bytes": _number(64 * 1024, integer=True),
-        "client_backlog_messages": _number(16, integer=True),
-        "replay_buffer_sessions": _number(0, integer=True),
+        "allow_credentials": boolean,
+        "allow_headers": strings,
+        "allow_methods": strings,
+        "cors_max_age": number(0, 86400, integer=True),
+        "metrics_public": boolean,
+        "allowed_hosts": strings,
+        "max_connections": number(1, integer=True),
+        "header_timeout": number(0.1),
+        "client_backlog_bytes": number(64 * 1024, integer=True),
+        "client_backlog_messages": number(16, integer=True),
+        "replay_buffer_sessions": number(0, integer=True),
     },
     AuthConfig: {
-        "token": _optional(_token),
+        "token": optional(_token),
         "users": _users,
-        "jwt": _optional(_jwt),
-        "admin_users": _strings,
-        "admin_groups": _strings,
+        "jwt": optional(_jwt),
+        "admin_users": strings,
+        "admin_groups": strings,
         "groups": _groups,
-        "users_trust_each_other": _boolean,
+        "users_trust_each_other": boolean,
     },
     StateConfig: {
-        "store": _choice("sqlite", "postgresql", "none"),
-        "dsn": _optional(_string),
-        "path": _optional(_string),
-        "secret_key_file": _optional(_string),
-        "on_stop": _choice("keep", "shutdown"),
+        "store": choice("sqlite", "postgresql", "none"),
+        "dsn": optional(string),
+        "path": optional(string),
+        "secret_key_file": optional(string),
+        "on_stop": choice("keep", "shutdown"),
     },
     LoggingConfig: {
-        "level": _choice("debug", "info", "warn", "error", "critical"),
-        "format": _choice("text", "json"),
+        "level": choice("debug", "info", "warn", "error", "critical"),
+        "format": choice("text", "json"),
     },
     KernelsConfig: {
-        "default_kernel_name": _string,
-        "kernelspec_dirs": _strings,
-        "allowed_kernelspecs": _strings,
-        "launch_timeout": _number(1),
-        "max_launch_timeout": _number(1),
-        "shutdown_wait": _number(0),
-        "restart_limit": _number(0, integer=True),
-        "stable_start_seconds": _number(0),
-        "heartbeat_interval": _number(0),
-        "heartbeat_misses": _number(1, integer=True),
-        "client_envs": _names,
-        "inherited_envs": _names,
-        "working_dir": _optional(_string),
-        "port_range": _optional(_port_range),
-        "runtime_dir": _optional(_string),
-        "max_kernels": _optional(_number(1, integer=True)),
-        "max_kernels_per_user": _optional(_number(1, integer=True)),
-        "authorized_users": _strings,
-        "unauthorized_users": _strings,
-        "cull_idle_timeout": _number(0),
-        "cull_busy_timeout": _number(0),
-        "cull_connected": _boolean,
-        "cull_interval": _number(0.1),
+        "default_kernel_name": string,
+        "kernelspec_dirs": strings,
+        "allowed_kernelspecs": strings,
+        "launch_timeout": number(1),
+        "max_launch_timeout": number(1),
+        "shutdown_wait": number(0),
+        "restart_limit": number(0, integer=True),
+        "stable_start_seconds": number(0),
+        "heartbeat_interval": number(0),
+        "heartbeat_misses": number(1, integer=True),
+        "client_envs": names,
+        "inherited_envs": names,
+        "working_dir": optional(string),
+        "port_range": optional(port_range),
+        "runtime_dir": optional(string),
+        "max_kernels": optional(number(1, integer=True)),
+        "max_kernels_per_user": optional(number(1, integer=True)),
+        "authorized_users": strings,
+        "unauthorized_users": strings,
+        "cull_idle_timeout": number(0),
+        "cull_busy_timeout": number(0),
+        "cull_connected": boolean,
+        "cull_interval": number(0.1),
         "pools": _pools,
     },
 }
@@ -530,21 +454,49 @@ def _section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     return cls(**values)
 
 
-def _drivers(raw: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+def _drivers(raw: Any, problems: list[str]) -> dict[str, Any]:
+    """Each configured driver's settings, built with the ``settings_type`` its (verified) class declares, so that
+    driver settings are checked here with everything else: by ``egd check-config`` and ``egd run`` alike."""
     if raw is None:
-        return {"local": {}}
-    if not isinstance(raw, dict) or not raw:
+        raw = {"local": {}}
+    elif not isinstance(raw, dict) or not raw:
         problems.append("drivers: must be a mapping of driver name to its settings, with at least one driver")
         return {"local": {}}
-    result: dict[str, dict[str, Any]] = {}
+    result: dict[str, Any] = {}
     for name, settings in raw.items():
         if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]*$", name):
             problems.append(f"drivers.{name}: driver names are lower-case identifiers")
         elif settings is not None and not isinstance(settings, dict):
             problems.append(f"drivers.{name}: must be a mapping (or empty)")
         else:
-            result[name] = dict(settings or {})
+            driver = load_driver_class(name, problems)  # an unknown or broken driver hides no other's problems
+            built = None if driver is None else build(driver.settings_type, settings, f"drivers.{name}", problems)
+            if built is not None:
+                result[name] = built
     return result
+
+
+#: Given the ``kernels`` section: the driver of each kernelspec egd would offer, by kernelspec name.
+SpecDrivers = Callable[[KernelsConfig], Mapping[str, str]]
+
+
+def _kernelspec_problems(kernels: KernelsConfig, configured: list[str], spec_drivers: SpecDrivers) -> list[str]:
+    """The kernelspecs the config names (the default, the pools') must exist and have a configured driver."""
+    try:
+        drivers = spec_drivers(kernels)
+    except Exception as exc:  # an unreadable kernelspec directory is a problem to report, not a traceback
+        return [f"kernels.kernelspec_dirs: the kernelspecs cannot be read: {exc}"]
+    named = {"kernels.default_kernel_name": kernels.default_kernel_name,
+             **{f"kernels.pools.{name}": name for name in kernels.pools}}
+    problems = []
+    for path, name in named.items():
+        if name not in drivers:
+            found = ", ".join(sorted(drivers)) or "none"
+            problems.append(f"{path}: no kernelspec {name!r} is offered (found: {found})")
+        elif drivers[name] not in configured:
+            problems.append(f"{path}: kernelspec {name!r} needs the {drivers[name]!r} driver, which is not in "
+                            f"drivers (configured: {', '.join(configured)})")
+    return problems
 
 
 def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -557,17 +509,41 @@ def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> Non
                 target[key] = raw_value if dotted in _RAW_ENV or not raw_value else yaml.safe_load(raw_value)
 
 
-def parse_config(text: str, source: str = "configuration", environ: Mapping[str, str] | None = None) -> Config:
-    """Parse YAML text into a :class:`Config`, raising :class:`ConfigError` with every problem found."""
-    problems: list[str] = []
+def _read_yaml(text: str, source: str) -> dict[Any, Any]:
+    """The top-level mapping of the YAML ``text``; :class:`ConfigError` when there is none."""
     try:
         raw = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], source) from None
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(["the top level must be a mapping"], source)
+    return raw
+
+
+def _cross_section_problems(config: Config) -> list[str]:
+    """What no single key's checker sees: keys that only make sense together."""
+    problems = []
+    if bool(config.server.certfile) != bool(config.server.keyfile):
+        problems.append("server.certfile: TLS needs both server.certfile and server.keyfile")
+    if config.server.client_ca and not config.server.certfile:
+        problems.append("server.client_ca: client certificates need TLS (server.certfile and server.keyfile)")
+    if config.state.store == "postgresql" and not (config.state.dsn and config.state.secret_key_file):
+        problems.append("state: a postgresql store needs state.dsn and state.secret_key_file (shared by the gateways)")
+    if config.kernels.launch_timeout > config.kernels.max_launch_timeout:
+        problems.append("kernels.launch_timeout: must not exceed kernels.max_launch_timeout")
+    return problems
+
+
+def parse_config(text: str, source: str = "configuration", environ: Mapping[str, str] | None = None,
+                 spec_drivers: SpecDrivers | None = None) -> Config:
+    """Parse YAML text into a :class:`Config`, raising :class:`ConfigError` with every problem found.
+
+    With ``spec_drivers`` (which reads the kernelspecs: ``egd check-config``), the kernelspecs the config names
+    are checked too."""
+    problems: list[str] = []
+    raw = _read_yaml(text, source)
     _apply_env_overrides(raw, os.environ if environ is None else environ)
     known = {"server", "auth", "logging", "kernels", "state", "drivers"}
     problems.extend(f"{key}: unknown section (known: {', '.join(sorted(known))})" for key in raw if key not in known)
@@ -580,29 +556,27 @@ def parse_config(text: str, source: str = "configuration", environ: Mapping[str,
         drivers=_drivers(raw.get("drivers"), problems),
         source=source,
     )
-    if bool(config.server.certfile) != bool(config.server.keyfile):
-        problems.append("server.certfile: TLS needs both server.certfile and server.keyfile")
-    if config.server.client_ca and not config.server.certfile:
-        problems.append("server.client_ca: client certificates need TLS (server.certfile and server.keyfile)")
-    if config.state.store == "postgresql" and not (config.state.dsn and config.state.secret_key_file):
-        problems.append("state: a postgresql store needs state.dsn and state.secret_key_file (shared by the gateways)")
-    if config.kernels.launch_timeout > config.kernels.max_launch_timeout:
-        problems.append("kernels.launch_timeout: must not exceed kernels.max_launch_timeout")
+    problems.extend(_cross_section_problems(config))
+    if spec_drivers is not None:  # the drivers named, also those whose settings have problems (reported above)
+        named = raw.get("drivers")
+        configured = [str(n) for n in named] if isinstance(named, dict) and named else list(config.drivers)
+        problems.extend(_kernelspec_problems(config.kernels, configured, spec_drivers))
     if problems:
         raise ConfigError(problems, source)
     return config
 
 
-def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | None, environ: Mapping[str, str] | None = None,
+                spec_drivers: SpecDrivers | None = None) -> Config:
     """Read and parse the config file at ``path`` (``None``: embedded defaults plus environment overrides)."""
     if path is None:
-        return parse_config("", "embedded defaults", environ)
+        return parse_config("", "embedded defaults", environ, spec_drivers)
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
         raise ConfigError([f"cannot read {path}: {exc.strerror}"], path) from None
-    return parse_config(text, path, environ)
+    return parse_config(text, path, environ, spec_drivers)
 
 
 def with_overrides(config: Config, **server: Any) -> Config:

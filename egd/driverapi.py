@@ -1,55 +1,54 @@
-"""The contract between egd and its drivers.
+"""The contract between egd and its drivers (``docs/writing-a-driver.rst``).
 
 A driver launches kernels on one kind of resource manager and hands back a :class:`LaunchedKernel`: where
-the kernel listens, how to signal and kill it, and a Deferred that fires when it has ended. Drivers know
-nothing of HTTP or WebSockets. Third-party drivers register under the ``egd.drivers`` entry-point group.
+the kernel listens, how to signal and kill it, a Deferred that fires when it has ended, and what to record so
+that a restarted gateway can re-attach to it. Drivers know nothing of HTTP or WebSockets. Third-party drivers
+register a class under the ``egd.drivers`` entry-point group; :func:`contract_problems` verifies it when it is
+loaded (``egd check-config`` and ``egd run``), before anything is started.
+
+This module is a leaf: it imports nothing of egd, so that egd's parts and the drivers both depend on it and it
+on neither. What drivers share beyond the contract is the toolkit: :mod:`egd.checks` (settings),
+:mod:`egd.drivertools`, :mod:`egd.kernels.ports`, :mod:`egd.remote` (the launcher client) and
+``egd.drivers.process``.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-from egd.errors import Forbidden
-from egd.kernels.specs import KernelSpecInfo
 
-#: A user name a driver may log in or submit as when impersonating (POSIX portable, no leading dash or digit).
-_LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
+class KernelSpecView(Protocol):
+    """What a driver may read of the kernelspec of a launch (egd's ``KernelSpecInfo`` provides it)."""
 
+    @property
+    def name(self) -> str:
+        """The kernelspec's name (for messages and application names)."""
 
-def check_settings(driver: str, settings: Mapping[str, Any], known: frozenset[str]) -> None:
-    """``ValueError`` naming the settings of ``drivers.<driver>`` that the driver does not know (typos)."""
-    unknown = set(settings) - known
-    if unknown:
-        raise ValueError(f"drivers.{driver}: unknown setting(s) {', '.join(sorted(unknown))} "
-                         f"(known: {', '.join(sorted(known))})")
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The kernel's command line, with ``{connection_file}`` and the like not yet substituted."""
 
+    @property
+    def resource_dir(self) -> str:
+        """The kernelspec's directory (``{resource_dir}`` in ``argv``)."""
 
-def port_range_setting(settings: Mapping[str, Any], default: tuple[int, int] | None) -> tuple[int, int] | None:
-    """A driver's own ``port_range`` ("LOW..HIGH"), else the gateway's ``kernels.port_range``."""
-    if not settings.get("port_range"):
-        return default
-    low, _, high = str(settings["port_range"]).partition("..")
-    return int(low), int(high)
-
-
-def impersonated_user(username: str, prohibited: frozenset[str] | set[str] = frozenset({"root"})) -> str:
-    """``username`` if a kernel may run as that user; :class:`Forbidden` (403) otherwise."""
-    if not _LOGIN_NAME.match(username) or username in prohibited or username == "root":
-        raise Forbidden(f"kernels cannot run as user {username[:40]!r} here")
-    return username
+    @property
+    def driver_config(self) -> Mapping[str, Any]:
+        """This kernelspec's own settings for its driver (``metadata.egd.config``)."""
 
 
 @dataclass(frozen=True)
 class LaunchRequest:
-    """Everything a driver needs to start one kernel."""
+    """Everything a driver needs to start one kernel (read-only)."""
 
     kernel_id: str
-    spec: KernelSpecInfo
+    spec: KernelSpecView
     env: Mapping[str, str]
     username: str
     working_dir: str | None
@@ -84,7 +83,7 @@ class ExitStatus:
 
 @runtime_checkable
 class LaunchedKernel(Protocol):
-    """A kernel a driver has started."""
+    """A kernel a driver has started (or re-attached to)."""
 
     #: transport, ip, the five ports, key and signature_scheme.
     connection_info: dict[str, Any]
@@ -107,18 +106,93 @@ class LaunchedKernel(Protocol):
     def cleanup(self) -> None:
         """Release what the launch held (ports, files). Called once, after the kernel has ended."""
 
+    def persistent_state(self) -> Mapping[str, Any] | None:
+        """What a restarted gateway passes to the driver's ``reattach`` to find this kernel again (JSON; secrets
+        in it are stored encrypted), or None when the kernel cannot be re-attached to."""
+
+
+class DriverSettings(Protocol):
+    """A driver's settings: a frozen dataclass whose ``schema`` maps each key to an :mod:`egd.checks` checker
+    (subclass ``egd.checks.Settings``). egd builds it from ``drivers.<name>`` when it reads the config."""
+
+    schema: ClassVar[Mapping[str, Callable[[Any, str, list[str]], Any]]]
+
+    def problems(self) -> list[str]:
+        """``"key: what is wrong"`` for the checks that span several keys."""
+
 
 @runtime_checkable
 class KernelDriver(Protocol):
-    """A driver: a Twisted service (``IService``) that launches kernels of the kernelspecs that name it."""
+    """A driver: a Twisted service (``IService``) that launches kernels of the kernelspecs that name it.
+
+    It is built as ``cls(reactor=..., settings=..., runtime_dir=..., port_range=...)`` (see
+    :data:`CONSTRUCTOR_KEYWORDS`), with ``settings`` an instance of its ``settings_type``; the constructor
+    checks what only the running host can tell (a ``ValueError`` naming the setting) and starts nothing.
+    """
 
     name: str
+    #: The frozen dataclass of its settings (see :class:`DriverSettings`).
+    settings_type: ClassVar[type]
+
+    @property
+    def impersonates(self) -> bool:
+        """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
 
     def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
         """Start a kernel; fails with ``egd.errors.LaunchFailed`` saying why."""
+
+    def reattach(self, kernel_id: str, state: Mapping[str, Any],
+                 connection_info: dict[str, Any]) -> Deferred[LaunchedKernel]:
+        """The kernel a previous gateway launched, from what its :meth:`LaunchedKernel.persistent_state` said;
+        fails with ``LookupError`` when it is gone (and then leaves nothing of it running)."""
 
     def startService(self) -> Any:  # noqa: N802 - Twisted's IService
         """Start the driver's own machinery (pollers, pools, listeners)."""
 
     def stopService(self) -> Any:  # noqa: N802 - Twisted's IService
         """Stop it; kernels are stopped by the kernel manager before this is called."""
+
+
+#: The keywords a driver class is constructed with.
+CONSTRUCTOR_KEYWORDS = ("reactor", "settings", "runtime_dir", "port_range")
+#: The methods of the contract and the positional arguments each is called with (besides ``self``).
+_METHODS: dict[str, int] = {"launch": 1, "reattach": 3, "startService": 0, "stopService": 0}
+
+
+def _accepts(function: Any, positional: int = 0, keywords: tuple[str, ...] = ()) -> bool:
+    """Whether ``function`` can be called with ``positional`` arguments and ``keywords`` (nothing else)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return False
+    try:
+        signature.bind(*([None] * positional), **dict.fromkeys(keywords))
+    except TypeError:
+        return False
+    return True
+
+
+def contract_problems(cls: Any) -> list[str]:
+    """What ``cls`` (a driver class an entry point names) lacks of the contract; empty when it fits.
+
+    Checked without building it: the constructor's keywords, each method's signature, ``impersonates`` and a
+    ``settings_type`` that is a dataclass with a ``schema``. (That it is a Twisted service is checked when built.)
+    """
+    if not inspect.isclass(cls):
+        return [f"{cls!r} is not a class"]
+    problems = []
+    if not _accepts(cls, keywords=CONSTRUCTOR_KEYWORDS):
+        problems.append(f"its constructor does not take the keywords {', '.join(CONSTRUCTOR_KEYWORDS)}")
+    for method, positional in _METHODS.items():
+        function = getattr(cls, method, None)
+        if not callable(function):
+            problems.append(f"it has no method {method}")
+        elif not _accepts(function, positional + 1):
+            problems.append(f"its {method} does not take {positional} argument(s)")
+    if not hasattr(cls, "impersonates"):
+        problems.append("it does not say whether it impersonates (impersonates)")
+    settings_type = getattr(cls, "settings_type", None)
+    if not (inspect.isclass(settings_type) and dataclasses.is_dataclass(settings_type)
+            and isinstance(getattr(settings_type, "schema", None), Mapping)):
+        problems.append("its settings_type is not a dataclass with a schema (see egd.checks.Settings)")
+    return problems

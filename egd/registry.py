@@ -1,36 +1,32 @@
-"""The driver registry: loads the configured drivers from the ``egd.drivers`` entry points.
+"""The driver registry: builds the configured drivers from the ``egd.drivers`` entry points.
 
-Each driver is a named child service. A driver that cannot be found, built or verified against
-:class:`egd.driverapi.KernelDriver` (and Twisted's ``IService``) is a configuration error, reported by
-``egd check-config`` and at start, never at a kernel's first launch.
+Each driver is a named child service. A driver that cannot be found, loaded or verified against the contract
+(:func:`egd.driverapi.contract_problems`, then Twisted's ``IService`` once built) is a configuration error,
+reported by ``egd check-config`` and at start, never at a kernel's first launch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from importlib.metadata import entry_points
 from typing import Any
 
 from twisted.application.service import IService
 
+from egd.checks import settings_of
 from egd.config import Config
 from egd.driverapi import KernelDriver
 from egd.errors import ServiceUnavailable
+from egd.plugins import load_driver_class
 from egd.service import AsyncMultiService
-
-GROUP = "egd.drivers"
-
-
-def available_drivers() -> dict[str, Any]:
-    """Installed driver entry points by name."""
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
 def check_driver_names(config: Config) -> list[str]:
-    """Problems with the configured driver names (without building anything)."""
-    installed = available_drivers()
-    return [f"drivers.{name}: no such driver installed (installed: {', '.join(sorted(installed)) or 'none'})"
-            for name in config.drivers if name not in installed]
+    """Problems with the configured drivers' classes: not installed, not loadable, not fitting the contract
+    (without building anything; reading the config reports them too)."""
+    problems: list[str] = []
+    for name in config.drivers:
+        load_driver_class(name, problems)
+    return problems
 
 
 class DriverRegistry(AsyncMultiService):
@@ -40,12 +36,14 @@ class DriverRegistry(AsyncMultiService):
         super().__init__()
         self.setName("drivers")
         self._drivers: dict[str, KernelDriver] = {}
-        problems = check_driver_names(config)
+        problems: list[str] = []
+        factories = {name: load_driver_class(name, problems) for name in config.drivers}
         if problems:
             raise ValueError("; ".join(problems))
-        installed = available_drivers()
         for name, settings in config.drivers.items():
-            factory = installed[name].load()
+            factory = factories[name]
+            # A config built in code may hold a mapping: checked here as the config file's would have been.
+            settings = settings_of(factory.settings_type, settings, f"drivers.{name}")
             driver = factory(reactor=reactor, settings=settings, runtime_dir=runtime_dir,
                              port_range=config.kernels.port_range)
             if not isinstance(driver, KernelDriver) or not IService.providedBy(driver):

@@ -1,4 +1,5 @@
-"""The gateway's side of the launcher protocol (``docs/launcher-protocol.rst``), shared by remote drivers.
+"""The gateway's side of the launcher protocol (``docs/launcher-protocol.rst``), shared by remote drivers
+(part of the driver toolkit, ``docs/writing-a-driver.rst``).
 
 - :class:`LaunchListener`: the callback listener launchers report to. Each connection is its own protocol
   with a read deadline and a line-size limit, so a slow, silent, oversized or malicious peer delays no one.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,3 +350,24 @@ class RemoteKernel:
         """Whether the launcher answers and its kernel is alive."""
         answer = await self._control("ping")
         return bool(answer.get("alive"))
+
+
+async def reattach_remote(reactor: Any, listener: LaunchListener, kernel_id: str, state: Mapping[str, Any],
+                          key: str, on_cleanup: Callable[[RemoteKernel], None],
+                          force_kill: Callable[[RemoteKernel], Awaitable[None]]) -> RemoteKernel:
+    """The kernel a previous gateway reached through a launcher (``state``: its
+    :meth:`RemoteKernel.persistent_state`), if the launcher answers a signed ping and says the kernel is alive;
+    ``LookupError`` saying why otherwise, with nothing left registered."""
+    registration = listener.register(kernel_id, str(state["secret"]).encode())
+    kernel = RemoteKernel(reactor, registration, dict(state["info"]), key, str(state["where"]), on_cleanup,
+                          force_kill)
+    kernel.login = state.get("login")
+    try:
+        alive = await kernel.ping()
+    except Exception as exc:
+        listener.unregister(registration)
+        raise LookupError(f"its launcher on {kernel.where} does not answer: {exc}") from None
+    if not alive:
+        listener.unregister(registration)
+        raise LookupError(f"its launcher on {kernel.where} says the kernel has ended")
+    return kernel

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from egd.config import ConfigError, load_config, parse_config, with_overrides
+from egd.drivers.local import LocalSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,7 +23,7 @@ def test_defaults_without_a_file() -> None:
     """No file: loopback, port 8888, local driver, python3 by default."""
     config = load_config(None, environ={})
     assert (config.server.ip, config.server.port, config.server.base_url) == ("127.0.0.1", 8888, "/")
-    assert dict(config.drivers) == {"local": {}}
+    assert list(config.drivers) == ["local"] and config.drivers["local"] == LocalSettings()
     assert config.kernels.default_kernel_name == "python3"
 
 
@@ -74,12 +75,21 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     from dataclasses import fields
 
     from egd.config import AuthConfig, KernelsConfig, LoggingConfig, ServerConfig, StateConfig
+    from egd.drivers.ssh import SshSettings
+    from egd.drivers.yarn import DistributedShellSettings, YarnSettings
 
     text = (REPO / "conf" / "egd.yaml").read_text()
     parse_config(text, "conf/egd.yaml", environ={})
-    for cls in (ServerConfig, AuthConfig, LoggingConfig, KernelsConfig, StateConfig):
+    for cls in (ServerConfig, AuthConfig, LoggingConfig, KernelsConfig, StateConfig, LocalSettings):
         for field in fields(cls):
             assert f"{field.name}:" in text, field.name
+    # and the driver examples every setting of their driver
+    for name, classes in (("ssh-pool.yaml", (SshSettings,)),
+                          ("yarn-cluster.yaml", (YarnSettings, DistributedShellSettings))):
+        example = (REPO / "conf" / name).read_text()
+        for cls in classes:
+            for field in fields(cls):
+                assert f"{field.name}:" in example, (name, field.name)
 
 
 def test_cli_check_config(tmp_path: Path) -> None:
@@ -130,10 +140,10 @@ def test_cli_check_config_checks_driver_settings(tmp_path: Path) -> None:
     bad = tmp_path / "ssh.yaml"
     bad.write_text("drivers:\n  ssh: {hosts: [a], placment: least-connection}\n")
     result = egd("check-config", str(bad))
-    assert result.returncode == 1 and "drivers.ssh: unknown setting(s) placment" in result.stderr
+    assert result.returncode == 1 and "drivers.ssh.placment: unknown setting" in result.stderr
     for name in ("ssh-pool.yaml", "yarn-cluster.yaml"):
         example = egd("check-config", str(REPO / "conf" / name))
         assert example.returncode == 0, example.stderr
     bad.write_text("drivers:\n  yarn: {resource_managers: [rm1:8088]}\n")
     result = egd("check-config", str(bad))
-    assert result.returncode == 1 and "drivers.yarn.resource_managers: list the RM web addresses" in result.stderr
+    assert result.returncode == 1 and "drivers.yarn.resource_managers: list the web addresses" in result.stderr

@@ -1,4 +1,4 @@
-"""Ports for kernels egd starts on this host.
+"""Ports for kernels egd starts on this host (part of the driver toolkit, ``docs/writing-a-driver.rst``).
 
 EG lost a kernel in concurrent starts because two launches picked the same free port before either kernel
 bound it. Here every port handed out stays reserved until its kernel is gone, so egd never hands the same port
@@ -22,11 +22,6 @@ class PortAllocator:
         self._host = host
         self._range = port_range
         self._reserved: set[int] = set()
-
-    @property
-    def reserved(self) -> frozenset[int]:
-        """Ports currently held by kernels."""
-        return frozenset(self._reserved)
 
     def _bindable(self, port: int) -> int | None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

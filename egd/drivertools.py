@@ -1,0 +1,64 @@
+"""The driver toolkit: what drivers share besides the contract (``docs/writing-a-driver.rst``).
+
+- :func:`impersonated_user`: the check every impersonating driver applies to a kernel's user.
+- :class:`LauncherSettings`: the settings of a driver whose kernels run beside egd's launcher and call back
+  (ssh, yarn): the callback listener, impersonation, the launcher and its Python, the kernels' ports.
+
+Also part of the toolkit: :mod:`egd.checks` (settings checkers), :mod:`egd.kernels.ports` (ports on this
+host), :mod:`egd.remote` (the launcher client) and ``egd.drivers.process`` (a short-lived helper process).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from egd import checks
+from egd.checks import Checker, Settings, boolean, listen_port, optional, strings, text
+from egd.errors import Forbidden
+from egd.launchers import kernel_launcher
+
+#: A user name a driver may log in or submit as when impersonating (POSIX portable, no leading dash or digit).
+_LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
+#: The launcher of this egd installation (remote hosts need the same file at ``launcher_path``).
+DEFAULT_LAUNCHER = os.path.abspath(kernel_launcher.__file__)
+
+
+def impersonated_user(username: str, prohibited: frozenset[str] | set[str] = frozenset({"root"})) -> str:
+    """``username`` if a kernel may run as that user; :class:`Forbidden` (403) otherwise."""
+    if not _LOGIN_NAME.match(username) or username in prohibited or username == "root":
+        raise Forbidden(f"kernels cannot run as user {username[:40]!r} here")
+    return username
+
+
+@dataclass(frozen=True, kw_only=True)
+class LauncherSettings(Settings):
+    """Settings shared by drivers whose kernels start through egd's launcher and report back to egd."""
+
+    #: The account kernels run as when not impersonating (None: the driver's default).
+    user: str | None = None
+    #: Run each kernel as its user (``KERNEL_USERNAME``), checked with :func:`impersonated_user`.
+    impersonation: bool = False
+    prohibited_users: tuple[str, ...] = ("root",)
+    #: The address launchers call back to (egd listens there) and its port (0: any free one).
+    callback_host: str = "127.0.0.1"
+    callback_port: int = 0
+    #: The Python that runs the launcher where the kernel runs (None: the driver's default).
+    python: str | None = None
+    launcher_path: str = DEFAULT_LAUNCHER
+    #: The kernels' ports (None: the gateway's ``kernels.port_range``, else any free ones).
+    port_range: tuple[int, int] | None = None
+
+    schema: ClassVar[Mapping[str, Checker]] = {
+        "user": optional(text),
+        "impersonation": boolean,
+        "prohibited_users": strings,
+        "callback_host": text,
+        "callback_port": listen_port,
+        "python": optional(text),
+        "launcher_path": text,
+        "port_range": optional(checks.port_range),  # the module's: the field shadows the name here
+    }
