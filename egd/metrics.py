@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 #: Launch duration buckets, in seconds: a local kernel starts in about 1 s, an ssh one in 1-2 s, a plain
 #: YARN one in about 6 s and a Spark one in about 25 s; the launch timeout can be up to 300 s.
-LAUNCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0,
+_LAUNCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0,
                   300.0)
 
 #: The Content-Type of :meth:`GatewayMetrics.render` (the Prometheus text format of this prometheus_client).
@@ -79,7 +79,7 @@ class RelayCounters:
         self.closed = 0
 
 
-def failure_reason(exc: BaseException) -> str:
+def _failure_reason(exc: BaseException) -> str:
     """The ``reason`` label of a failed launch, from its exception."""
     if isinstance(exc, LaunchTimeout):
         return "timeout"
@@ -134,7 +134,7 @@ class GatewayMetrics:
         self.registry.register(_ScrapeTimeCollector(kernels, self.relay))
         self._launch_seconds = Histogram(
             "egd_kernel_launch_duration_seconds", "Seconds from launch request until the kernel was ready, for "
-            "successful starts", ("driver",), registry=self.registry, buckets=LAUNCH_BUCKETS)
+            "successful starts", ("driver",), registry=self.registry, buckets=_LAUNCH_BUCKETS)
         self._launch_failures = Counter(
             "egd_kernel_launch_failures", "Kernel launches that failed, by driver and reason", ("driver", "reason"),
             registry=self.registry)
@@ -160,7 +160,7 @@ class GatewayMetrics:
         if isinstance(exc, Forbidden):
             self.start_refused("unauthorized")
         elif not (isinstance(exc, EgdError) and exc.status < 500):
-            self._launch_failures.labels(driver, failure_reason(exc)).inc()
+            self._launch_failures.labels(driver, _failure_reason(exc)).inc()
 
     def start_refused(self, reason: str) -> None:
         """A start request was refused before any launch (``limit``, ``unauthorized``, ``unavailable``)."""

@@ -49,7 +49,7 @@ class StoreUnusable(Exception):
     start. The text says why and what to do."""
 
 
-def make_private(path: str, directory: bool = False) -> None:
+def _make_private(path: str, directory: bool = False) -> None:
     """Check that a file of the store is egd's alone (0600 at most) and a directory of it lets nobody else list or
     change it (others may pass through, as impersonated kernels must through the runtime directory).
 
@@ -79,7 +79,7 @@ def make_private(path: str, directory: bool = False) -> None:
              "kernel keys (chmod {wanted:o} closes it)", path=path, mode=mode, uid=status.st_uid, wanted=wanted)
 
 
-class StoreLock:
+class _StoreLock:
     """The lock that makes an SQLite store one gateway's: ``flock`` on a file beside it, held as long as this
     process lives (the kernel releases it when the process ends, however it ends), naming its holder."""
 
@@ -199,16 +199,16 @@ def _add_missing_columns(cursor: Any) -> None:
             cursor.execute(f"ALTER TABLE kernels ADD COLUMN {name} {definition}")
 
 
-def load_or_create_key(path: str) -> bytes:
+def _load_or_create_key(path: str) -> bytes:
     """The store's encryption key from ``path``, created (mode 0600) if the file does not exist yet."""
-    make_private(path)
+    _make_private(path)
     try:
         with open(path, "rb") as handle:
             return handle.read().strip()
     except FileNotFoundError:
         pass
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    make_private(os.path.dirname(path) or ".", directory=True)
+    _make_private(os.path.dirname(path) or ".", directory=True)
     key = Fernet.generate_key()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -228,7 +228,7 @@ class StateStore:
         self.where = where
         self.path = path
         self._pool: adbapi.ConnectionPool | None = None
-        self._lock = StoreLock(f"{path}.lock") if path is not None else None
+        self._lock = _StoreLock(f"{path}.lock") if path is not None else None
         #: Writes failing now (logged once per episode; the readiness check reports it).
         self.writes = Episode(f"state store {where}: writing", log)
 
@@ -265,7 +265,7 @@ class StateStore:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StoreUnusable(f"the state store's directory {directory} cannot be made ({exc.strerror})") from None
-        make_private(directory, directory=True)
+        _make_private(directory, directory=True)
         assert self._lock is not None
         self._lock.acquire(path)
         try:
@@ -275,7 +275,7 @@ class StateStore:
             self._lock.release()
             raise StoreUnusable(f"the state store {path} cannot be created ({exc.strerror})") from None
         for name in (path, *(path + suffix for suffix in _SQLITE_COMPANIONS)):
-            make_private(name)
+            _make_private(name)
 
     def _write_probe(self, cursor: Any) -> None:
         """Write a row and take it back in one transaction (nobody else ever sees it): raises if the store
@@ -395,7 +395,7 @@ def store_from_config(state: StateConfig, runtime_dir: str) -> StateStore | None
         if not state.secret_key_file:
             raise ValueError("state.secret_key_file: several gateways share a PostgreSQL store; give them the "
                              "same key file (`egd state-key > FILE` makes one)")
-        make_private(state.secret_key_file)
+        _make_private(state.secret_key_file)
         with open(state.secret_key_file, "rb") as handle:
             key = handle.read().strip()
         dsn = state.dsn or ""
@@ -403,6 +403,6 @@ def store_from_config(state: StateConfig, runtime_dir: str) -> StateStore | None
         return StateStore(key, _POSTGRES, (dsn,), {"cp_min": 1, "cp_max": 4, "cp_reconnect": True},
                           f"PostgreSQL {shown}")
     path = state.path or os.path.join(runtime_dir, "egd-state.sqlite")
-    key = load_or_create_key(state.secret_key_file or f"{path}.key")
+    key = _load_or_create_key(state.secret_key_file or f"{path}.key")
     return StateStore(key, _SQLITE, (path,), {"check_same_thread": False, "cp_min": 1, "cp_max": 1},
                       f"SQLite {path}", path)

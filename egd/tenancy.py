@@ -28,8 +28,8 @@ def _distinct_users(config: Config) -> bool:
 
 
 def _shared_account_drivers(drivers: Mapping[str, Any]) -> list[str]:
-    """The drivers that run every kernel as one OS account (a driver that does not say is counted as such)."""
-    return sorted(name for name, driver in drivers.items() if not getattr(driver, "impersonates", False))
+    """The drivers that run every kernel as one OS account."""
+    return sorted(name for name, driver in drivers.items() if not driver.impersonates)
 
 
 def tenancy_problems(config: Config, drivers: Mapping[str, Any]) -> list[str]:

@@ -6,16 +6,16 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, maybeDeferred
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 log = Logger()
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
-def shield(d: Deferred[T]) -> Deferred[T]:
+def shield(d: Deferred[_T]) -> Deferred[_T]:
     """A Deferred that fires with ``d``'s result; cancelling it leaves ``d`` untouched and unconsumed."""
-    child: Deferred[T] = Deferred()
+    child: Deferred[_T] = Deferred()
 
     def relay(result: Any) -> Any:
         if not child.called:
@@ -40,11 +40,6 @@ async def wait_for(d: Deferred[Any], timeout: float, clock: Any) -> bool:
     except Exception:  # the timeout (or d's own failure): report whether d fired
         return d.called
     return True
-
-
-def sleep(clock: Any, seconds: float) -> Deferred[None]:
-    """A Deferred that fires after ``seconds`` on ``clock``."""
-    return deferLater(clock, seconds, lambda: None)
 
 
 class Background:

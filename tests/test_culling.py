@@ -27,9 +27,10 @@ from egd.config import Config, KernelsConfig, parse_config
 from egd.kernels import wire
 from egd.kernels.culler import CullPolicy, KernelCuller
 from egd.kernels.env import KernelEnv
-from egd.kernels.kernel import Kernel, KernelPolicy, KernelState
+from egd.kernels.kernel import Kernel, KernelHooks, KernelPolicy, KernelState
 from egd.kernels.manager import KernelManager
 from egd.kernels.specs import KernelSpecInfo
+from egd.metrics import GatewayMetrics
 from tests.conftest import GatewayProcess, wait_until
 from tests.procs import is_zombie_or_gone
 
@@ -53,7 +54,7 @@ class Client:
 
 
 def running_kernel(clock: Clock, gone: list[Kernel], metadata: dict[str, Any] | None = None,
-                   on_gone: Callable[[Kernel], None] | None = None) -> Kernel:
+                   on_gone: Callable[[Kernel], None] | None = None, metrics: GatewayMetrics | None = None) -> Kernel:
     """A real Kernel in the RUNNING state with nothing behind it (see the module docstring): shutting it down
     takes the normal path, which has no process to stop. It lands in ``gone`` when it is gone."""
 
@@ -64,8 +65,8 @@ def running_kernel(clock: Clock, gone: list[Kernel], metadata: dict[str, Any] | 
 
     spec = KernelSpecInfo("python3", ("python",), "Python 3", "python", "signal", {}, metadata or {}, "/nonexistent")
     env = KernelEnv(str(uuid.uuid4()), "alice", 60, {}, {})
-    kernel = Kernel(env.kernel_id, spec, env, cast(Any, None), cast(Any, None), clock, KernelPolicy(), 60, None,
-                    forget)
+    kernel = Kernel(spec, env, cast(Any, None), zmq=cast(Any, None), clock=clock, policy=KernelPolicy(),
+                    launch_timeout=60, working_dir=None, hooks=KernelHooks(on_gone=forget, metrics=metrics))
     kernel.state = KernelState.RUNNING
     kernel.execution_state = "idle"  # what a launch sets once the kernel has answered
     return kernel
@@ -218,8 +219,7 @@ def test_interval_respected_and_culler_lives_with_the_manager() -> None:
     config = Config(kernels=KernelsConfig(cull_idle_timeout=10, cull_interval=60))
     manager = KernelManager(config, reactor, cast(Any, None), cast(Any, None), environ={})
     gone: list[Kernel] = []
-    kernel = running_kernel(reactor, gone, on_gone=manager._forget)
-    kernel.metrics = manager.metrics  # as the manager's start_kernel does
+    kernel = running_kernel(reactor, gone, on_gone=manager._forget, metrics=manager.metrics)  # as the manager does
     manager.kernels[kernel.id] = kernel
     manager.startService()
     reactor.advance(59.9)

@@ -24,7 +24,7 @@ from egd.kernels import wire
 from egd.kernels.channels import Heartbeat
 from egd.kernels.env import KernelEnv
 from egd.kernels.hub import ClientHub, ReplayLimits
-from egd.kernels.kernel import TRANSITIONS, Kernel, KernelPolicy, KernelState
+from egd.kernels.kernel import TRANSITIONS, Kernel, KernelHooks, KernelPolicy, KernelState
 from egd.kernels.specs import KernelSpecInfo
 from egd.kernels.zmqio import ReactorZmqFactory, shutdown_factory
 
@@ -252,8 +252,9 @@ def make_kernel(reactor: MemoryReactorClock, driver: OneShotDriver, timeout: flo
     gone: list[Kernel] = []
     spec = KernelSpecInfo("fake", ("x",), "Fake", "python", "signal", {}, {}, "/nonexistent")
     env = KernelEnv("00000000-0000-4000-8000-000000000000", "tester", timeout, {}, {})
-    kernel = Kernel(env.kernel_id, spec, env, driver, ReactorZmqFactory(reactor), reactor,  # type: ignore[arg-type]
-                    KernelPolicy(), timeout, None, gone.append)
+    kernel = Kernel(spec, env, driver, zmq=ReactorZmqFactory(reactor), clock=reactor,  # type: ignore[arg-type]
+                    policy=KernelPolicy(), launch_timeout=timeout, working_dir=None,
+                    hooks=KernelHooks(on_gone=gone.append))
     return kernel, gone
 
 
@@ -288,3 +289,27 @@ def test_early_exit_fails_fast_under_a_clock() -> None:
     assert failure.check(LaunchFailed)
     assert "exited with code 3 before it was ready: last words" in failure.getErrorMessage()
     assert gone == [kernel]
+
+
+def test_execution_state_follows_client_requests_only() -> None:
+    """A ready kernel's execution_state is moved by statuses of clients' requests only: not by the kernel's own
+    boot "starting" (ipykernel may publish it after the replies that made the kernel ready: the kernel then
+    looked "starting" for good and was never culled), nor by statuses of egd's own probes. The statuses are
+    injected: a real kernel cannot be made to reorder its iopub on cue."""
+    reactor = MemoryReactorClock()
+    kernel, _ = make_kernel(reactor, OneShotDriver(), timeout=60)
+    kernel.state, kernel.execution_state = KernelState.RUNNING, "idle"
+    client_request = wire.new_message("execute_request", {}, "a-client")
+    probe = wire.new_message("kernel_info_request", {}, f"egd-{kernel.id}")
+
+    def status(state: str, parent: wire.RawMessage | None) -> wire.RawMessage:
+        return wire.new_message("status", {"execution_state": state}, "kernel", parent)
+
+    kernel._on_message("iopub", status("starting", None))
+    assert kernel.execution_state == "idle"
+    kernel._on_message("iopub", status("busy", probe))
+    assert kernel.execution_state == "idle"
+    kernel._on_message("iopub", status("busy", client_request))
+    assert kernel.execution_state == "busy"
+    kernel._on_message("iopub", status("idle", client_request))
+    assert kernel.execution_state == "idle"

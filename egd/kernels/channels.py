@@ -19,10 +19,10 @@ from egd.kernels.zmqio import ReactorZmqFactory, ZmqSocket, open_socket
 
 log = Logger()
 
-MessageHandler = Callable[[str, wire.RawMessage], None]
+_MessageHandler = Callable[[str, wire.RawMessage], None]
 
 
-def channel_address(info: dict[str, Any], channel: str) -> str:
+def _channel_address(info: dict[str, Any], channel: str) -> str:
     """The ZeroMQ address of a kernel's channel from its connection info."""
     transport, ip, port = info.get("transport", "tcp"), info["ip"], info[f"{channel}_port"]
     if transport == "ipc":
@@ -36,7 +36,7 @@ class KernelChannels:
     """Connected sockets to one kernel; delivers verified messages to ``on_message(channel, message)``."""
 
     def __init__(self, factory: ReactorZmqFactory, connection_info: dict[str, Any], kernel_id: str,
-                 on_message: MessageHandler) -> None:
+                 on_message: _MessageHandler) -> None:
         key = connection_info.get("key", "")
         self.signer = wire.Signer(key.encode() if isinstance(key, str) else key,
                                   connection_info.get("signature_scheme", "hmac-sha256"))
@@ -47,7 +47,7 @@ class KernelChannels:
         self._sockets: dict[str, ZmqSocket] = {}
         for channel, kind in (("iopub", "sub"), ("shell", "dealer"), ("control", "dealer"), ("stdin", "dealer")):
             self._sockets[channel] = open_socket(
-                factory, kind, channel_address(connection_info, channel), self._receiver(channel),
+                factory, kind, _channel_address(connection_info, channel), self._receiver(channel),
                 identity if channel in ("shell", "stdin") else None)
 
     def _receiver(self, channel: str) -> Callable[[list[bytes]], None]:
@@ -88,7 +88,7 @@ class Heartbeat:
         self._allowed_silence = interval * misses
         self._on_failure = on_failure
         self._last_echo = clock.seconds()
-        self._socket = open_socket(factory, "dealer", channel_address(connection_info, "hb"), self._echo)
+        self._socket = open_socket(factory, "dealer", _channel_address(connection_info, "hb"), self._echo)
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 

@@ -55,7 +55,7 @@ class CullPolicy:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class _Verdict:
     """Why a kernel is due for culling: ``reason`` (idle or busy) for ``seconds``, over ``timeout``."""
 
     reason: str
@@ -63,7 +63,7 @@ class Verdict:
     timeout: float
 
 
-def verdict(kernel: Kernel, policy: CullPolicy, now: float) -> Verdict | None:
+def verdict(kernel: Kernel, policy: CullPolicy, now: float) -> _Verdict | None:
     """Whether ``kernel`` is due for culling at ``now`` under ``policy`` (None: leave it)."""
     # Starting, restarting or stopping kernels are someone else's business (their own deadlines apply).
     if kernel.state is not KernelState.RUNNING:
@@ -73,11 +73,11 @@ def verdict(kernel: Kernel, policy: CullPolicy, now: float) -> Verdict | None:
     if kernel.execution_state == "idle" and policy.idle_timeout > 0:
         idle = now - kernel.last_activity
         if idle >= policy.idle_timeout:
-            return Verdict("idle", idle, policy.idle_timeout)
+            return _Verdict("idle", idle, policy.idle_timeout)
     if kernel.execution_state == "busy" and policy.busy_timeout > 0:
         busy = now - kernel.busy_since
         if busy >= policy.busy_timeout:
-            return Verdict("busy", busy, policy.busy_timeout)
+            return _Verdict("busy", busy, policy.busy_timeout)
     return None
 
 
@@ -121,11 +121,11 @@ class KernelCuller(Service):
                 log.failure("kernel {kernel_id}: culling check failed", kernel_id=kernel.id)
         return started
 
-    def cull(self, kernel: Kernel, due: Verdict) -> Deferred[None]:
+    def cull(self, kernel: Kernel, due: _Verdict) -> Deferred[None]:
         """Shut ``kernel`` down because of ``due``: the one place where the decision to cull is carried out.
 
         With several gateways sharing a store, only the gateway the store names as the kernel's is its culler:
-        the shutdown first asks the store (``Kernel.ownership_check``) and lets go instead when another gateway
+        the shutdown first asks the store (``Kernel.let_go_if_taken_over``) and lets go instead when another gateway
         has taken the kernel over, so exactly one gateway culls a given kernel.
         """
         if kernel.id in self._culling:
@@ -148,9 +148,5 @@ class KernelCuller(Service):
 
 async def _cull(kernel: Kernel) -> None:
     """Shut the kernel down, unless another gateway runs it now (then only let go of it)."""
-    if kernel.ownership_check is not None and not await kernel.ownership_check():
-        kernel.let_go()
-        if kernel.on_taken_over is not None:
-            kernel.on_taken_over(kernel)
-        return
-    await kernel.shutdown()
+    if not await kernel.let_go_if_taken_over():
+        await kernel.shutdown()

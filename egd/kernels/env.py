@@ -24,13 +24,11 @@ from typing import Any
 
 from egd.errors import BadRequest
 
-MAX_VALUE_LENGTH = 4096
-MAX_VARIABLES = 256
+_MAX_VALUE_LENGTH = 4096
+_MAX_VARIABLES = 256
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # used with fullmatch: "$" would allow a final newline
 # Defence in depth: none of these has a use in a variable a client sends, all of them have uses in attacks.
 _PROHIBITED = re.compile(r"[\x00\r\n$`]")
-#: Set by egd; a request cannot override them.
-SYSTEM_OWNED = frozenset({"KERNEL_GATEWAY", "KERNEL_ID"})
 #: The owner of kernels started without ``KERNEL_USERNAME``: not a user name (egd's and the drivers' user name
 #: checks refuse it), so no credential is ever this user, and a driver never runs a kernel as it.
 UNNAMED_OWNER = "(gateway)"
@@ -69,7 +67,7 @@ def _encodable(value: str) -> bool:
     return True
 
 
-def check_kernel_id(value: Any) -> str:
+def _check_kernel_id(value: Any) -> str:
     """A client-chosen kernel id must be a canonical lower-case uuid4 string (Enterprise Gateway's rule)."""
     try:
         if isinstance(value, str) and str(uuid.UUID(value, version=4)) == value:
@@ -77,6 +75,49 @@ def check_kernel_id(value: Any) -> str:
     except ValueError:
         pass
     raise BadRequest("KERNEL_ID must be a lower-case UUID version 4 such as 1b4e28ba-2fa1-4d2b-9c5e-3c1f0e8b2a7d")
+
+
+def _checked_value(name: str, value: Any) -> str:
+    """A request variable's value, if it may reach a kernel; :class:`BadRequest` (never echoing it) otherwise."""
+    if not isinstance(value, str):
+        raise BadRequest(f"Environment variable '{name}' must be a string")
+    if len(value) > _MAX_VALUE_LENGTH:
+        raise BadRequest(f"Environment variable '{name}' is longer than {_MAX_VALUE_LENGTH} characters")
+    if _PROHIBITED.search(value) or not _encodable(value):
+        raise BadRequest(f"Environment variable '{name}' contains prohibited characters")
+    return value
+
+
+def _client_variables(requested: Any, client_envs: tuple[str, ...]) -> dict[str, str]:
+    """The variables of a request's ``env`` that pass: ``KERNEL_*`` and ``client_envs`` (all with ``*``), never
+    ``KERNEL_GATEWAY``."""
+    if requested is None:
+        requested = {}
+    if not isinstance(requested, dict):
+        raise BadRequest("env must be a JSON object of string values")
+    if len(requested) > _MAX_VARIABLES:
+        raise BadRequest(f"env may hold at most {_MAX_VARIABLES} variables")
+    allow_all = "*" in client_envs
+    client: dict[str, str] = {}
+    for name, value in requested.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise BadRequest("env has a name that is not a valid environment variable name")
+        if (name.startswith("KERNEL_") or allow_all or name in client_envs) and name != "KERNEL_GATEWAY":
+            client[name] = _checked_value(name, value)
+    return client
+
+
+def _launch_timeout(client: Mapping[str, str], default: float, maximum: float) -> float:
+    """The launch timeout a request asks for (``KERNEL_LAUNCH_TIMEOUT``, at most ``maximum``), or ``default``."""
+    if "KERNEL_LAUNCH_TIMEOUT" not in client:
+        return default
+    try:
+        timeout = float(client["KERNEL_LAUNCH_TIMEOUT"])
+    except ValueError:
+        raise BadRequest("KERNEL_LAUNCH_TIMEOUT must be a number of seconds") from None
+    if not timeout > 0:
+        raise BadRequest("KERNEL_LAUNCH_TIMEOUT must be a positive number of seconds")
+    return min(timeout, maximum)
 
 
 def build_kernel_env(
@@ -89,36 +130,9 @@ def build_kernel_env(
     max_launch_timeout: float,
 ) -> KernelEnv:
     """Check a request's ``env`` and combine it with what the gateway passes on. :class:`BadRequest` if bad."""
-    if requested is None:
-        requested = {}
-    if not isinstance(requested, dict):
-        raise BadRequest("env must be a JSON object of string values")
-    if len(requested) > MAX_VARIABLES:
-        raise BadRequest(f"env may hold at most {MAX_VARIABLES} variables")
-    allow_all = "*" in client_envs
-    client: dict[str, str] = {}
-    for name, value in requested.items():
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise BadRequest("env has a name that is not a valid environment variable name")
-        if not (name.startswith("KERNEL_") or allow_all or name in client_envs) or name == "KERNEL_GATEWAY":
-            continue
-        if not isinstance(value, str):
-            raise BadRequest(f"Environment variable '{name}' must be a string")
-        if len(value) > MAX_VALUE_LENGTH:
-            raise BadRequest(f"Environment variable '{name}' is longer than {MAX_VALUE_LENGTH} characters")
-        if _PROHIBITED.search(value) or not _encodable(value):
-            raise BadRequest(f"Environment variable '{name}' contains prohibited characters")
-        client[name] = value
-    kernel_id = check_kernel_id(client.pop("KERNEL_ID")) if "KERNEL_ID" in client else str(uuid.uuid4())
+    client = _client_variables(requested, client_envs)
+    kernel_id = _check_kernel_id(client.pop("KERNEL_ID")) if "KERNEL_ID" in client else str(uuid.uuid4())
     username = client.get("KERNEL_USERNAME") or UNNAMED_OWNER
-    timeout = default_launch_timeout
-    if "KERNEL_LAUNCH_TIMEOUT" in client:
-        try:
-            timeout = float(client["KERNEL_LAUNCH_TIMEOUT"])
-        except ValueError:
-            raise BadRequest("KERNEL_LAUNCH_TIMEOUT must be a number of seconds") from None
-        if not timeout > 0:
-            raise BadRequest("KERNEL_LAUNCH_TIMEOUT must be a positive number of seconds")
-        timeout = min(timeout, max_launch_timeout)
+    timeout = _launch_timeout(client, default_launch_timeout, max_launch_timeout)
     inherited = {name: gateway_environ[name] for name in inherited_envs if name in gateway_environ}
     return KernelEnv(kernel_id, username, timeout, client, inherited)

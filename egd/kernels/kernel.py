@@ -11,7 +11,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 from twisted.internet.task import LoopingCall
@@ -25,7 +25,6 @@ from egd.kernels.env import KernelEnv
 from egd.kernels.hub import ClientHub, KernelClient, ReplayLimits
 from egd.kernels.specs import KernelSpecInfo
 from egd.kernels.zmqio import QueueFull, ReactorZmqFactory
-from egd.metrics import GatewayMetrics
 from egd.util import Background, wait_for
 
 log = Logger()
@@ -70,6 +69,40 @@ class KernelPolicy:
     replay: ReplayLimits = field(default_factory=ReplayLimits)
 
 
+class KernelMetrics(Protocol):
+    """The events a kernel counts (:class:`egd.metrics.GatewayMetrics` is one; declared here so that the kernel does
+    not import the metrics, which read the kernel table)."""
+
+    def launch_succeeded(self, driver: str, seconds: float) -> None:
+        """A launch with ``driver`` was ready after ``seconds``."""
+
+    def launch_failed(self, driver: str, exc: BaseException) -> None:
+        """A launch with ``driver`` failed with ``exc``."""
+
+    def kernel_restarted(self, spec: str, kind: str) -> None:
+        """A restart (``user`` or ``automatic``) of a kernel of ``spec`` began."""
+
+    def kernel_culled(self, spec: str, reason: str) -> None:
+        """The culler shut down a kernel of ``spec`` for ``reason``."""
+
+
+@dataclass(frozen=True)
+class KernelHooks:
+    """What a kernel tells, or asks, whoever manages it; given at construction (a pooled kernel gets its owner's
+    hooks when it is handed out, see :meth:`Kernel.assign`)."""
+
+    #: The kernel is gone for good (shut down or dead): drop it.
+    on_gone: Callable[[Kernel], None]
+    #: Each incarnation of the kernel is ready (the manager records it in the state store).
+    on_ready: Callable[[Kernel], None] | None = None
+    #: With several gateways: whether this gateway still runs the kernel (asked before acting on its own) ...
+    ownership_check: Callable[[Kernel], Awaitable[bool]] | None = None
+    #: ... and what to do when it does not.
+    on_taken_over: Callable[[Kernel], None] | None = None
+    #: The gateway's metrics (None: not counted, as in unit tests).
+    metrics: KernelMetrics | None = None
+
+
 async def _kill(handle: LaunchedKernel) -> None:
     """The driver's forceful kill; a failure is logged (the caller goes on cleaning up)."""
     try:
@@ -81,9 +114,12 @@ async def _kill(handle: LaunchedKernel) -> None:
 class Kernel:
     """A kernel egd manages, whichever driver runs it."""
 
-    def __init__(self, kernel_id: str, spec: KernelSpecInfo, env: KernelEnv, driver: KernelDriver,
-                 zmq: ReactorZmqFactory, clock: Any, policy: KernelPolicy, launch_timeout: float,
-                 working_dir: str | None, on_gone: Callable[[Kernel], None]) -> None:
+    def __init__(self, spec: KernelSpecInfo, env: KernelEnv, driver: KernelDriver, *, zmq: ReactorZmqFactory,
+                 clock: Any, policy: KernelPolicy, launch_timeout: float, working_dir: str | None,
+                 hooks: KernelHooks) -> None:
+        """A kernel of ``spec`` with ``env`` (its id is ``env.kernel_id``), not started yet. Built by
+        :class:`egd.kernels.manager.KernelManager` only (one place), or by tests."""
+        kernel_id = env.kernel_id
         self.id = kernel_id
         self.spec = spec
         self.env = env
@@ -93,7 +129,7 @@ class Kernel:
         self._policy = policy
         self._launch_timeout = launch_timeout
         self._working_dir = working_dir
-        self._on_gone = on_gone
+        self._hooks = hooks
         self._lock = DeferredLock()
         self._background = Background()
         self.state = KernelState.STARTING
@@ -102,7 +138,6 @@ class Kernel:
         #: When the kernel last reported ``busy`` after another state (the culler's busy timeout).
         self.busy_since = clock.seconds()
         self.reason = ""
-        self.restarts = 0
         self._restart_streak = 0
         self._started_at = clock.seconds()
         self._handle: LaunchedKernel | None = None
@@ -115,14 +150,16 @@ class Kernel:
         self._internal_session = f"egd-{kernel_id}"
         self._internal_marker = f'"{self._internal_session}"'.encode()
         self.hub = ClientHub(kernel_id, clock, policy.replay)
-        #: Called each time an incarnation of the kernel is ready (the manager records it in the state store).
-        self.on_ready: Callable[[Kernel], None] | None = None
-        #: With several gateways: whether this gateway still runs the kernel (asked before acting on its own),
-        #: and what to do when it does not.
-        self.ownership_check: Callable[[], Awaitable[bool]] | None = None
-        self.on_taken_over: Callable[[Kernel], None] | None = None
-        #: The gateway's metrics (set by the manager; None: not counted, as in unit tests).
-        self.metrics: GatewayMetrics | None = None
+
+    @property
+    def hooks(self) -> KernelHooks:
+        """How the kernel tells its manager what happens to it."""
+        return self._hooks
+
+    @property
+    def metrics(self) -> KernelMetrics | None:
+        """The gateway's metrics (None: not counted)."""
+        return self._hooks.metrics
 
     # -- model ------------------------------------------------------------------------------------------
 
@@ -194,11 +231,24 @@ class Kernel:
             self._channels.close()
             self._channels = None
 
-    def assign(self, env: KernelEnv, working_dir: str | None) -> None:
-        """Hand a pooled kernel to its user: from now on it is theirs (ownership, limits, restarts)."""
+    def assign(self, env: KernelEnv, working_dir: str | None, hooks: KernelHooks) -> None:
+        """Hand a pooled kernel to its user: from now on it is theirs (ownership, limits, restarts), and managed
+        with ``hooks`` (recorded, shared with other gateways)."""
         self.env = env
         self._working_dir = working_dir
+        self._hooks = hooks
         self._touch()
+
+    async def let_go_if_taken_over(self) -> bool:
+        """Before acting on the kernel on its own (automatic restart, cull): True, and the kernel let go of
+        without being stopped, when another gateway runs it now (it restarted or deleted it there)."""
+        check = self._hooks.ownership_check
+        if check is None or await check(self):
+            return False
+        self.let_go()
+        if self._hooks.on_taken_over is not None:
+            self._hooks.on_taken_over(self)
+        return True
 
     async def execute_quietly(self, code: str, timeout: float = 5.0) -> None:
         """Run ``code`` in the kernel as egd (no history, no output to clients); fails if it raises."""
@@ -254,8 +304,8 @@ class Kernel:
         handle.exited.addCallback(self._exited, handle)
         log.info("kernel {kernel_id} ({spec}) is ready: {where}", kernel_id=self.id, spec=self.spec.name,
                  where=handle.describe())
-        if self.on_ready is not None:
-            self.on_ready(self)
+        if self._hooks.on_ready is not None:
+            self._hooks.on_ready(self)
 
     def _launch_progress(self, text: str) -> None:
         if self.state in (KernelState.STARTING, KernelState.RESTARTING):
@@ -368,28 +418,43 @@ class Kernel:
         # kernel printing progress is not idle, whoever listens.
         self.last_activity = self._clock.seconds()
         if channel == "iopub":
-            internal = self._internal_marker in message.parent_header
-            # egd's own requests (readiness probes, quiet executes) change no state a client sees: a late
-            # "busy" of a probe must not show a kernel that was just reported ready as busy.
-            if message.msg_type == "status" and not internal:
-                try:
-                    state = message.json_content().get("execution_state")
-                except (ValueError, AttributeError):
-                    state = None
-                # While (re)starting, only busy/idle replace "starting"/"restarting" (not the kernel's own
-                # "starting" of its boot, which would be stale by the time it arrives).
-                if isinstance(state, str) and (self.state is KernelState.RUNNING or state in ("busy", "idle")):
-                    if state == "busy" and self.execution_state != "busy":
-                        self.busy_since = self.last_activity
-                    self.execution_state = state
-            if not self._iopub_seen:
-                self._iopub_seen = True
-                if self._on_iopub_seen is not None:
-                    self._on_iopub_seen()
-            if not internal:
-                # Clients see only traffic of their own requests, not egd's readiness probes.
-                self.hub.broadcast(channel, message)
+            self._on_iopub(message)
+        else:
+            self._route_reply(channel, message)
+
+    def _on_iopub(self, message: wire.RawMessage) -> None:
+        internal = self._internal_marker in message.parent_header
+        # egd's own requests (readiness probes, quiet executes) change no state a client sees: a late
+        # "busy" of a probe must not show a kernel that was just reported ready as busy.
+        if message.msg_type == "status" and not internal:
+            self._track_status(message)
+        if not self._iopub_seen:
+            self._iopub_seen = True
+            if self._on_iopub_seen is not None:
+                self._on_iopub_seen()
+        if not internal:
+            # Clients see only traffic of their own requests, not egd's readiness probes.
+            self.hub.broadcast("iopub", message)
+
+    def _track_status(self, message: wire.RawMessage) -> None:
+        """Follow the kernel's own ``status`` messages in :attr:`execution_state`."""
+        try:
+            state = message.json_content().get("execution_state")
+        except (ValueError, AttributeError):
+            state = None
+        # The kernel's own "starting" is of its boot: stale by the time it arrives (ipykernel publishes from
+        # more than one thread, so it can even come after the replies that made egd report the kernel ready,
+        # and then a ready kernel would look "starting" for good, and never be culled). egd sets "starting"
+        # and "restarting" itself; while (re)starting only busy/idle replace them.
+        if state == "starting":
             return
+        if isinstance(state, str) and (self.state is KernelState.RUNNING or state in ("busy", "idle")):
+            if state == "busy" and self.execution_state != "busy":
+                self.busy_since = self.last_activity
+            self.execution_state = state
+
+    def _route_reply(self, channel: str, message: wire.RawMessage) -> None:
+        """Deliver a shell, control or stdin message to whoever sent its parent request."""
         parent = message.parent_msg_id()
         if parent is None:
             return
@@ -480,7 +545,6 @@ class Kernel:
         except Exception as exc:
             self._die(f"restart failed: {exc}")
             raise
-        self.restarts += 1
         self._set_state(KernelState.RUNNING)
         self._flush_held()
 
@@ -498,7 +562,7 @@ class Kernel:
             self.execution_state = "dead"
             self.hub.close_all(1000, "kernel shut down")
             log.info("kernel {kernel_id} shut down", kernel_id=self.id)
-            self._on_gone(self)
+            self._hooks.on_gone(self)
 
     async def _release(self, handle: LaunchedKernel, graceful: bool, restart: bool = False) -> None:
         """End one incarnation of the kernel and free everything it held."""
@@ -554,12 +618,8 @@ class Kernel:
         async with self._lock:
             if handle is not self._handle or self.state is not KernelState.RUNNING:
                 return
-            if self.ownership_check is not None and not await self.ownership_check():
-                # Another gateway took the kernel over (and restarted or deleted it): not ours to restart.
-                self.let_go()
-                if self.on_taken_over is not None:
-                    self.on_taken_over(self)
-                return
+            if await self.let_go_if_taken_over():
+                return  # another gateway took the kernel over (and restarted or deleted it): not ours to restart
             now = self._clock.seconds()
             stable = now - self._started_at >= self._policy.stable_start_seconds
             self._restart_streak = 1 if stable else self._restart_streak + 1
@@ -594,7 +654,7 @@ class Kernel:
         self.execution_state = "dead"
         self._disconnect()
         self.hub.close_all(1000, "kernel died")
-        self._on_gone(self)
+        self._hooks.on_gone(self)
 
     def wait_background(self) -> Deferred[Any]:
         """Fires when automatic restarts and kills in flight have finished."""

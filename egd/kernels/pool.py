@@ -21,7 +21,7 @@ from egd.kernels.kernel import Kernel, KernelState
 log = Logger()
 
 #: Seconds before a spec whose pooled kernel failed to start is tried again.
-RETRY_AFTER = 30.0
+_RETRY_AFTER = 30.0
 
 
 class KernelPool:
@@ -72,9 +72,9 @@ class KernelPool:
             kernel = await self._start(name)
         except Exception as exc:
             log.warn("pool {spec}: a kernel could not be started ({why}); trying again in {delay:g}s", spec=name,
-                     why=str(exc) or type(exc).__name__, delay=RETRY_AFTER)
+                     why=str(exc) or type(exc).__name__, delay=_RETRY_AFTER)
             if self._running and name not in self._retry:
-                self._retry[name] = self._clock.callLater(RETRY_AFTER, self._retry_now, name)
+                self._retry[name] = self._clock.callLater(_RETRY_AFTER, self._retry_now, name)
             return
         finally:
             self._starting[name] -= 1

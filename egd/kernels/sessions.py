@@ -121,21 +121,25 @@ class SessionManager:
         session = self.get(session_id, identity)
         changes = {key: _text(model, key, False) for key in ("path", "name", "type") if key in model}
         old_kernel = session.kernel_id
-        new_kernel = old_kernel
-        if "kernel" in model:
-            kernel_id, kernel_name, env = _kernel_request(model)
-            if kernel_id is not None or kernel_name is not None:
-                existing = self._kernels.kernels.get(kernel_id) if kernel_id is not None else None
-                if kernel_id is not None and (existing is None or not identity.owns(existing.env.username)):
-                    raise BadRequest(f"No such kernel: {kernel_id}")
-                new_kernel = await self._kernel_for(kernel_id, kernel_name, env, identity)
+        new_kernel = await self._replacement_kernel(model, identity) if "kernel" in model else None
         for key, value in changes.items():
             if value is not None:
                 setattr(session, key, value)
-        session.kernel_id = new_kernel
-        if new_kernel != old_kernel and old_kernel in self._kernels.kernels:
+        session.kernel_id = new_kernel or old_kernel
+        if session.kernel_id != old_kernel and old_kernel in self._kernels.kernels:
             await self._kernels.shutdown_kernel(old_kernel)
         return self.model(session)
+
+    async def _replacement_kernel(self, model: dict[str, Any], identity: Identity) -> str | None:
+        """The kernel an update's ``kernel`` asks for: an existing one of ``identity``'s, or a new one (None when
+        it names neither)."""
+        kernel_id, kernel_name, env = _kernel_request(model)
+        if kernel_id is None and kernel_name is None:
+            return None
+        existing = self._kernels.kernels.get(kernel_id) if kernel_id is not None else None
+        if kernel_id is not None and (existing is None or not identity.owns(existing.env.username)):
+            raise BadRequest(f"No such kernel: {kernel_id}")
+        return await self._kernel_for(kernel_id, kernel_name, env, identity)
 
     async def delete(self, session_id: str, identity: Identity) -> None:
         """Delete a session and shut its kernel down."""

@@ -19,7 +19,7 @@ from egd.config import KernelsConfig
 from egd.errors import KernelSpecNotFound
 
 #: Enterprise Gateway process proxies and the egd driver that does the same job.
-EG_PROCESS_PROXIES = {
+_EG_PROCESS_PROXIES = {
     "LocalProcessProxy": "local",
     "DistributedProcessProxy": "ssh",
     "YarnClusterProcessProxy": "yarn",
@@ -59,7 +59,7 @@ class KernelSpecInfo:
         proxy = self.metadata.get("process_proxy")
         if isinstance(proxy, dict) and isinstance(proxy.get("class_name"), str):
             short = proxy["class_name"].rsplit(".", 1)[-1]
-            return EG_PROCESS_PROXIES.get(short, short)
+            return _EG_PROCESS_PROXIES.get(short, short)
         return "local"
 
     @property

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-DELIMITER = b"<IDS|MSG>"
+_DELIMITER = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.3"
 V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
-CLIENT_CHANNELS = frozenset({"shell", "control", "stdin"})
-ALL_CHANNELS = CLIENT_CHANNELS | {"iopub"}
+_CLIENT_CHANNELS = frozenset({"shell", "control", "stdin"})
 
 _MAX_BUFFERS = 4096
 
@@ -103,7 +102,7 @@ class RawMessage:
         return _loads(self.content, "content")
 
 
-def parse_header(header: bytes) -> tuple[str, str]:
+def _parse_header(header: bytes) -> tuple[str, str]:
     """``(msg_id, msg_type)`` of a header frame; :class:`WireError` if it is not a JSON object with both."""
     parsed = _loads(header, "header")
     if not isinstance(parsed, dict):
@@ -117,7 +116,7 @@ def parse_header(header: bytes) -> tuple[str, str]:
 def from_zmq(frames: list[bytes], signer: Signer) -> RawMessage:
     """Split a kernel's multipart message, verify its signature, parse the header."""
     try:
-        split = frames.index(DELIMITER)
+        split = frames.index(_DELIMITER)
     except ValueError:
         raise WireError("no <IDS|MSG> delimiter") from None
     parts = frames[split + 2 : split + 6]
@@ -125,14 +124,14 @@ def from_zmq(frames: list[bytes], signer: Signer) -> RawMessage:
         raise WireError("too few frames")
     if not signer.verify(frames[split + 1], parts):
         raise WireError("bad signature")
-    msg_id, msg_type = parse_header(parts[0])
+    msg_id, msg_type = _parse_header(parts[0])
     return RawMessage(parts[0], parts[1], parts[2], parts[3], frames[split + 6 :], msg_id, msg_type)
 
 
 def to_zmq(message: RawMessage, signer: Signer) -> list[bytes]:
     """The multipart frames that send ``message`` to a kernel (DEALER side: no routing identities)."""
     parts = [message.header, message.parent_header, message.metadata, message.content]
-    return [DELIMITER, signer.sign(parts), *parts, *message.buffers]
+    return [_DELIMITER, signer.sign(parts), *parts, *message.buffers]
 
 
 def _json_text(message: RawMessage, channel: str, with_buffers_key: bool) -> bytes:
@@ -178,7 +177,7 @@ def _from_dict(msg: Any, buffers: list[bytes]) -> tuple[str, RawMessage]:
     if not isinstance(msg, dict):
         raise WireError("message is not a JSON object")
     channel = msg.get("channel", "shell")
-    if not isinstance(channel, str) or channel not in CLIENT_CHANNELS:
+    if not isinstance(channel, str) or channel not in _CLIENT_CHANNELS:
         raise WireError(f"cannot send on channel {str(channel)[:20]!r}")
     header = msg.get("header")
     if not isinstance(header, dict) or not isinstance(header.get("msg_type"), str):
@@ -236,9 +235,9 @@ def from_v1(payload: bytes) -> tuple[str, RawMessage]:
         channel = parts[0].decode("ascii")
     except UnicodeDecodeError:
         raise WireError("bad channel name") from None
-    if channel not in CLIENT_CHANNELS:
+    if channel not in _CLIENT_CHANNELS:
         raise WireError(f"cannot send on channel {channel[:20]!r}")
-    msg_id, msg_type = parse_header(parts[1])
+    msg_id, msg_type = _parse_header(parts[1])
     for part in parts[2:5]:
         if not part.startswith(b"{"):
             raise WireError("parent_header, metadata and content must be JSON objects")

@@ -12,32 +12,39 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory
 
 log = Logger()
 
 #: How long a closing socket may keep unsent messages (ms): kernels are local or on a LAN.
-LINGER_MS = 200
+_LINGER_MS = 200
 #: Bounded outbound queue per socket (messages). A full queue makes ``send`` raise :class:`QueueFull`.
-SEND_HWM = 10_000
+_SEND_HWM = 10_000
 #: Bounded inbound queue per socket (messages): egd reads as fast as the reactor turns, this only absorbs a
 #: busy moment (a kernel publishing faster still drops iopub messages on its side, as ZeroMQ's PUB does).
-RECV_HWM = 10_000
+_RECV_HWM = 10_000
 #: Reconnect quickly while a kernel is still binding its ports: start latency is the user's first wait.
-RECONNECT_IVL_MS = 20
+_RECONNECT_IVL_MS = 20
 
 
 class QueueFull(Exception):
     """The socket's outbound queue is full: the kernel is not reading."""
 
 
+class IKernelReactor(IReactorTime, IReactorFDSet, IReactorCore):
+    """The reactor kernels are driven on: time (timeouts, heartbeats, loops), file descriptors (ZeroMQ sockets)
+    and system events (txzmq's shutdown trigger)."""
+
+
 class ReactorZmqFactory(ZmqFactory):
     """A txzmq factory (one ZeroMQ context) bound to an injected reactor."""
 
-    lingerPeriod = LINGER_MS
+    lingerPeriod = _LINGER_MS
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IKernelReactor) -> None:
+        """A ZeroMQ context whose sockets are read on ``reactor``."""
         self.reactor = reactor
         super().__init__()
         self.context.setsockopt(zmq.MAX_SOCKETS, 65536)
@@ -47,7 +54,7 @@ class ZmqSocket(ZmqConnection):
     """A connected ZeroMQ socket that hands each multipart message to ``on_message``."""
 
     highWaterMark = 0
-    reconnectInterval = RECONNECT_IVL_MS
+    reconnectInterval = _RECONNECT_IVL_MS
     read_scheduled: Any
 
     def __init__(self, factory: ReactorZmqFactory, socket_type: int, address: str,
@@ -56,9 +63,9 @@ class ZmqSocket(ZmqConnection):
         self._on_message = on_message
         self._reactor: Any = factory.reactor
         super().__init__(factory, None, identity)
-        self.socket.set(zmq.RCVHWM, RECV_HWM)
+        self.socket.set(zmq.RCVHWM, _RECV_HWM)
         if socket_type != zmq.SUB:
-            self.socket.set(zmq.SNDHWM, SEND_HWM)
+            self.socket.set(zmq.SNDHWM, _SEND_HWM)
         if socket_type == zmq.SUB:
             self.socket.set(zmq.SUBSCRIBE, b"")
         self.addEndpoints([ZmqEndpoint(ZmqEndpointType.connect, address)])
