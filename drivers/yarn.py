@@ -35,11 +35,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from egd.checks import Checker, Settings, build, number, optional, seconds, settings_of, string_map, text, urls
-from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest
+from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
-from egd.drivertools import LauncherSettings, impersonated_user
+from egd.drivertools import LauncherSettings, impersonated_user, protocol_module_beside
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
 from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments, reattach_remote
 
@@ -258,7 +258,7 @@ class YarnDriver(MultiService):
 
     settings_type = YarnSettings
 
-    def __init__(self, reactor: Any, settings: YarnSettings | Mapping[str, Any], runtime_dir: str,
+    def __init__(self, reactor: IDriverReactor, settings: YarnSettings | Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         super().__init__()
         self.name = "yarn"
@@ -448,7 +448,8 @@ class YarnDriver(MultiService):
             argv += ["--conf", f"{name}={value}"]
         if self._impersonation:
             argv += ["--proxy-user", user]
-        argv += ["--files", secrets_path, self._launcher,
+        # The launcher imports its protocol module from beside it: Spark ships it to the driver's container.
+        argv += ["--files", secrets_path, "--py-files", protocol_module_beside(self._launcher), self._launcher,
                  *self._launcher_args(request, self.listener.address, os.path.basename(secrets_path), spark=True)]
         return argv
 

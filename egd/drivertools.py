@@ -19,12 +19,20 @@ from typing import ClassVar
 from egd import checks
 from egd.checks import Checker, Settings, boolean, listen_port, optional, strings, text
 from egd.errors import Forbidden
-from egd.launchers import kernel_launcher
+from egd.launchers import launcher_protocol
 
 #: A user name a driver may log in or submit as when impersonating (POSIX portable, no leading dash or digit).
 _LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
-#: The launcher of this egd installation (remote hosts need the same file at ``launcher_path``).
-DEFAULT_LAUNCHER = os.path.abspath(kernel_launcher.__file__)
+#: The launcher of this egd installation: remote hosts need the same file at ``launcher_path``, with the
+#: protocol module beside it (:data:`LAUNCHER_FILES`). egd never imports the launcher script itself.
+DEFAULT_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(launcher_protocol.__file__)), "kernel_launcher.py")
+#: The files a copy of the launcher consists of (in one directory).
+LAUNCHER_FILES = ("kernel_launcher.py", "launcher_protocol.py")
+
+
+def protocol_module_beside(launcher_path: str) -> str:
+    """The protocol module a launcher at ``launcher_path`` imports (for Spark's ``--py-files``)."""
+    return os.path.join(os.path.dirname(launcher_path), "launcher_protocol.py")
 
 
 def impersonated_user(username: str, prohibited: frozenset[str] | set[str] = frozenset({"root"})) -> str:

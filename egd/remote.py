@@ -19,14 +19,15 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
-from egd.driverapi import ExitStatus, LaunchRequest
+from egd.driverapi import ExitStatus, IDriverReactor, LaunchRequest
 from egd.errors import ServiceUnavailable
-from egd.launchers.kernel_launcher import MAX_LINE, NonceCache, parse_message, sign, verify
+from egd.launchers.launcher_protocol import MAX_LINE, NonceCache, parse_message, sign, verify
 
 log = Logger()
 
@@ -128,7 +129,7 @@ class _CallbackProtocol(LineOnlyReceiver, TimeoutMixin):
 class LaunchListener(Service):
     """The TCP listener launchers report to."""
 
-    def __init__(self, reactor: Any, host: str, port: int = 0) -> None:
+    def __init__(self, reactor: IReactorTCP, host: str, port: int = 0) -> None:
         self.name = "launch-listener"
         self._reactor = reactor
         self._host = host
@@ -223,7 +224,7 @@ class _ControlClient(LineOnlyReceiver):
             self.answer.errback(ConnectionError("the launcher closed the connection without answering"))
 
 
-async def control_request(reactor: Any, host: str, port: int, kernel_id: str, secret: bytes,
+async def control_request(reactor: IDriverReactor, host: str, port: int, kernel_id: str, secret: bytes,
                           nonces: NonceCache, op: str, **fields: Any) -> dict[str, Any]:
     """Send a signed ``op`` to a launcher and return its verified answer (``ConnectionError``/timeout if not)."""
     request = sign({"kernel_id": kernel_id, "op": op, **fields}, secret)
@@ -251,7 +252,7 @@ async def control_request(reactor: Any, host: str, port: int, kernel_id: str, se
 class RemoteKernel:
     """A kernel started through a launcher; signals and shutdown go through the launcher's control port."""
 
-    def __init__(self, reactor: Any, registration: Registration, info: dict[str, Any], key: str, where: str,
+    def __init__(self, reactor: IDriverReactor, registration: Registration, info: dict[str, Any], key: str, where: str,
                  on_cleanup: Callable[[RemoteKernel], None],
                  force_kill: Callable[[RemoteKernel], Awaitable[None]]) -> None:
         self._reactor = reactor
@@ -352,7 +353,7 @@ class RemoteKernel:
         return bool(answer.get("alive"))
 
 
-async def reattach_remote(reactor: Any, listener: LaunchListener, kernel_id: str, state: Mapping[str, Any],
+async def reattach_remote(reactor: IDriverReactor, listener: LaunchListener, kernel_id: str, state: Mapping[str, Any],
                           key: str, on_cleanup: Callable[[RemoteKernel], None],
                           force_kill: Callable[[RemoteKernel], Awaitable[None]]) -> RemoteKernel:
     """The kernel a previous gateway reached through a launcher (``state``: its

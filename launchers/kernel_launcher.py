@@ -26,10 +26,7 @@ The protocol is documented in ``docs/launcher-protocol.rst``. In short:
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import json
-import math
 import os
 import secrets
 import select
@@ -42,89 +39,17 @@ import tempfile
 import time
 from typing import Any
 
-PROTOCOL_VERSION = 1
-MAX_LINE = 64 * 1024
-#: Messages older or newer than this (seconds) are refused; nonces are remembered at least this long.
-MAX_SKEW = 120.0
+if __package__:  # imported: egd.launchers, installed with egd
+    from .launcher_protocol import MAX_LINE, NonceCache, parse_message, sign, verify
+else:  # run as a script on a host: the protocol module lies beside this file
+    from launcher_protocol import MAX_LINE, NonceCache, parse_message, sign, verify  # type: ignore[no-redef]
+
 #: A control connection must deliver its whole request within this many seconds (a total, not per recv).
 CONTROL_DEADLINE = 2.0
 #: Control connections served at once, in all and per peer address; beyond that the oldest is dropped.
 MAX_CONTROL_CONNECTIONS = 64
 MAX_CONTROL_PER_PEER = 16
 LOG_NAME = "egd-kernel-{kernel_id}.log"
-
-
-# -- the signed message format, shared with the gateway (egd imports these functions) ----------------------
-
-def canonical(message: dict[str, Any]) -> bytes:
-    """The bytes a MAC covers: the message without ``mac``, as sorted compact JSON."""
-    body = {k: v for k, v in message.items() if k != "mac"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def sign(message: dict[str, Any], secret: bytes) -> dict[str, Any]:
-    """``message`` with a fresh nonce, a timestamp and its HMAC-SHA256 ``mac``."""
-    signed = dict(message, v=PROTOCOL_VERSION, nonce=secrets.token_hex(16), ts=time.time())
-    signed["mac"] = hmac.new(secret, canonical(signed), hashlib.sha256).hexdigest()
-    return signed
-
-
-class NonceCache:
-    """Nonces seen recently: a message whose nonce was seen is a replay."""
-
-    def __init__(self, keep: float = 2 * MAX_SKEW) -> None:
-        self._keep = keep
-        self._seen: dict[str, float] = {}
-
-    def fresh(self, nonce: str, now: float) -> bool:
-        """True the first time ``nonce`` is seen (and remembers it)."""
-        if len(self._seen) > 10_000 or (self._seen and next(iter(self._seen.values())) < now - self._keep):
-            self._seen = {n: t for n, t in self._seen.items() if t >= now - self._keep}
-        if nonce in self._seen:
-            return False
-        self._seen[nonce] = now
-        return True
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_message(line: bytes) -> Any:
-    """The JSON value of one protocol line, or None when it is not strict JSON (also when nested too deeply,
-    which ``json`` reports as ``RecursionError``, or when it uses ``NaN``/``Infinity``)."""
-    try:
-        return json.loads(line, parse_constant=_no_constants)
-    except (ValueError, RecursionError):
-        return None
-
-
-def verify(message: Any, secret: bytes, nonces: NonceCache, now: float | None = None) -> str | None:
-    """None if ``message`` is authentic, fresh and not a replay; otherwise why it is refused."""
-    if not isinstance(message, dict):
-        return "not a JSON object"
-    mac, nonce, stamp = message.get("mac"), message.get("nonce"), message.get("ts")
-    if (not isinstance(mac, str) or not mac.isascii() or not isinstance(nonce, str) or isinstance(stamp, bool)
-            or not isinstance(stamp, (int, float))):
-        return "unsigned message"
-    try:
-        when = float(stamp)
-    except OverflowError:  # an int too large for a float
-        return "stale message"
-    if not math.isfinite(when):  # NaN compares false with everything: it would pass the freshness check
-        return "stale message"
-    try:
-        expected = hmac.new(secret, canonical(message), hashlib.sha256).hexdigest()
-    except (ValueError, RecursionError):  # nested too deeply (or numbers too long) to serialize again
-        return "malformed message"
-    if not hmac.compare_digest(mac, expected):
-        return "bad signature"
-    now = time.time() if now is None else now
-    if abs(now - when) > MAX_SKEW:
-        return "stale message"
-    if not nonces.fresh(nonce, now):
-        return "replayed message"
-    return None
 
 
 # -- the launcher ---------------------------------------------------------------------------------------
@@ -345,6 +270,15 @@ class _ControlConnections:
         self._open.clear()
 
 
+def _pidfd(pid: int) -> int | None:
+    """A descriptor readable when ``pid`` exits (its end is seen at once rather than at the next poll), or None
+    where the platform has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def _tail(path: str, lines: int = 20) -> str:
     try:
         with open(path, "rb") as handle:
@@ -463,24 +397,38 @@ class Launcher:
             if why is not None:
                 _peer_log(f"refused a control request from {peer}: {why}")
                 return json.dumps({"ok": False, "error": why}).encode() + b"\n", False
-            op, signum, stop = request.get("op"), request.get("signum", 0), False
-            alive = self.kernel is not None and self.kernel.poll() is None
-            answer: dict[str, Any] = {"ok": True, "op": op, "reply_to": request["nonce"], "alive": alive}
-            if op == "signal":
-                if isinstance(signum, bool) or not isinstance(signum, int) or (
-                        signum and signum not in signal.valid_signals()):
-                    answer = {"ok": False, "error": "signum: a signal number", "reply_to": request["nonce"]}
-                else:
-                    answer["delivered"] = self.signal_kernel(signum) if signum else alive
-            elif op == "shutdown":
-                self.signal_kernel(signal.SIGKILL)
-                stop = True
-            elif op != "ping":
-                answer = {"ok": False, "error": f"unknown op {str(op)[:20]!r}", "reply_to": request["nonce"]}
+            answer, stop = self._carry_out(request)
             return json.dumps(sign(answer, self.secret)).encode() + b"\n", stop
         except Exception as exc:  # a hostile request must never end the launcher
             _peer_log(f"refused a control request from {peer}: {type(exc).__name__}")
             return json.dumps({"ok": False, "error": "malformed request"}).encode() + b"\n", False
+
+    def _carry_out(self, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Carry out an authentic request (``ping``, ``signal``, ``shutdown``): the answer, and whether the
+        launcher should stop."""
+        op, signum = request.get("op"), request.get("signum", 0)
+        alive = self.kernel is not None and self.kernel.poll() is None
+        answer: dict[str, Any] = {"ok": True, "op": op, "reply_to": request["nonce"], "alive": alive}
+        if op == "shutdown":
+            self.signal_kernel(signal.SIGKILL)
+            return answer, True
+        if op == "signal":
+            if isinstance(signum, bool) or not isinstance(signum, int) or (
+                    signum and signum not in signal.valid_signals()):
+                return {"ok": False, "error": "signum: a signal number", "reply_to": request["nonce"]}, False
+            answer["delivered"] = self.signal_kernel(signum) if signum else alive
+        elif op != "ping":
+            answer = {"ok": False, "error": f"unknown op {str(op)[:20]!r}", "reply_to": request["nonce"]}
+        return answer, False
+
+    def _stopped(self) -> int:
+        """The kernel's exit code after a ``shutdown`` (it was sent SIGKILL; -9 if it does not end in time)."""
+        assert self.kernel is not None
+        try:
+            self.kernel.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.kernel.returncode if self.kernel.returncode is not None else -9
 
     def serve(self, control: socket.socket) -> int:
         """Serve control requests until the kernel ends; its exit code.
@@ -491,11 +439,7 @@ class Launcher:
         """
         assert self.kernel is not None
         control.setblocking(False)
-        pidfd: Any = None
-        try:  # readable when the kernel exits: report its end at once rather than at the next poll
-            pidfd = os.pidfd_open(self.kernel.pid)
-        except (AttributeError, OSError):
-            pass
+        pidfd = _pidfd(self.kernel.pid)
         conns = _ControlConnections()
         try:
             while True:
@@ -514,11 +458,7 @@ class Launcher:
                     reply, stop = self.answer(line, peer)
                     _send_quietly(conn, reply)
                     if stop:
-                        try:
-                            self.kernel.wait(10)
-                        except subprocess.TimeoutExpired:
-                            pass
-                        return self.kernel.returncode if self.kernel.returncode is not None else -9
+                        return self._stopped()
         finally:
             conns.close_all()
             if pidfd is not None:

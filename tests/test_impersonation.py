@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from egd.launchers import kernel_launcher
+from egd.drivertools import DEFAULT_LAUNCHER, LAUNCHER_FILES
 from tests import conftest
 from tests.client import GatewayClient
 from tests.conftest import GatewayProcess, processes_mentioning
@@ -229,9 +229,10 @@ def ssh_gw(ssh_lab: SshLab, users: dict[str, pwd.struct_passwd]) -> Iterator[Gat
     shared = Path(tempfile.mkdtemp(prefix="egd-impersonation-"))
     try:
         shared.chmod(0o755)
+        for name in LAUNCHER_FILES:  # a copy of the launcher: its files side by side
+            shutil.copyfile(Path(DEFAULT_LAUNCHER).parent / name, shared / name)
+            (shared / name).chmod(0o644)
         launcher = shared / "kernel_launcher.py"
-        shutil.copyfile(kernel_launcher.__file__, launcher)
-        launcher.chmod(0o644)
         logs = shared / "logs"
         logs.mkdir()
         logs.chmod(0o1777)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from egd.launchers import kernel_launcher
-from egd.launchers.kernel_launcher import NonceCache, sign, verify
+from egd.launchers.launcher_protocol import NonceCache, sign, verify
 from tests.conftest import wait_until
 from tests.peers import dripping_peer
 from tests.procs import alive

@@ -1,4 +1,5 @@
-"""The package's layering: no two egd modules import each other, directly or through others.
+"""The package's layering: no two egd modules import each other, directly or through others; the gateway
+never imports the launcher script, only the protocol module both share.
 
 Imports made only for type checking count too (``if TYPE_CHECKING:``): a cycle there is still two modules that
 each need the other to be understood, the coupling the kernel manager's split removed (``egd.kernels.kernel``
@@ -8,6 +9,9 @@ and ``egd.metrics`` imported each other).
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import egd
@@ -75,3 +79,27 @@ def test_no_import_cycles_between_egd_modules() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     """The check above can fail: two modules importing each other form a cycle."""
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+def test_the_gateway_does_not_import_the_launcher_script() -> None:
+    """egd and its drivers use the launcher protocol module (``egd.launchers.launcher_protocol``), never the
+    launcher script, which runs on the hosts."""
+    code = ("import sys, egd.cli, egd.server, egd.remote, egd.drivers.local, egd.drivers.ssh, egd.drivers.yarn; "
+            "print('egd.launchers.kernel_launcher' in sys.modules, 'egd.launchers.launcher_protocol' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.split() == ["False", "True"]
+
+
+def test_a_copy_of_the_launcher_is_its_two_files(tmp_path: Path) -> None:
+    """A launcher copied to a host (the files of ``LAUNCHER_FILES``, side by side) runs with a bare Python and
+    nothing of egd; the script alone does not (it needs its protocol module)."""
+    from egd.drivertools import DEFAULT_LAUNCHER, LAUNCHER_FILES
+
+    source = Path(DEFAULT_LAUNCHER).parent
+    for name in LAUNCHER_FILES:
+        shutil.copyfile(source / name, tmp_path / name)
+    bare = [sys.executable, "-E", "-S", str(tmp_path / "kernel_launcher.py"), "--help"]
+    assert subprocess.run(bare, capture_output=True, timeout=60).returncode == 0
+    (tmp_path / "launcher_protocol.py").unlink()
+    alone = subprocess.run(bare, capture_output=True, text=True, timeout=60)
+    assert alone.returncode != 0 and "launcher_protocol" in alone.stderr

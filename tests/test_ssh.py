@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from egd.launchers.kernel_launcher import NonceCache, sign, verify
+from egd.launchers.launcher_protocol import NonceCache, sign, verify
 from tests.client import GatewayClient, KernelSocket
 from tests.conftest import KERNELSPECS, GatewayProcess, wait_until
 from tests.sshhosts import SshHost, SshLab
