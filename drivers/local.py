@@ -29,19 +29,21 @@ import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from twisted.application.service import Service
 from twisted.internet import error, protocol
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from egd import checks
 from egd.checks import Checker, Settings, boolean, settings_of, strings, whole_numbers
-from egd.driverapi import ExitStatus, LaunchedKernel, LaunchRequest
+from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivertools import impersonated_user
 from egd.errors import Forbidden, LaunchFailed, LaunchTimeout
 from egd.kernels.ports import PortAllocator, bound_by
@@ -165,10 +167,18 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+class _Ids(TypedDict, total=False):
+    """The user and group a kernel runs as (spawnProcess keywords), none when it runs as egd."""
+
+    uid: int
+    gid: int
+
+
+@implementer(IReadDescriptor)
 class _PidWatcher:
     """Calls ``on_exit`` once the process ends, through a pidfd the reactor watches (Linux 5.3+)."""
 
-    def __init__(self, reactor: Any, pid: int, on_exit: Any) -> None:
+    def __init__(self, reactor: IReactorFDSet, pid: int, on_exit: Any) -> None:
         self._reactor = reactor
         self._fd = os.pidfd_open(pid)
         self._on_exit = on_exit
@@ -341,7 +351,7 @@ class LocalDriver(Service):
 
     settings_type = LocalSettings
 
-    def __init__(self, reactor: Any, settings: LocalSettings | Mapping[str, Any], runtime_dir: str,
+    def __init__(self, reactor: IDriverReactor, settings: LocalSettings | Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         self.name = "local"
         self.settings = settings = settings_of(LocalSettings, settings, "drivers.local")
@@ -529,7 +539,7 @@ class LocalDriver(Service):
 
     @staticmethod
     def _command(request: LaunchRequest, account: Account | None,
-                 connection_file: str) -> tuple[list[str], dict[str, str], str | None, dict[str, int]]:
+                 connection_file: str) -> tuple[list[str], dict[str, str], str | None, _Ids]:
         """The kernel's argv (in a session of its own), environment, working directory, and uid and gid when
         it runs as its user."""
         argv = kernel_argv(request.spec.argv, {
@@ -550,7 +560,7 @@ class LocalDriver(Service):
         return argv, env, cwd, {"uid": account.uid, "gid": account.gid}
 
     def _start_process(self, proto: _KernelProcess, argv: list[str], env: dict[str, str], cwd: str | None,
-                       ids: dict[str, int]) -> Any:
+                       ids: _Ids) -> Any:
         """``spawnProcess``; what it refuses is a :class:`LaunchFailed`."""
         try:
             return self._reactor.spawnProcess(proto, argv[0], argv, env=env, path=cwd, **ids)

@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from egd.checks import Checker, boolean, choice, host_names, number, optional, readable_file, settings_of, strings, text
-from egd.driverapi import LaunchedKernel, LaunchRequest
+from egd.driverapi import IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivers.process import CapturedProcess
 from egd.drivertools import LauncherSettings, impersonated_user
 from egd.errors import LaunchFailed, LaunchTimeout
@@ -101,7 +101,7 @@ class SshDriver(MultiService):
 
     settings_type = SshSettings
 
-    def __init__(self, reactor: Any, settings: SshSettings | Mapping[str, Any], runtime_dir: str,
+    def __init__(self, reactor: IDriverReactor, settings: SshSettings | Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
         super().__init__()
         self.name = "ssh"

@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from egd.driverapi import IDriverReactor
+
 log = Logger()
 
 #: Application states after which nothing of the application runs any more.
@@ -53,7 +55,7 @@ def _rm_message(code: int, body: bytes) -> str:
 class ResourceManager:
     """The RM REST calls the yarn driver makes; counts its requests (``requests``) for the benchmark."""
 
-    def __init__(self, reactor: Any, urls: Sequence[str], timeout: float = 10.0) -> None:
+    def __init__(self, reactor: IDriverReactor, urls: Sequence[str], timeout: float = 10.0) -> None:
         if not urls:
             raise ValueError("at least one ResourceManager URL is needed")
         self._reactor = reactor

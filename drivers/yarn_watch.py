@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
@@ -55,7 +56,7 @@ def _tags(app: dict[str, Any]) -> set[str]:
 class AppWatcher:
     """Polls the RM for every watched application at once."""
 
-    def __init__(self, reactor: Any, rm: ResourceManager, tag: str, user: str, interval: float,
+    def __init__(self, reactor: IReactorTime, rm: ResourceManager, tag: str, user: str, interval: float,
                  fast_interval: float) -> None:
         self._reactor = reactor
         self._rm = rm

@@ -7,7 +7,7 @@ import json
 import secrets
 import sys
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from egd import __version__
 from egd.auth import token_digest
@@ -70,11 +70,12 @@ def _fail(message: str) -> int:
 
 def _read_specs(kernels: KernelsConfig) -> dict[str, Any]:
     """Every kernelspec egd would offer with ``kernels``, read on this thread (the CLI has no reactor)."""
+    from twisted.internet.interfaces import IReactorFromThreads
     from twisted.python.threadpool import ThreadPool
 
     from egd.kernels.specs import KernelSpecStore
 
-    no_reactor: Any = None  # read_all_blocking never goes through the reactor
+    no_reactor = cast(IReactorFromThreads, None)  # read_all_blocking never goes through the reactor
     return KernelSpecStore(kernels, no_reactor, ThreadPool()).read_all_blocking()
 
 
@@ -88,12 +89,14 @@ def _check_config(path: str) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    from egd.driverapi import IDriverReactor
     from egd.registry import DriverRegistry
     from egd.tenancy import tenancy_problems
 
     problems: list[str] = []
     try:  # building the drivers checks what only this host can tell; nothing listens or starts
-        registry = DriverRegistry(config, None, config.kernels.runtime_dir or "/nonexistent")
+        # No reactor: a driver's constructor only keeps it and starts nothing (the contract, egd.driverapi).
+        registry = DriverRegistry(config, cast(IDriverReactor, None), config.kernels.runtime_dir or "/nonexistent")
     except ValueError as exc:
         problems.append(str(exc))
     else:
@@ -166,9 +169,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from egd.logs import set_level, start_logging
     from egd.registry import check_driver_names
-    from egd.server import Gateway
+    from egd.server import Gateway, IGatewayReactor
 
-    reactor: Any = global_reactor
+    # The installed reactor provides all of Twisted's reactor interfaces, but is typed as a module: it is seen as
+    # what the gateway needs of it (and below as what the supervisor needs).
+    reactor = cast(IGatewayReactor, global_reactor)
     config = _run_config(args)
     start_logging(config.logging.level, config.logging.format)
     log = Logger(namespace="egd")
@@ -181,8 +186,8 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     outcome: dict[str, Any] = {"code": 0}
-    supervisor = systemd.Supervisor(gateway, reactor, lambda: _run_config(args), set_level,
-                                    check=check_driver_names)
+    supervisor = systemd.Supervisor(gateway, cast(systemd.ISupervisorReactor, global_reactor),
+                                    lambda: _run_config(args), set_level, check=check_driver_names)
     supervisor.install_sighup()
 
     def started(_: Any) -> None:

@@ -21,6 +21,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFDSet, IReactorProcess, IReactorTCP, IReactorThreads, IReactorTime
+
+
+class IDriverReactor(IReactorTime, IReactorProcess, IReactorTCP, IReactorThreads, IReactorFDSet):
+    """The reactor a driver is built with (the ``reactor`` keyword): time (deadlines, polls), processes (the
+    kernel or its submitter), TCP (launcher callbacks, REST clients), threads (blocking look-ups) and file
+    descriptors (process watchers). ``egd check-config`` builds drivers with None: a constructor only keeps it."""
 
 
 class KernelSpecView(Protocol):

@@ -14,7 +14,7 @@ from twisted.application.service import IService
 
 from egd.checks import settings_of
 from egd.config import Config
-from egd.driverapi import KernelDriver
+from egd.driverapi import IDriverReactor, KernelDriver
 from egd.errors import ServiceUnavailable
 from egd.plugins import load_driver_class
 from egd.service import AsyncMultiService
@@ -32,7 +32,7 @@ def check_driver_names(config: Config) -> list[str]:
 class DriverRegistry(AsyncMultiService):
     """The configured drivers, started before the kernel manager and stopped after it."""
 
-    def __init__(self, config: Config, reactor: Any, runtime_dir: str) -> None:
+    def __init__(self, config: Config, reactor: IDriverReactor, runtime_dir: str) -> None:
         super().__init__()
         self.setName("drivers")
         self._drivers: dict[str, KernelDriver] = {}

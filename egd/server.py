@@ -16,14 +16,17 @@ from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
+from twisted.internet.interfaces import IReactorSocket, IReactorTCP
 from twisted.logger import Logger
 
-from egd.api.app import GatewayAPI
+from egd.api.app import GatewayAPI, IAPIReactor
 from egd.api.site import limit_connections, make_site
 from egd.auth import Authenticator
 from egd.config import Config
+from egd.driverapi import IDriverReactor
 from egd.kernels.manager import KernelManager
 from egd.kernels.specs import KernelSpecStore
+from egd.kernels.zmqio import IKernelReactor
 from egd.registry import DriverRegistry
 from egd.service import AsyncMultiService
 from egd.state import store_from_config
@@ -49,10 +52,18 @@ def tls_options(config: Config) -> Any:
     return private.options()
 
 
+class IListenerReactor(IReactorTCP, IReactorSocket):
+    """The reactor the HTTP listener binds on: TCP (ip:port) and sockets (one systemd passed)."""
+
+
+class IGatewayReactor(IKernelReactor, IDriverReactor, IAPIReactor, IListenerReactor):
+    """The reactor a gateway runs on: what its kernels, drivers, API and listener each need of it."""
+
+
 class HTTPListener(Service):
     """Listens for HTTP and WebSocket connections; the last to start, the first to stop."""
 
-    def __init__(self, site: Any, reactor: Any, ip: str, port: int, base_url: str = "/",
+    def __init__(self, site: Any, reactor: IListenerReactor, ip: str, port: int, base_url: str = "/",
                  tls: Any = None, fd: int | None = None, wrap: Callable[[Any], Any] | None = None) -> None:
         """``wrap``: puts the connection factory (the site, behind TLS when there is TLS) behind the listener's
         connection limit, which so sees every TCP connection from its start, TLS handshake included."""
@@ -113,7 +124,7 @@ class HTTPListener(Service):
 class Gateway(AsyncMultiService):
     """The root service of one egd process."""
 
-    def __init__(self, config: Config, reactor: Any, listen_fd: int | None = None) -> None:
+    def __init__(self, config: Config, reactor: IGatewayReactor, listen_fd: int | None = None) -> None:
         super().__init__()
         self.config = config
         runtime_dir = config.kernels.runtime_dir or os.path.join(jupyter_runtime_dir(), "egd")

@@ -25,6 +25,7 @@ from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -217,6 +218,11 @@ def _show(key: str, old: Config, new: Config) -> str:
     return f"{key} ({getattr(getattr(old, section), name)!r} -> {getattr(getattr(new, section), name)!r})"
 
 
+class ISupervisorReactor(IReactorThreads, IReactorTime):
+    """The reactor the supervisor works with: threads (the SIGHUP handler, reading the config) and time (the
+    watchdog)."""
+
+
 class Supervisor:
     """egd's side of systemd: notifications, the watchdog, and reloading the config on SIGHUP.
 
@@ -225,9 +231,10 @@ class Supervisor:
     ``set_level`` changes the log level. Everything else runs on the reactor.
     """
 
-    def __init__(self, gateway: Any, reactor: Any, load: Callable[[], Config], set_level: Callable[[str], None],
-                 notifier: Notifier | None = None, environ: Mapping[str, str] | None = None,
-                 clock: Any = None, check: Callable[[Config], list[str]] | None = None) -> None:
+    def __init__(self, gateway: Any, reactor: ISupervisorReactor, load: Callable[[], Config],
+                 set_level: Callable[[str], None], notifier: Notifier | None = None,
+                 environ: Mapping[str, str] | None = None,
+                 clock: IReactorTime | None = None, check: Callable[[Config], list[str]] | None = None) -> None:
         self._gateway = gateway
         self._reactor = reactor
         self._load = load

@@ -6,6 +6,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -29,7 +30,7 @@ def shield(d: Deferred[_T]) -> Deferred[_T]:
     return child
 
 
-async def wait_for(d: Deferred[Any], timeout: float, clock: Any) -> bool:
+async def wait_for(d: Deferred[Any], timeout: float, clock: IReactorTime) -> bool:
     """Wait up to ``timeout`` seconds for ``d`` without consuming or cancelling it; True if it fired."""
     if d.called:
         return True
@@ -105,7 +106,7 @@ class ResilientLoop:
     plain :class:`LoopingCall` stops for good at the first error, which silently ends the background duty it
     performs. Failures are logged once per episode (see :class:`Episode`)."""
 
-    def __init__(self, work: Callable[[], Any], interval: float, clock: Any, what: str) -> None:
+    def __init__(self, work: Callable[[], Any], interval: float, clock: IReactorTime, what: str) -> None:
         self._work = work
         self.episode = Episode(what)
         self._loop = LoopingCall(self._tick)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from klein import Klein
 from klein.resource import KleinResource
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -139,6 +140,10 @@ class _Resource(KleinResource):
         return super().render(request)
 
 
+class IAPIReactor(IReactorTime, IReactorFromThreads):
+    """The reactor the API runs on: time (WebSocket timeouts) and threads (blocking reads off its thread)."""
+
+
 class GatewayAPI:
     """The routes of egd's HTTP API."""
 
@@ -147,7 +152,7 @@ class GatewayAPI:
     # without a Location (Klein drops it).
     app.url_map.merge_slashes = False
 
-    def __init__(self, config: Config, kernels: KernelManager, reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(self, config: Config, kernels: KernelManager, reactor: IAPIReactor, threadpool: ThreadPool) -> None:
         self._config = config
         self._base_url = config.server.base_url
         self._kernels = kernels

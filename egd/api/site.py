@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -162,7 +163,7 @@ class ConnectionLimit(WrappingFactory[LimitedConnection]):
     protocol = LimitedConnection
     noisy = False
 
-    def __init__(self, factory: Any, max_connections: int, header_timeout: float, clock: Any) -> None:
+    def __init__(self, factory: Any, max_connections: int, header_timeout: float, clock: IReactorTime) -> None:
         """``factory``: the site, or TLS in front of it."""
         super().__init__(factory)
         self.max_connections = max_connections
@@ -228,7 +229,7 @@ class ConnectionLimit(WrappingFactory[LimitedConnection]):
         self._evicted = self._refused = 0
 
 
-def limit_connections(factory: Any, server: ServerConfig, clock: Any) -> ConnectionLimit:
+def limit_connections(factory: Any, server: ServerConfig, clock: IReactorTime) -> ConnectionLimit:
     """``factory`` (the site, or TLS in front of it) behind the connection cap and request deadline of
     ``server``."""
     return ConnectionLimit(factory, server.max_connections, server.header_timeout, clock)

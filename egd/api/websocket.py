@@ -19,7 +19,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
@@ -186,7 +186,8 @@ class KernelWebSocket(WebSocketServerProtocol):
             self.sendClose(code, reason)
 
 
-def make_factory(config: ServerConfig, reactor: Any, relay: RelayCounters | None = None) -> WebSocketServerFactory:
+def make_factory(config: ServerConfig, reactor: IReactorTime,
+                 relay: RelayCounters | None = None) -> WebSocketServerFactory:
     """The Autobahn factory with explicit limits (Autobahn's defaults are unbounded); its connections count
     their messages in ``relay``."""
     factory = WebSocketServerFactory(reactor=reactor)

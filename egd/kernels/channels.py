@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -81,7 +82,7 @@ class Heartbeat:
     silence means the kernel (or its host) is gone or frozen.
     """
 
-    def __init__(self, factory: ReactorZmqFactory, connection_info: dict[str, Any], clock: Any,
+    def __init__(self, factory: ReactorZmqFactory, connection_info: dict[str, Any], clock: IReactorTime,
                  interval: float, misses: int, on_failure: Callable[[float], None]) -> None:
         self._clock = clock
         self._interval = interval

@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from egd.config import KernelsConfig
@@ -84,7 +85,7 @@ def verdict(kernel: Kernel, policy: CullPolicy, now: float) -> _Verdict | None:
 class KernelCuller(Service):
     """Checks every ``cull_interval`` seconds (on the injected clock) and culls the kernels that are due."""
 
-    def __init__(self, config: KernelsConfig, kernels: Callable[[], Iterable[Kernel]], clock: Any) -> None:
+    def __init__(self, config: KernelsConfig, kernels: Callable[[], Iterable[Kernel]], clock: IReactorTime) -> None:
         self.name = "culler"
         self._config = config
         self._kernels = kernels

@@ -16,8 +16,9 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from egd.kernels import wire
@@ -89,13 +90,13 @@ class _Absent:
     def __init__(self, start: int) -> None:
         self.start = start
         self.dropped = 0
-        self.expiry: Any = None
+        self.expiry: IDelayedCall | None = None
 
 
 class ClientHub:
     """The connected clients and absent sessions of one kernel."""
 
-    def __init__(self, kernel_id: str, clock: Any, limits: ReplayLimits) -> None:
+    def __init__(self, kernel_id: str, clock: IReactorTime, limits: ReplayLimits) -> None:
         self._kernel_id = kernel_id
         self._clock = clock
         self._limits = limits

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -115,7 +116,7 @@ class Kernel:
     """A kernel egd manages, whichever driver runs it."""
 
     def __init__(self, spec: KernelSpecInfo, env: KernelEnv, driver: KernelDriver, *, zmq: ReactorZmqFactory,
-                 clock: Any, policy: KernelPolicy, launch_timeout: float, working_dir: str | None,
+                 clock: IReactorTime, policy: KernelPolicy, launch_timeout: float, working_dir: str | None,
                  hooks: KernelHooks) -> None:
         """A kernel of ``spec`` with ``env`` (its id is ``env.kernel_id``), not started yet. Built by
         :class:`egd.kernels.manager.KernelManager` only (one place), or by tests."""

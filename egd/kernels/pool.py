@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from egd.kernels.kernel import Kernel, KernelState
@@ -27,13 +28,14 @@ _RETRY_AFTER = 30.0
 class KernelPool:
     """Keeps ``sizes[spec]`` ready kernels of each pooled kernelspec."""
 
-    def __init__(self, sizes: Mapping[str, int], start: Callable[[str], Awaitable[Kernel]], clock: Any) -> None:
+    def __init__(self, sizes: Mapping[str, int], start: Callable[[str], Awaitable[Kernel]],
+                 clock: IReactorTime) -> None:
         self._sizes = dict(sizes)
         self._start = start
         self._clock = clock
         self._ready: dict[str, list[Kernel]] = {name: [] for name in sizes}
         self._starting: dict[str, int] = dict.fromkeys(sizes, 0)
-        self._retry: dict[str, Any] = {}
+        self._retry: dict[str, IDelayedCall] = {}
         self._running = False
         self._background: set[Deferred[Any]] = set()
 

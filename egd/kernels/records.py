@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from egd.driverapi import KernelDriver
@@ -55,7 +56,7 @@ class KernelRecords(Service):
     """The kernels of this gateway in the state store (without a store: does nothing). A child service of the
     kernel manager: its write check runs while the store is open."""
 
-    def __init__(self, store: StateStore | None, kernels: dict[str, Kernel], clock: Any,
+    def __init__(self, store: StateStore | None, kernels: dict[str, Kernel], clock: IReactorTime,
                  specs: KernelSpecStore, drivers: DriverRegistry, build: _KernelBuilder) -> None:
         """``kernels``: the manager's table (read, and written by :meth:`reattach`); ``build``: how the manager
         builds a kernel."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from egd.auth import Identity
@@ -40,7 +41,7 @@ class GatewaySharing(Service):
     store is open."""
 
     def __init__(self, store: StateStore, records: KernelRecords, kernels: dict[str, Kernel],
-                 admission: Admission, clock: Any) -> None:
+                 admission: Admission, clock: IReactorTime) -> None:
         """``kernels``: the manager's table (kernels taken over by others leave it)."""
         self.name = "sharing"
         self._store = store

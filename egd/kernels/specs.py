@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -173,7 +174,7 @@ def _info(name: str, resource_dir: str, spec: Mapping[str, Any]) -> KernelSpecIn
 class KernelSpecStore:
     """Reads kernelspecs through jupyter_client, off the reactor thread."""
 
-    def __init__(self, config: KernelsConfig, reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(self, config: KernelsConfig, reactor: IReactorFromThreads, threadpool: ThreadPool) -> None:
         self._config = config
         self._reactor = reactor
         self._threadpool = threadpool

@@ -61,7 +61,7 @@ class ZmqSocket(ZmqConnection):
                  on_message: Callable[[list[bytes]], None], identity: bytes | None = None) -> None:
         self.socketType = socket_type
         self._on_message = on_message
-        self._reactor: Any = factory.reactor
+        self._reactor: IReactorTime = factory.reactor
         super().__init__(factory, None, identity)
         self.socket.set(zmq.RCVHWM, _RECV_HWM)
         if socket_type != zmq.SUB:
