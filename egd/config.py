@@ -481,14 +481,19 @@ SpecDrivers = Callable[[KernelsConfig], Mapping[str, str]]
 
 
 def _kernelspec_problems(kernels: KernelsConfig, configured: list[str], spec_drivers: SpecDrivers) -> list[str]:
-    """The kernelspecs the config names (the default, the pools') must exist and have a configured driver."""
+    """The kernelspecs the config names (the default, the pools', the allowed ones) must exist, and every
+    kernelspec offered must have a configured driver (else it is listed but every start of it fails)."""
     try:
         drivers = spec_drivers(kernels)
     except Exception as exc:  # an unreadable kernelspec directory is a problem to report, not a traceback
         return [f"kernels.kernelspec_dirs: the kernelspecs cannot be read: {exc}"]
     named = {"kernels.default_kernel_name": kernels.default_kernel_name,
-             **{f"kernels.pools.{name}": name for name in kernels.pools}}
-    problems = []
+             **{f"kernels.pools.{name}": name for name in kernels.pools},
+             **{f"kernels.allowed_kernelspecs[{i}]": name for i, name in enumerate(kernels.allowed_kernelspecs)}}
+    problems = [f"kernels: kernelspec {name!r} needs the {driver!r} driver, which is not in drivers (configured: "
+                f"{', '.join(configured)}): configure it, or leave the kernelspec out with "
+                "kernels.allowed_kernelspecs" for name, driver in sorted(drivers.items())
+                if driver not in configured and name not in named.values()]
     for path, name in named.items():
         if name not in drivers:
             found = ", ".join(sorted(drivers)) or "none"

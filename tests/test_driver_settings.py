@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,27 @@ def test_check_config_needs_the_default_kernelspecs_driver(tmp_path: Path) -> No
     assert result.returncode == 1
     assert ("kernels.default_kernel_name: kernelspec 'python3' needs the 'local' driver, which is not in drivers "
             "(configured: ssh)") in result.stderr
+
+
+def test_check_config_needs_every_offered_kernelspecs_driver(tmp_path: Path) -> None:
+    """A kernelspec offered whose driver is not configured would be listed and fail at every start: refused,
+    unless kernels.allowed_kernelspecs leaves it out; an allowed name that does not exist is refused too."""
+    spec = tmp_path / "specs" / "on_yarn"
+    spec.mkdir(parents=True)
+    spec.joinpath("kernel.json").write_text(json.dumps({
+        "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "On YARN",
+        "language": "python", "metadata": {"egd": {"driver": "yarn"}}}))
+    config = tmp_path / "local.yaml"
+    config.write_text(f"kernels: {{kernelspec_dirs: [{tmp_path / 'specs'}]}}\n")
+    result = egd("check-config", str(config))
+    assert result.returncode == 1
+    assert "kernels: kernelspec 'on_yarn' needs the 'yarn' driver, which is not in drivers (configured: local)" \
+        in result.stderr
+    config.write_text(f"kernels: {{kernelspec_dirs: [{tmp_path / 'specs'}], allowed_kernelspecs: [python3]}}\n")
+    assert egd("check-config", str(config)).returncode == 0
+    config.write_text(f"kernels: {{kernelspec_dirs: [{tmp_path / 'specs'}], allowed_kernelspecs: [python3, nope]}}\n")
+    result = egd("check-config", str(config))
+    assert result.returncode == 1 and "kernels.allowed_kernelspecs[1]: no kernelspec 'nope' is offered" in result.stderr
 
 
 def test_run_refuses_bad_driver_settings_like_check_config(tmp_path: Path) -> None:
