@@ -6,8 +6,6 @@ hooks that record nothing, handed out with the manager's."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.conftest import GatewayProcess, wait_until
@@ -17,13 +15,12 @@ from tests.test_persistence import pid_of
 pytestmark = pytest.mark.ops
 
 
-def test_a_pooled_kernel_is_recorded_once_handed_out_and_never_before(tmp_path: Path) -> None:
+def test_a_pooled_kernel_is_recorded_once_handed_out_and_never_before() -> None:
     """With a pool of 2 and ``state.on_stop: keep``: the kernel handed to alice keeps running through a restart
     of egd and is re-attached with its variable; the spare never handed out is stopped with its pool and was never
     in the store (the next gateway finds no record of it to forget)."""
-    config = {"kernels": {"runtime_dir": str(tmp_path / "runtime"), "pools": {"python3": 2}},
-              "state": {"on_stop": "keep"}}
-    first = GatewayProcess(config)
+    # The gateways' own runtime directory (under the session's root, which the leftover check watches).
+    first = GatewayProcess({"kernels": {"pools": {"python3": 2}}, "state": {"on_stop": "keep"}})
     try:
         wait_until(lambda: first.log().count("pool python3: kernel") >= 2, 60, 0.2, what="the pool to fill")
         kernel_id = first.client.start_kernel(env={"KERNEL_USERNAME": "alice"})
@@ -34,7 +31,7 @@ def test_a_pooled_kernel_is_recorded_once_handed_out_and_never_before(tmp_path: 
     assert alive(pid)
     assert "1 kernel(s) keep running" in first.log()
 
-    second = GatewayProcess({**config, "kernels": {"runtime_dir": str(tmp_path / "runtime")}})
+    second = GatewayProcess({"kernels": {"runtime_dir": str(first.dir / "runtime")}, "state": {"on_stop": "keep"}})
     try:
         assert [k["id"] for k in second.client.request("GET", "/api/kernels").json] == [kernel_id]
         sock = second.client.connect(kernel_id)
