@@ -120,36 +120,36 @@ def ip(value: Any, path: str, problems: list[str]) -> Any:
         return None
 
 
-def names(value: Any, path: str, problems: list[str]) -> Any:
-    """A list of environment variable names (or ``*``)."""
+def _list_of(value: Any, path: str, problems: list[str], what: str, fits: Callable[[Any], bool],
+             wrong: Callable[[Any], str]) -> Any:
+    """``value`` as a tuple when it is a list of items that ``fits``; otherwise a problem for the list (not a
+    list of ``what``) or one for each item that does not fit (``wrong(item)`` says why)."""
     if not isinstance(value, list):
-        problems.append(f"{path}: must be a list of names")
+        problems.append(f"{path}: must be a list of {what}")
         return None
-    bad = [f"{path}[{i}]: not an environment variable name: {v!r}" for i, v in enumerate(value)
-           if not isinstance(v, str) or not (_ENV_NAME.match(v) or v == "*")]
+    bad = [f"{path}[{i}]: {wrong(v)}" for i, v in enumerate(value) if not fits(v)]
     problems.extend(bad)
     return None if bad else tuple(value)
+
+
+def names(value: Any, path: str, problems: list[str]) -> Any:
+    """A list of environment variable names (or ``*``)."""
+    return _list_of(value, path, problems, "names",
+                    lambda v: isinstance(v, str) and bool(_ENV_NAME.match(v) or v == "*"),
+                    lambda v: f"not an environment variable name: {v!r}")
 
 
 def strings(value: Any, path: str, problems: list[str]) -> Any:
     """A list of non-empty strings, as a tuple."""
-    if not isinstance(value, list):
-        problems.append(f"{path}: must be a list of strings")
-        return None
-    bad = [f"{path}[{i}]: must be a non-empty string" for i, v in enumerate(value) if not isinstance(v, str) or not v]
-    problems.extend(bad)
-    return None if bad else tuple(value)
+    return _list_of(value, path, problems, "strings", lambda v: isinstance(v, str) and bool(v),
+                    lambda v: "must be a non-empty string")
 
 
 def whole_numbers(value: Any, path: str, problems: list[str]) -> Any:
     """A list of whole numbers (0 or more), as a tuple."""
-    if not isinstance(value, list):
-        problems.append(f"{path}: must be a list of whole numbers")
-        return None
-    bad = [f"{path}[{i}]: must be a whole number >= 0, got {v!r}" for i, v in enumerate(value)
-           if isinstance(v, bool) or not isinstance(v, int) or v < 0]
-    problems.extend(bad)
-    return None if bad else tuple(value)
+    return _list_of(value, path, problems, "whole numbers",
+                    lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 0,
+                    lambda v: f"must be a whole number >= 0, got {v!r}")
 
 
 def host_names(value: Any, path: str, problems: list[str]) -> Any:
@@ -216,13 +216,14 @@ class Settings:
 S = TypeVar("S", bound=Settings)
 
 
-def _check_keys(schema: Mapping[str, Checker], raw: Mapping[Any, Any], path: str,
-                problems: list[str]) -> dict[str, Any]:
-    """Each key of ``raw`` checked by its checker (unknown keys are problems): the values that passed."""
+def check_keys(schema: Mapping[str, Checker], raw: Mapping[Any, Any], path: str, problems: list[str],
+               kind: str = "setting") -> dict[str, Any]:
+    """Each key of ``raw`` checked by its checker (unknown keys are problems, named as a ``kind``): the values
+    that passed."""
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in schema:
-            problems.append(f"{path}.{key}: unknown setting (known: {', '.join(sorted(schema))})")
+            problems.append(f"{path}.{key}: unknown {kind} (known: {', '.join(sorted(schema))})")
             continue
         checked = schema[key](value, f"{path}.{key}", problems)
         if checked is not None or value is None:
@@ -245,7 +246,7 @@ def build(cls: type[S], raw: Any, path: str, problems: list[str]) -> S | None:
         problems.append(f"{path}: must be a mapping (or empty)")
         return None
     before = len(problems)
-    values = _check_keys(cls.schema, raw, path, problems)
+    values = check_keys(cls.schema, raw, path, problems)
     problems.extend(_required(cls, raw, path))
     if len(problems) > before:
         return None

@@ -19,6 +19,7 @@ from egd.checks import (
     Checker,
     boolean,
     build,
+    check_keys,
     choice,
     ip,
     names,
@@ -442,16 +443,7 @@ def _section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"{path}: must be a mapping")
         return cls()
-    schema = _SCHEMA[cls]
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in schema:
-            problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(schema))})")
-            continue
-        checked = schema[key](value, f"{path}.{key}", problems)
-        if checked is not None or value is None:
-            values[key] = checked
-    return cls(**values)
+    return cls(**check_keys(_SCHEMA[cls], raw, path, problems, "key"))
 
 
 def _drivers(raw: Any, problems: list[str]) -> dict[str, Any]:
