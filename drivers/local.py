@@ -357,12 +357,10 @@ class LocalDriver(Service):
         self.settings = settings = settings_of(LocalSettings, settings, "drivers.local")
         self._reactor = reactor
         self._runtime_dir = runtime_dir
-        self._ip = settings.ip
-        self.ports = PortAllocator(self._ip, port_range)
-        self._impersonation = settings.impersonation
+        self.ports = PortAllocator(self.settings.ip, port_range)
         self._prohibited_uids = frozenset({0, *settings.prohibited_uids})
         self._prohibited_users = frozenset({"root", *settings.prohibited_users})
-        if self._impersonation:
+        if self.settings.impersonation:
             missing = _missing_capabilities()
             if missing:
                 raise ValueError(f"drivers.local.impersonation needs root: egd runs as uid {os.geteuid()} "
@@ -379,7 +377,7 @@ class LocalDriver(Service):
     @property
     def impersonates(self) -> bool:
         """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
-        return bool(self._impersonation)
+        return bool(self.settings.impersonation)
 
     def startService(self) -> None:  # noqa: N802 - Twisted hook
         """Make sure the runtime directory for connection files exists and is private (0700, also when it
@@ -388,7 +386,7 @@ class LocalDriver(Service):
         When impersonating, others may pass through it (0711) to the directory of their own kernel, not list it.
         """
         os.makedirs(self._runtime_dir, mode=0o700, exist_ok=True)
-        if self._impersonation:
+        if self.settings.impersonation:
             self._check_reachable()  # parents makedirs created just now (umask) may be closed
             os.chmod(self._runtime_dir, 0o711)
         else:
@@ -437,7 +435,7 @@ class LocalDriver(Service):
         return Deferred.fromCoroutine(self._launch(request))
 
     async def _launch(self, request: LaunchRequest) -> LaunchedKernel:
-        account = await self._account(request) if self._impersonation else None
+        account = await self._account(request) if self.settings.impersonation else None
         for attempt in range(1, _BIND_ATTEMPTS + 1):
             kernel = self._spawn(request, account)
             try:
@@ -506,7 +504,7 @@ class LocalDriver(Service):
         except OSError as exc:
             raise LaunchFailed(str(exc)) from None
         info: dict[str, Any] = {
-            "transport": "tcp", "ip": self._ip, "key": uuid.uuid4().hex, "signature_scheme": "hmac-sha256",
+            "transport": "tcp", "ip": self.settings.ip, "key": uuid.uuid4().hex, "signature_scheme": "hmac-sha256",
             "kernel_name": request.spec.name,
             **dict(zip(("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"), ports, strict=False)),
         }

@@ -108,23 +108,13 @@ class SshDriver(MultiService):
         self.settings = settings = settings_of(SshSettings, settings, "drivers.ssh")
         self._reactor = reactor
         self._hosts = list(settings.hosts)
-        self._placement = settings.placement
-        self._ssh = settings.ssh_command
-        self._ssh_config = settings.ssh_config
         self._ssh_options = list(settings.ssh_options)
-        self._connect_timeout = settings.connect_timeout
-        self._multiplex = settings.multiplex
         self._control_dir = os.path.join(runtime_dir, "ssh")
         #: Where a directory of our own is made when the runtime directory's path is too long for the sockets.
         self._short_parent: str | None = None
-        if self._multiplex and len(os.fsencode(self._control_dir)) > _CONTROL_DIR_MAX:
+        if self.settings.multiplex and len(os.fsencode(self._control_dir)) > _CONTROL_DIR_MAX:
             self._short_parent = _short_parent(self._control_dir)
-        self._user = settings.user
-        self._impersonation = settings.impersonation
         self._prohibited = set(settings.prohibited_users)
-        self._python = settings.python
-        self._launcher = settings.launcher_path
-        self._log_dir = settings.log_dir
         self._port_range = settings.port_range or port_range
         self._next = 0
         self._running: dict[str, str] = {}  # kernel id -> host, for least-connection
@@ -137,7 +127,7 @@ class SshDriver(MultiService):
     def _candidates(self, request: LaunchRequest) -> list[str]:
         hosts = request.spec.driver_config.get("hosts") or self._hosts
         hosts = [str(h) for h in hosts]
-        if self._placement == "least-connection":
+        if self.settings.placement == "least-connection":
             load = {h: 0 for h in hosts}
             for host in self._running.values():
                 if host in load:
@@ -151,22 +141,22 @@ class SshDriver(MultiService):
 
     def _login(self, request: LaunchRequest | None) -> str | None:
         """The remote user: the kernel's user when impersonating (checked), else the configured one."""
-        if request is None or not self._impersonation:
-            return str(self._user) if self._user else None
+        if request is None or not self.settings.impersonation:
+            return str(self.settings.user) if self.settings.user else None
         return impersonated_user(request.username, self._prohibited)
 
     def _ssh_argv(self, host: str, remote: list[str], login: str | None = None) -> list[str]:
-        argv = [self._ssh]
-        if self._ssh_config:
-            argv += ["-F", str(self._ssh_config)]
-        argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self._connect_timeout}",
+        argv = [self.settings.ssh_command]
+        if self.settings.ssh_config:
+            argv += ["-F", str(self.settings.ssh_config)]
+        argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.settings.connect_timeout}",
                  "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=2"]
-        if self._multiplex:
+        if self.settings.multiplex:
             argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self._control_path(host, login)}",
                      "-o", "ControlPersist=300"]
         for option in self._ssh_options:
             argv += ["-o", option]
-        login = login or (str(self._user) if self._user else None)
+        login = login or (str(self.settings.user) if self.settings.user else None)
         if login:
             argv += ["-l", login]
         return [*argv, "--", host, " ".join(shlex.quote(part) for part in remote)]
@@ -188,23 +178,23 @@ class SshDriver(MultiService):
 
     def _remote_command(self, request: LaunchRequest, callback: tuple[str, int]) -> list[str]:
         argv = list(request.spec.argv)
-        python = self._python or (argv[0] if argv and os.path.isabs(argv[0]) else sys.executable)
+        python = self.settings.python or (argv[0] if argv and os.path.isabs(argv[0]) else sys.executable)
         if argv and argv[0] in ("python", "python3"):
             argv[0] = python
-        return ["exec", python, self._launcher,
-                *launcher_arguments(request, callback, self._port_range, argv, "--log-dir", self._log_dir)]
+        return ["exec", python, self.settings.launcher_path,
+                *launcher_arguments(request, callback, self._port_range, argv, "--log-dir", self.settings.log_dir)]
 
     @property
     def impersonates(self) -> bool:
         """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
-        return bool(self._impersonation)
+        return bool(self.settings.impersonation)
 
     def startService(self) -> None:  # noqa: N802 - Twisted hook
         """Create the private directory of the shared ssh connections: under the runtime directory when its path
         leaves room for the sockets (a unix socket's path is limited to 107 bytes, and ssh binds at a longer
         temporary name first), else a fresh private directory in the temporary directory or /tmp. A host where
         none fits is a configuration error that names the limit, not an unreachable host at every launch."""
-        if self._multiplex:
+        if self.settings.multiplex:
             if self._short_parent is not None:
                 self._control_dir = tempfile.mkdtemp(prefix="egd-ssh-", dir=self._short_parent)
             os.makedirs(self._control_dir, mode=0o700, exist_ok=True)
@@ -214,7 +204,7 @@ class SshDriver(MultiService):
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Close the shared ssh connections, then stop the launch listener."""
         async def stop() -> None:
-            if self._multiplex:
+            if self.settings.multiplex:
                 # One shared connection per host and login (impersonated kernels log in as their users).
                 for host, login in {*((h, None) for h in self._hosts), *self._logins}:
                     argv = [*self._ssh_argv(host, [], login)[:-3], "-O", "exit", host]
@@ -256,7 +246,7 @@ class SshDriver(MultiService):
     def _secrets_line(self, request: LaunchRequest, registration: Registration, key: str) -> bytes:
         """What the launcher reads on its stdin: the launch secret, the kernel's key and environment."""
         env = dict(request.env)
-        if self._impersonation:  # the login's own HOME, USER and LOGNAME, not those of egd's environment
+        if self.settings.impersonation:  # the login's own HOME, USER and LOGNAME, not those of egd's environment
             for name in ("HOME", "USER", "LOGNAME"):
                 env.pop(name, None)
         return json.dumps({"secret": registration.secret.decode(), "key": key, "env": env}).encode() + b"\n"

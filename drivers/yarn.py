@@ -265,22 +265,14 @@ class YarnDriver(MultiService):
         self.settings = settings = settings_of(YarnSettings, settings, "drivers.yarn")
         self._reactor = reactor
         self._user = settings.user or getpass.getuser()
-        self._impersonation = settings.impersonation
         self._prohibited = set(settings.prohibited_users)
         self._tag = settings.application_tag.lower()
-        self._queue = settings.queue
         self._python = settings.python or sys.executable
-        self._launcher = settings.launcher_path
         self._staging = settings.staging_dir or os.path.join(runtime_dir, "yarn")
-        self._kill_timeout = settings.kill_timeout
-        self._spark_home = settings.spark_home
         self._spark_submit = settings.spark_submit or (
             os.path.join(settings.spark_home, "bin", "spark-submit") if settings.spark_home else "spark-submit")
         self._spark_conf = dict(settings.spark_conf)
-        self._hadoop_conf_dir = settings.hadoop_conf_dir
-        self._java_home = settings.java_home
         self._extra_env = dict(settings.env)
-        self._ds = settings.distributed_shell
         self._port_range = settings.port_range or port_range
         self.rm = ResourceManager(reactor, list(settings.resource_managers), settings.request_timeout)
         self.watcher = AppWatcher(reactor, self.rm, self._tag, self._user, settings.poll_interval,
@@ -294,7 +286,7 @@ class YarnDriver(MultiService):
     @property
     def impersonates(self) -> bool:
         """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
-        return bool(self._impersonation)
+        return bool(self.settings.impersonation)
 
     def startService(self) -> None:  # noqa: N802 - Twisted hook
         """Create the staging directory and start watching."""
@@ -317,7 +309,7 @@ class YarnDriver(MultiService):
 
     def _yarn_user(self, request: LaunchRequest) -> str:
         """The YARN user of the kernel: its own user when impersonating (checked), else the driver's."""
-        return impersonated_user(request.username, self._prohibited) if self._impersonation else self._user
+        return impersonated_user(request.username, self._prohibited) if self.settings.impersonation else self._user
 
     def launch(self, request: LaunchRequest) -> Deferred[LaunchedKernel]:
         """Submit the kernel's application and wait for its launcher to report."""
@@ -328,7 +320,7 @@ class YarnDriver(MultiService):
         mode = str(config.get("mode", "spark"))
         if mode not in ("spark", "python"):
             raise LaunchFailed(f"kernelspec {request.spec.name}: metadata.egd.config.mode must be spark or python")
-        resources = kernel_resources(request.env, config, self._queue, spark=mode == "spark")
+        resources = kernel_resources(request.env, config, self.settings.queue, spark=mode == "spark")
         user = self._yarn_user(request)
         started = self._reactor.seconds()
         registration = self.listener.register(request.kernel_id)
@@ -406,8 +398,9 @@ class YarnDriver(MultiService):
 
     def _process_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EGD_")}
-        for name, value in (("HADOOP_CONF_DIR", self._hadoop_conf_dir), ("YARN_CONF_DIR", self._hadoop_conf_dir),
-                            ("JAVA_HOME", self._java_home), ("SPARK_HOME", self._spark_home)):
+        conf = self.settings
+        for name, value in (("HADOOP_CONF_DIR", conf.hadoop_conf_dir), ("YARN_CONF_DIR", conf.hadoop_conf_dir),
+                            ("JAVA_HOME", conf.java_home), ("SPARK_HOME", conf.spark_home)):
             if value:
                 env[name] = str(value)
         env.update(self._extra_env)
@@ -446,10 +439,11 @@ class YarnDriver(MultiService):
                 "--name", f"egd-{request.spec.name}-{request.kernel_id}", "--queue", resources.queue]
         for name, value in conf.items():
             argv += ["--conf", f"{name}={value}"]
-        if self._impersonation:
+        if self.settings.impersonation:
             argv += ["--proxy-user", user]
         # The launcher imports its protocol module from beside it: Spark ships it to the driver's container.
-        argv += ["--files", secrets_path, "--py-files", protocol_module_beside(self._launcher), self._launcher,
+        launcher = self.settings.launcher_path
+        argv += ["--files", secrets_path, "--py-files", protocol_module_beside(launcher), launcher,
                  *self._launcher_args(request, self.listener.address, os.path.basename(secrets_path), spark=True)]
         return argv
 
@@ -479,12 +473,12 @@ class YarnDriver(MultiService):
                           script: str) -> dict[str, Any]:
         """The RM REST submission of a plain kernel: DistributedShell's AM, running egd's launch script."""
         stat = os.stat(script)
-        command = (f"{{{{JAVA_HOME}}}}/bin/java {self._ds.am_java_options} {_DS_MAIN}"
+        command = (f"{{{{JAVA_HOME}}}}/bin/java {self.settings.distributed_shell.am_java_options} {_DS_MAIN}"
                    f" --container_memory {resources.memory_mb} --container_vcores {resources.cores}"
                    " --num_containers 1 --priority 0"
                    " 1><LOG_DIR>/AppMaster.stdout 2><LOG_DIR>/AppMaster.stderr")
         environment = {
-            "CLASSPATH": self._ds.classpath,
+            "CLASSPATH": self.settings.distributed_shell.classpath,
             "DISTRIBUTEDSHELLSCRIPTLOCATION": f"file://{os.path.abspath(script)}",
             "DISTRIBUTEDSHELLSCRIPTTIMESTAMP": str(stat.st_mtime_ns // 1_000_000),
             "DISTRIBUTEDSHELLSCRIPTLEN": str(stat.st_size),
@@ -497,7 +491,7 @@ class YarnDriver(MultiService):
             "max-app-attempts": 1,
             "unmanaged-AM": False,
             "keep-containers-across-application-attempts": False,
-            "resource": {"memory": self._ds.am_memory_mb, "vCores": 1},
+            "resource": {"memory": self.settings.distributed_shell.am_memory_mb, "vCores": 1},
             "application-tags": {"tag": [self._tag, request.kernel_id]},
             "am-container-spec": {
                 "commands": {"command": command},
@@ -508,7 +502,7 @@ class YarnDriver(MultiService):
     def launch_script(self, request: LaunchRequest, callback: tuple[str, int], secrets: str) -> str:
         """The script DistributedShell runs: ``exec`` of the launcher, secrets on its stdin from a quoted
         here-document (one JSON line, so it cannot end the document early; nothing in it is expanded)."""
-        argv = [self._python, self._launcher, *self._launcher_args(request, callback, None, spark=False)]
+        argv = [self._python, self.settings.launcher_path, *self._launcher_args(request, callback, None, spark=False)]
         return ("#!/bin/sh\n# egd kernel launch; generated, do not edit\n"
                 f"exec {' '.join(shlex.quote(a) for a in argv)} <<'EGD_LAUNCH_SECRETS'\n"
                 f"{secrets}\nEGD_LAUNCH_SECRETS\n")
@@ -583,7 +577,7 @@ class YarnDriver(MultiService):
         app_id = watch.app_id
         if app_id is None:
             return
-        deadline = self._reactor.seconds() + self._kill_timeout
+        deadline = self._reactor.seconds() + self.settings.kill_timeout
         last = ""
         asked = 0.0
         while True:
@@ -606,7 +600,7 @@ class YarnDriver(MultiService):
                 last = str(exc)
             if self._reactor.seconds() >= deadline:
                 log.error("kernel {kernel_id}: YARN did not kill {app} within {timeout:g}s (last: {last})",
-                          kernel_id=watch.kernel_id, app=app_id, timeout=self._kill_timeout, last=last)
+                          kernel_id=watch.kernel_id, app=app_id, timeout=self.settings.kill_timeout, last=last)
                 self._finish(watch, {"id": app_id, "state": "UNKNOWN",
                                      "diagnostics": f"not confirmed killed: {last}"}, lost=True)
                 return

@@ -28,6 +28,7 @@ from twisted.protocols.policies import TimeoutMixin
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchRequest
 from egd.errors import ServiceUnavailable
 from egd.launchers.launcher_protocol import MAX_LINE, NonceCache, parse_message, sign, verify
+from egd.util import describe
 
 log = Logger()
 
@@ -293,21 +294,15 @@ class RemoteKernel:
     def signal(self, signum: int) -> Deferred[None]:
         """Ask the launcher to signal the kernel's process group; fails with
         :class:`egd.errors.ServiceUnavailable` when the signal was not delivered (launcher unreachable, no
-        valid answer, or the launcher says the kernel process is gone)."""
+        valid answer, or the launcher says the kernel process is gone). The caller logs the failure, once."""
         async def send() -> None:
             kernel_id = self.registration.kernel_id
             try:
                 answer = await self._control("signal", signum=signum)
             except Exception as exc:
-                why = str(exc) or type(exc).__name__
-                log.warn("kernel {kernel_id}: signal {signum} not delivered: {why}", kernel_id=kernel_id,
-                         signum=signum, why=why)
                 raise ServiceUnavailable(f"Signal {signum} was not delivered to kernel {kernel_id}: its launcher "
-                                         f"on {self.where} did not answer") from None
+                                         f"on {self.where} did not answer ({describe(exc)})") from None
             if not answer.get("ok") or not answer.get("delivered"):
-                log.warn("kernel {kernel_id}: signal {signum} not delivered: the launcher answered {answer}",
-                         kernel_id=kernel_id, signum=signum, answer={k: answer.get(k) for k in
-                                                                     ("ok", "alive", "delivered", "error")})
                 why = "its process is gone" if answer.get("ok") else "its launcher refused the request"
                 raise ServiceUnavailable(f"Signal {signum} was not delivered to kernel {kernel_id} on {self.where}: "
                                          f"{why}")
@@ -323,12 +318,12 @@ class RemoteKernel:
                 await self._control("shutdown")
             except Exception as exc:
                 log.warn("kernel {kernel_id}: launcher unreachable ({why}); trying harder",
-                         kernel_id=self.registration.kernel_id, why=str(exc) or type(exc).__name__)
+                         kernel_id=self.registration.kernel_id, why=describe(exc))
                 try:
                     await self._force_kill(self)
                 except Exception as exc2:
                     log.warn("kernel {kernel_id}: could not reach its host to kill it: {why}",
-                             kernel_id=self.registration.kernel_id, why=str(exc2) or type(exc2).__name__)
+                             kernel_id=self.registration.kernel_id, why=describe(exc2))
                     self._ended(ExitStatus(None, None, lost=True))
                     return
             self._ended(ExitStatus(None, 9))

@@ -320,11 +320,6 @@ class StateStore:
         if self._lock is not None:
             self._lock.release()
 
-    @property
-    def ready(self) -> bool:
-        """Whether the store is open."""
-        return self._pool is not None
-
     def _require(self) -> adbapi.ConnectionPool:
         if self._pool is None:
             raise RuntimeError("the state store is not open")

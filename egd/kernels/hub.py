@@ -100,7 +100,6 @@ class ClientHub:
         self._kernel_id = kernel_id
         self._clock = clock
         self._limits = limits
-        self.clients: dict[str, KernelClient] = {}
         self._links: dict[str, _Link] = {}
         self._absent: dict[str, _Absent] = {}  # oldest first
         self._log: deque[_Entry] = deque()  # kept for absent sessions, oldest first
@@ -108,7 +107,17 @@ class ClientHub:
         self._seq = 0
 
     def __len__(self) -> int:
-        return len(self.clients)
+        return len(self._links)
+
+    @property
+    def clients(self) -> dict[str, KernelClient]:
+        """The connected clients by session key (a snapshot)."""
+        return {key: link.client for key, link in self._links.items()}
+
+    def client(self, key: str) -> KernelClient | None:
+        """The connected client of session ``key``, if there is one."""
+        link = self._links.get(key)
+        return None if link is None else link.client
 
     @property
     def absent_sessions(self) -> int:
@@ -122,7 +131,6 @@ class ClientHub:
         key = client.session_key
         link = _Link(client)
         stale = self._links.pop(key, None)
-        self.clients[key] = client
         self._links[key] = link
         if stale is not None and stale.client is not client:
             log.info("kernel {kernel_id}: session {session} reconnected, closing its stale connection",
@@ -152,10 +160,10 @@ class ClientHub:
     def detach(self, client: KernelClient, keep_buffer: bool = True) -> None:
         """Remove a client; unless told not to (or it has no session), keep its session's messages a while."""
         key = client.session_key
-        if self.clients.get(key) is not client:
+        link = self._links.get(key)
+        if link is None or link.client is not client:
             return
-        del self.clients[key]
-        link = self._links.pop(key)
+        del self._links[key]
         if keep_buffer:
             self._keep(key, client, list(link.queue))
 
@@ -295,8 +303,7 @@ class ClientHub:
 
     def close_all(self, code: int, reason: str) -> None:
         """Disconnect every client and forget absent sessions (the kernel is gone)."""
-        clients = list(self.clients.values())
-        self.clients.clear()
+        clients = [link.client for link in self._links.values()]
         self._links.clear()
         for client in clients:
             client.disconnect(code, reason)

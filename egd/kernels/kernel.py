@@ -26,7 +26,7 @@ from egd.kernels.env import KernelEnv
 from egd.kernels.hub import ClientHub, KernelClient, ReplayLimits
 from egd.kernels.specs import KernelSpecInfo
 from egd.kernels.zmqio import QueueFull, ReactorZmqFactory
-from egd.util import Background, wait_for
+from egd.util import Background, describe, wait_for
 
 log = Logger()
 audit = Logger(namespace="egd.audit")
@@ -109,7 +109,7 @@ async def _kill(handle: LaunchedKernel) -> None:
     try:
         await handle.kill()
     except Exception as exc:
-        log.warn("kill of {where} failed: {why}", where=handle.describe(), why=str(exc) or type(exc).__name__)
+        log.warn("kill of {where} failed: {why}", where=handle.describe(), why=describe(exc))
 
 
 class Kernel:
@@ -410,7 +410,7 @@ class Kernel:
     def _flush_held(self) -> None:
         held, self._held = self._held, []
         for key, channel, message in held:
-            client = self.hub.clients.get(key)
+            client = self.hub.client(key)
             if client is not None:
                 self.send_from_client(client, channel, message)
 
@@ -522,7 +522,7 @@ class Kernel:
             if strict:
                 raise
             log.warn("kernel {kernel_id}: signal {signum} not delivered: {why}", kernel_id=self.id, signum=signum,
-                     why=str(exc) or type(exc).__name__)
+                     why=describe(exc))
 
     async def restart(self) -> None:
         """Stop the kernel and start it again under the same id (same spec and environment)."""

@@ -34,7 +34,7 @@ from egd.kernels.zmqio import IKernelReactor, ReactorZmqFactory, shutdown_factor
 from egd.metrics import GatewayMetrics, Readiness, services_running
 from egd.registry import DriverRegistry
 from egd.state import StateStore
-from egd.util import shield
+from egd.util import describe, shield
 
 log = Logger()
 #: One line per security-relevant event (who did what to which kernel); never a secret.
@@ -221,7 +221,7 @@ class KernelManager(Service):
                 await kernel.execute_quietly(f"__import__('os').chdir({asked!r})")
             except Exception as exc:
                 log.warn("kernel {kernel_id}: could not change to {path}: {why}", kernel_id=kernel.id, path=asked,
-                         why=str(exc) or type(exc).__name__)
+                         why=describe(exc))
         self._records.record(kernel)
         await self._records.recorded(kernel)
         log.info("kernel {kernel_id}: {spec} from the pool for {user}", kernel_id=kernel.id, spec=kernel.spec.name,

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from egd.kernels.kernel import Kernel, KernelState
+from egd.util import describe
 
 log = Logger()
 
@@ -74,7 +75,7 @@ class KernelPool:
             kernel = await self._start(name)
         except Exception as exc:
             log.warn("pool {spec}: a kernel could not be started ({why}); trying again in {delay:g}s", spec=name,
-                     why=str(exc) or type(exc).__name__, delay=_RETRY_AFTER)
+                     why=describe(exc), delay=_RETRY_AFTER)
             if self._running and name not in self._retry:
                 self._retry[name] = self._clock.callLater(_RETRY_AFTER, self._retry_now, name)
             return

@@ -25,7 +25,7 @@ from egd.kernels.kernel import Kernel
 from egd.kernels.specs import KernelSpecInfo, KernelSpecStore
 from egd.registry import DriverRegistry
 from egd.state import KernelRecord, StateStore
-from egd.util import ResilientLoop, wait_for
+from egd.util import ResilientLoop, describe, wait_for
 
 log = Logger()
 audit = Logger(namespace="egd.audit")
@@ -185,7 +185,7 @@ class KernelRecords(Service):
         except Exception as exc:
             log.warn("kernel {kernel_id} ({spec}) recorded by gateway {gateway} is gone: {why}; forgotten",
                      kernel_id=record.kernel_id, spec=record.spec, gateway=record.gateway or "?",
-                     why=str(exc) or type(exc).__name__)
+                     why=describe(exc))
             if kernel is not None:
                 kernel.hooks.on_gone(kernel)
             else:
