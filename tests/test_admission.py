@@ -94,3 +94,17 @@ def test_values_that_cannot_reach_a_process_are_refused(make_gateway: Any) -> No
         assert gw.client.delete_kernel(kernel_id) == 204
     wait_until(lambda: not _left_behind(gw), 10, what="connection files to go")
     assert os.path.isdir(gw.runtime_dir)
+
+
+def test_authorized_users_name_the_owner_of_kernels_without_a_user(make_gateway: Any) -> None:
+    """A kernel started without KERNEL_USERNAME belongs to ``(gateway)``: a gateway-wide authorized_users list
+    lets such starts through only when it names ``(gateway)`` (docs/security.rst), and still refuses others."""
+    gw = make_gateway({"kernels": {"authorized_users": ["(gateway)"]}})
+    started = gw.client.request("POST", "/api/kernels", {"name": "python3"})
+    assert started.status == 201, started.body
+    refused = gw.client.request("POST", "/api/kernels", {"name": "python3", "env": {"KERNEL_USERNAME": "bob"}})
+    assert refused.status == 403 and "bob" in refused.json["message"]
+    assert gw.client.delete_kernel(started.json["id"]) == 204
+
+    strict = make_gateway({"kernels": {"authorized_users": ["alice"]}})
+    assert strict.client.request("POST", "/api/kernels", {"name": "python3"}).status == 403
