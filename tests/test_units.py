@@ -189,11 +189,12 @@ CONNECTION = {"transport": "tcp", "ip": "127.0.0.1", "key": KEY.decode(), "signa
 
 
 def test_heartbeat_failure_after_allowed_silence() -> None:
-    """With no echo, the heartbeat reports failure once, after interval x misses."""
+    """With no echo, the heartbeat reports silence once, after interval x misses; again only after another full
+    window once re-armed (the kernel was found alive); an echo ends the silence."""
     reactor = MemoryReactorClock()
     factory = ReactorZmqFactory(reactor)
     failures: list[float] = []
-    heartbeat = Heartbeat(factory, CONNECTION, reactor, interval=1.0, misses=3, on_failure=failures.append)
+    heartbeat = Heartbeat(factory, CONNECTION, reactor, interval=1.0, misses=3, on_silence=failures.append)
     heartbeat.start()
     for _ in range(3):
         reactor.advance(1.0)
@@ -202,6 +203,16 @@ def test_heartbeat_failure_after_allowed_silence() -> None:
     assert len(failures) == 1 and failures[0] == pytest.approx(4.0)
     reactor.advance(10)
     assert len(failures) == 1
+    heartbeat.rearm()
+    for _ in range(3):
+        reactor.advance(1.0)
+    assert len(failures) == 1
+    reactor.advance(1.0)
+    assert len(failures) == 2 and failures[1] == pytest.approx(18.0)  # the silence since the last echo
+    heartbeat._echo([b"", b"ping"])
+    reactor.advance(3.0)
+    assert len(failures) == 2 and heartbeat.silence == pytest.approx(3.0)
+    heartbeat.stop()
     shutdown_factory(factory)
 
 

@@ -76,19 +76,25 @@ class KernelChannels:
 
 
 class Heartbeat:
-    """Pings the kernel's heartbeat echo; calls ``on_failure`` once when echoes stop for too long.
+    """Pings the kernel's heartbeat echo; calls ``on_silence`` once when echoes stop for too long.
 
-    The echo runs in its own thread in the kernel, so a kernel busy with a long computation still answers:
-    silence means the kernel (or its host) is gone or frozen.
+    The ping carries an empty delimiter frame, as jupyter_client's REQ socket sends it: ipykernel's echo (a ROUTER
+    device) returns any frames, but a REP socket (IRkernel and other kernels) drops a message without it.
+    Silence is only a question, not a verdict: kernels that answer the heartbeat from their main loop (IRkernel)
+    are silent while they run a cell, so the caller asks the driver whether the process is alive. After a
+    report, the next one comes after another full window of silence (:meth:`rearm`) or after an echo.
     """
 
     def __init__(self, factory: ReactorZmqFactory, connection_info: dict[str, Any], clock: IReactorTime,
-                 interval: float, misses: int, on_failure: Callable[[float], None]) -> None:
+                 interval: float, misses: int, on_silence: Callable[[float], None]) -> None:
         self._clock = clock
         self._interval = interval
         self._allowed_silence = interval * misses
-        self._on_failure = on_failure
+        self._on_silence = on_silence
         self._last_echo = clock.seconds()
+        #: When the current window of silence began (an echo, or the last report).
+        self._window_start = self._last_echo
+        self._reported = False
         self._socket = open_socket(factory, "dealer", _channel_address(connection_info, "hb"), self._echo)
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
@@ -96,21 +102,30 @@ class Heartbeat:
     def start(self) -> None:
         """Begin pinging (after the kernel answered its first request)."""
         if self._interval > 0:
-            self._last_echo = self._clock.seconds()
+            self._last_echo = self._window_start = self._clock.seconds()
             self._loop.start(self._interval, now=False).addErrback(
                 lambda f: log.failure("heartbeat loop failed", f))
 
+    @property
+    def silence(self) -> float:
+        """Seconds since the last echo."""
+        return self._clock.seconds() - self._last_echo
+
     def _echo(self, frames: list[bytes]) -> None:
-        self._last_echo = self._clock.seconds()
+        self._last_echo = self._window_start = self._clock.seconds()
+        self._reported = False
+
+    def rearm(self) -> None:
+        """Report again if the silence lasts another full window (the kernel was found alive)."""
+        self._window_start = self._clock.seconds()
+        self._reported = False
 
     def _tick(self) -> None:
-        silence = self._clock.seconds() - self._last_echo
-        if silence > self._allowed_silence:
-            self.stop()
-            self._on_failure(silence)
-            return
+        if not self._reported and self._clock.seconds() - self._window_start > self._allowed_silence:
+            self._reported = True
+            self._on_silence(self.silence)
         try:
-            self._socket.send([b"ping"])
+            self._socket.send([b"", b"ping"])
         except Exception:
             log.failure("heartbeat ping failed")
 

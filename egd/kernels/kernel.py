@@ -144,6 +144,8 @@ class Kernel:
         self._handle: LaunchedKernel | None = None
         self._channels: KernelChannels | None = None
         self._heartbeat: Heartbeat | None = None
+        #: Whether this incarnation's silence while alive was logged (once: a busy kernel is silent often).
+        self._silent_reported = False
         self._pending: dict[str, str | Callable[[str, wire.RawMessage], None]] = {}
         self._held: list[tuple[str, str, wire.RawMessage]] = []
         self._iopub_seen = False
@@ -301,6 +303,7 @@ class Kernel:
         self._heartbeat = Heartbeat(self._zmq, handle.connection_info, self._clock,
                                     self._policy.heartbeat_interval, self._policy.heartbeat_misses,
                                     lambda silence: self._heartbeat_lost(handle, silence))
+        self._silent_reported = False
         self._heartbeat.start()
         handle.exited.addCallback(self._exited, handle)
         log.info("kernel {kernel_id} ({spec}) is ready: {where}", kernel_id=self.id, spec=self.spec.name,
@@ -595,9 +598,28 @@ class Kernel:
 
     def _heartbeat_lost(self, handle: LaunchedKernel, silence: float) -> None:
         if handle is self._handle and self.state is KernelState.RUNNING:
-            log.warn("kernel {kernel_id}: no heartbeat for {silence:.1f}s from {where}; killing it",
-                     kernel_id=self.id, silence=silence, where=handle.describe())
-            self._background.run(handle.kill(), f"killing unresponsive kernel {self.id}")
+            self._background.run(self._check_silent(handle, silence), f"checking silent kernel {self.id}")
+
+    async def _check_silent(self, handle: LaunchedKernel, silence: float) -> None:
+        """No heartbeat for a while: a kernel busy in a cell (IRkernel answers heartbeats only between cells) is
+        not a dead one, so ask the driver (signal 0: the process, or the launcher on its host) before acting. Only
+        a kernel whose process or host is gone is killed (and so restarted or declared lost)."""
+        try:
+            await handle.signal(0)
+        except Exception as exc:
+            if handle is self._handle and self.state is KernelState.RUNNING and not handle.exited.called:
+                log.warn("kernel {kernel_id}: no heartbeat for {silence:.1f}s and {where} does not answer ({why}); "
+                         "killing it", kernel_id=self.id, silence=silence, where=handle.describe(), why=describe(exc))
+                await handle.kill()
+            return
+        if handle is not self._handle or self._heartbeat is None:
+            return
+        if not self._silent_reported:
+            self._silent_reported = True
+            log.info("kernel {kernel_id}: no heartbeat for {silence:.1f}s, but its process is alive ({where}): "
+                     "busy, not dead; it is left running", kernel_id=self.id, silence=silence,
+                     where=handle.describe())
+        self._heartbeat.rearm()
 
     def _exited(self, status: ExitStatus, handle: LaunchedKernel) -> ExitStatus:
         if handle is self._handle and self.state is KernelState.RUNNING:
