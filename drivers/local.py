@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import stat
@@ -44,13 +43,12 @@ from zope.interface import implementer
 from egd import checks
 from egd.checks import Checker, Settings, boolean, settings_of, strings, whole_numbers
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequest
-from egd.drivertools import impersonated_user
+from egd.drivertools import fill_placeholders, impersonated_user
 from egd.errors import Forbidden, LaunchFailed, LaunchTimeout
 from egd.kernels.ports import PortAllocator, bound_by
 
 log = Logger()
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 _PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
 _STDERR_TAIL_BYTES = 8192
 #: Starts of one kernel with fresh ports when another program took one of its reserved ports meanwhile.
@@ -148,7 +146,7 @@ def _others_may_pass(path: str) -> str | None:
 
 def kernel_argv(argv: tuple[str, ...], values: Mapping[str, str]) -> list[str]:
     """The kernelspec's argv with ``{connection_file}``-style placeholders filled (unknown ones kept)."""
-    filled = [_PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), arg) for arg in argv]
+    filled = fill_placeholders(argv, values)
     if filled and filled[0] in _PYTHON_NAMES:
         filled[0] = sys.executable  # jupyter_client's rule: "python" means the gateway's interpreter
     return filled

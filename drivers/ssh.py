@@ -7,6 +7,11 @@ keys are checked by OpenSSH's own rules, and no password or key material passes 
 The remote command is an argv, each element quoted for the remote shell; the kernel's environment and the
 launch secrets travel on ssh's stdin as JSON, so no client-controlled value is ever parsed by a shell and
 ``ps`` on the host shows no secret.
+
+Enterprise Gateway's kernelspecs (``DistributedProcessProxy``, whose argv starts EG's own launcher with
+``{response_address}``) run unchanged: egd's launcher starts that argv detached (``--exec``), EG's launcher sends its
+encrypted connection info to this driver's listener, which takes it only from the host the kernel was started on
+(:mod:`egd.egprotocol`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from twisted.logger import Logger
 from egd.checks import Checker, boolean, choice, host_names, number, optional, readable_file, settings_of, strings, text
 from egd.driverapi import IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivers.process import CapturedProcess
-from egd.drivertools import LauncherSettings, impersonated_user
+from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user
+from egd.egprotocol import EgKernel, eg_port_range, uses_eg_protocol
 from egd.errors import LaunchFailed, LaunchTimeout
 from egd.remote import (
     LaunchListener,
@@ -125,7 +131,11 @@ class SshDriver(MultiService):
     # -- placement ----------------------------------------------------------------------------------------
 
     def _candidates(self, request: LaunchRequest) -> list[str]:
-        hosts = request.spec.driver_config.get("hosts") or self._hosts
+        config = request.spec.driver_config
+        # EG's process_proxy.config names them remote_hosts, a comma-separated string (or a list)
+        hosts = config.get("hosts") or config.get("remote_hosts") or self._hosts
+        if isinstance(hosts, str):
+            hosts = [h.strip() for h in hosts.split(",") if h.strip()]
         hosts = [str(h) for h in hosts]
         if self.settings.placement == "least-connection":
             load = {h: 0 for h in hosts}
@@ -176,13 +186,43 @@ class SshDriver(MultiService):
         code = await proto.ended
         return code, proto
 
-    def _remote_command(self, request: LaunchRequest, callback: tuple[str, int]) -> list[str]:
-        argv = list(request.spec.argv)
-        python = self.settings.python or (argv[0] if argv and os.path.isabs(argv[0]) else sys.executable)
+    def _kernel_argv(self, request: LaunchRequest, public_key: str = "") -> list[str]:
+        """The kernelspec's argv with the placeholders egd fills on the gateway (``{connection_file}`` is the
+        launcher's, on the host), and ``python`` meaning the hosts' Python."""
+        callback = self.listener.address
+        argv = fill_placeholders(request.spec.argv, {
+            "kernel_id": request.kernel_id, "resource_dir": request.spec.resource_dir,
+            "response_address": f"{callback[0]}:{callback[1]}", "public_key": public_key,
+            "port_range": eg_port_range(self._spec_port_range(request)),
+        })
         if argv and argv[0] in ("python", "python3"):
-            argv[0] = python
+            argv[0] = self._python(request)
+        return argv
+
+    def _python(self, request: LaunchRequest) -> str:
+        argv = request.spec.argv
+        return self.settings.python or (argv[0] if argv and os.path.isabs(argv[0]) else sys.executable)
+
+    def _spec_port_range(self, request: LaunchRequest) -> tuple[int, int] | None:
+        """The kernelspec's own ``port_range`` (EG's ``process_proxy.config``), else the driver's."""
+        own = request.spec.driver_config.get("port_range")
+        if isinstance(own, str) and own not in ("", "0..0"):
+            low, _, high = own.partition("..")
+            return int(low), int(high)
+        return self._port_range
+
+    def _remote_command(self, request: LaunchRequest, callback: tuple[str, int], public_key: str = "") -> list[str]:
+        argv = self._kernel_argv(request, public_key)
+        python = self._python(request)
+        if public_key:  # EG's launcher reports by itself: egd's launcher only starts it, detached
+            options = ["--exec", "--kernel-id", request.kernel_id, "--callback", f"{callback[0]}:{callback[1]}",
+                       "--log-dir", self.settings.log_dir]
+            if request.working_dir:
+                options += ["--working-dir", request.working_dir]
+            return ["exec", python, self.settings.launcher_path, *options, "--", *argv]
         return ["exec", python, self.settings.launcher_path,
-                *launcher_arguments(request, callback, self._port_range, argv, "--log-dir", self.settings.log_dir)]
+                *launcher_arguments(request, callback, self._spec_port_range(request), argv,
+                                    "--log-dir", self.settings.log_dir)]
 
     @property
     def impersonates(self) -> bool:
@@ -229,11 +269,14 @@ class SshDriver(MultiService):
 
     async def _launch(self, request: LaunchRequest) -> LaunchedKernel:
         tried: list[str] = []
+        kernel: RemoteKernel | EgKernel | None
         login = self._login(request)
+        eg = uses_eg_protocol(request.spec.argv)
         for host in self._candidates(request):
-            registration = self.listener.register(request.kernel_id)
+            registration = self.listener.register(request.kernel_id, eg=eg)
             try:
-                kernel = await self._launch_on(request, host, login, registration, tried)
+                launch = self._launch_eg_on if eg else self._launch_on
+                kernel = await launch(request, host, login, registration, tried)
             except BaseException:
                 self.listener.unregister(registration)
                 raise
@@ -251,12 +294,11 @@ class SshDriver(MultiService):
                 env.pop(name, None)
         return json.dumps({"secret": registration.secret.decode(), "key": key, "env": env}).encode() + b"\n"
 
-    async def _launch_on(self, request: LaunchRequest, host: str, login: str | None, registration: Registration,
-                         tried: list[str]) -> RemoteKernel | None:
-        """The kernel started on ``host``; None when ssh cannot reach the host (why is appended to ``tried``);
-        ``LaunchFailed`` or ``LaunchTimeout`` when it was reached but the kernel did not start."""
-        key = uuid.uuid4().hex
-        remote = self._remote_command(request, self.listener.address)
+    async def _start_on(self, request: LaunchRequest, host: str, login: str | None, registration: Registration,
+                        tried: list[str], key: str, public_key: str = "") -> tuple[dict[str, Any], str] | None:
+        """Run the launcher on ``host``: what it printed when it detached and ssh's stderr; None when ssh cannot
+        reach the host (why is appended to ``tried``); ``LaunchFailed`` when the launcher failed there."""
+        remote = self._remote_command(request, self.listener.address, public_key)
         code, proc = await self._run_ssh(host, remote, self._secrets_line(request, registration, key), login)
         if code == SSH_FAILED and any(problem in proc.stderr() for problem in _LOCAL_SSH_PROBLEMS):
             log.error("kernel {kernel_id}: ssh failed on this gateway's side, not {host}'s: {why}",
@@ -274,10 +316,40 @@ class SshDriver(MultiService):
         started = _parse_started(proc)
         log.info("kernel {kernel_id}: launcher started on {host} (pid {pid})", kernel_id=request.kernel_id,
                  host=host, pid=started.get("launcher_pid"))
+        return started, proc.stderr()
+
+    async def _launch_on(self, request: LaunchRequest, host: str, login: str | None, registration: Registration,
+                         tried: list[str]) -> RemoteKernel | None:
+        """The kernel started on ``host``; None when ssh cannot reach the host (why is appended to ``tried``);
+        ``LaunchFailed`` or ``LaunchTimeout`` when it was reached but the kernel did not start."""
+        key = uuid.uuid4().hex
+        result = await self._start_on(request, host, login, registration, tried, key)
+        if result is None:
+            return None
+        started, stderr = result
         info = await self._await_report(request, host, login, registration, started)
         kernel = RemoteKernel(self._reactor, registration, info, key, host, self._forget, self._force_kill)
         kernel.login = login
-        kernel.detail = proc.stderr()
+        kernel.detail = stderr
+        return kernel
+
+    async def _launch_eg_on(self, request: LaunchRequest, host: str, login: str | None, registration: Registration,
+                            tried: list[str]) -> EgKernel | None:
+        """An EG kernelspec's kernel started on ``host``: EG's launcher reports to the listener, which takes its
+        payload only from the address the host reaches egd from (as egd's launcher found it)."""
+        public_key = (await self.listener.eg_key()).public_text
+        result = await self._start_on(request, host, login, registration, tried, "", public_key)
+        if result is None:
+            return None
+        started, stderr = result
+        address = started.get("ip")
+        registration.expect_peers(frozenset({str(address)}) if address else frozenset())
+        info = await self._await_report(request, host, login, registration, started)
+        self.listener.unregister(registration)  # nothing more comes from an EG launcher
+        info.setdefault("pgid", started.get("launcher_pid"))
+        kernel = EgKernel(self._reactor, request.kernel_id, info, host, self._forget_eg, self._force_kill_eg)
+        kernel.login = login
+        kernel.detail = stderr
         return kernel
 
     async def _await_report(self, request: LaunchRequest, host: str, login: str | None,
@@ -298,15 +370,38 @@ class SshDriver(MultiService):
 
     def reattach(self, kernel_id: str, state: Mapping[str, Any], connection_info: dict[str, Any]) -> Deferred[Any]:
         """The kernel a previous gateway started on a host, if its launcher still answers (signed ping) and
-        says the kernel is alive; ``LookupError`` otherwise."""
-        async def reattach() -> RemoteKernel:
-            kernel = await reattach_remote(self._reactor, self.listener, kernel_id, state,
-                                           str(connection_info["key"]), self._forget, self._force_kill)
+        says the kernel is alive (an EG launcher: if its comm port still takes requests); ``LookupError``
+        otherwise."""
+        async def reattach() -> RemoteKernel | EgKernel:
+            kernel: RemoteKernel | EgKernel
+            if state.get("protocol") == "eg":
+                kernel = EgKernel(self._reactor, kernel_id, dict(state["info"]), str(state["where"]),
+                                  self._forget_eg, self._force_kill_eg, poll=False)
+                kernel.login = state.get("login")
+                if not await kernel.alive():
+                    raise LookupError(f"its EG launcher on {kernel.where} does not answer")
+                kernel.start_polling()
+            else:
+                kernel = await reattach_remote(self._reactor, self.listener, kernel_id, state,
+                                               str(connection_info["key"]), self._forget, self._force_kill)
             self._running[kernel_id] = kernel.where
             log.info("kernel {kernel_id}: re-attached to {where}", kernel_id=kernel_id, where=kernel.describe())
             return kernel
 
         return Deferred.fromCoroutine(reattach())
+
+    def _forget_eg(self, kernel: EgKernel) -> None:
+        self._running.pop(kernel.kernel_id, None)
+
+    async def _force_kill_eg(self, kernel: EgKernel) -> None:
+        """SIGKILL to the EG launcher's process group (its kernel, and its comm-port listener)."""
+        pgid = kernel.info.get("pgid")
+        if not isinstance(pgid, int) or pgid <= 1:
+            raise LaunchFailed("no process group to kill")
+        code, proc = await self._run_ssh(kernel.where, ["kill", f"-{signal.SIGKILL}", "--", f"-{pgid}"],
+                                         login=kernel.login)
+        if code == SSH_FAILED:
+            raise ConnectionError(proc.stderr() or "ssh failed")
 
     def _forget(self, kernel: RemoteKernel) -> None:
         self.listener.unregister(kernel.registration)

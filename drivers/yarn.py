@@ -10,7 +10,14 @@ Two kinds of kernel, chosen by the kernelspec (``metadata.egd.config.mode``):
   asks for one container and runs egd's launch script there. No project-owned Java, no JVM client per kernel.
 
 Either way the launcher calls back with the kernel's ports (``docs/launcher-protocol.rst``); the launch secret
-travels in a file YARN localizes into the application's private directory, never on a command line. Every
+travels in a file YARN localizes into the application's private directory, never on a command line.
+
+Enterprise Gateway's ``YarnClusterProcessProxy`` kernelspecs run unchanged: egd runs the spec's argv (EG's
+``bin/run.sh``, which runs ``spark-submit --deploy-mode cluster`` with EG's launcher) on the gateway host as EG does,
+adding only the driver's and the kernel id's tags to ``SPARK_OPTS``; EG's launcher in the application master sends
+its encrypted connection info to this driver's listener, which takes it only from the application master's host
+(:mod:`egd.egprotocol`). Interrupts go to that launcher's comm port; kills and deaths go through YARN as for the
+native kernels. Every
 application carries two tags: the driver's (``application_tag``) and the kernel id. One RM request per interval
 watches all of them (:mod:`egd.drivers.yarn_watch`); kills go through ``PUT .../state`` as the kernel's user.
 """
@@ -18,11 +25,13 @@ watches all of them (:mod:`egd.drivers.yarn_watch`); kills go through ``PUT .../
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import uuid
 from collections.abc import Mapping
@@ -32,6 +41,7 @@ from typing import Any, ClassVar
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from egd.checks import Checker, Settings, build, number, optional, seconds, settings_of, string_map, text, urls
@@ -39,13 +49,16 @@ from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequ
 from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
-from egd.drivertools import LauncherSettings, impersonated_user, protocol_module_beside
+from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user, protocol_module_beside
+from egd.egprotocol import EgKernel, eg_port_range, uses_eg_protocol
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
 from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments, reattach_remote
 
 log = Logger()
 
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
+#: A client's value that a shell's word splitting and expansion leave as it is (EG's run.sh uses ``eval``).
+_SHELL_SAFE = re.compile(r"^[A-Za-z0-9_.@:/=-]*\Z")
 _SIZE = re.compile(r"^(\d{1,7})([mMgG]?)\Z")
 _DS_MAIN = "org.apache.hadoop.yarn.applications.distributedshell.ApplicationMaster"
 #: The classpath of a stock Hadoop installation (yarn.application.classpath's default plus the DS jar's folder).
@@ -200,15 +213,16 @@ def describe_app(app: Mapping[str, Any]) -> str:
 class YarnKernel:
     """A kernel running in a YARN application (:class:`egd.driverapi.LaunchedKernel`)."""
 
-    def __init__(self, driver: YarnDriver, remote: RemoteKernel, watch: AppWatch, user: str) -> None:
+    def __init__(self, driver: YarnDriver, remote: RemoteKernel | EgKernel, watch: AppWatch, user: str) -> None:
         self._driver = driver
+        #: egd's launcher beside the kernel, or EG's (an EG kernelspec).
         self.remote = remote
         self.watch = watch
         self.user = user
         self.connection_info = remote.connection_info
         self.exited: Deferred[ExitStatus] = Deferred()
         self._code: int | None = None
-        remote.registration.exited.addCallback(self._kernel_ended)
+        remote.exited.addCallback(self._kernel_ended)
         watch.ended.addCallback(self._app_ended)
         watch.urgent = False
 
@@ -225,6 +239,8 @@ class YarnKernel:
         return status
 
     def _app_ended(self, app: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(self.remote, EgKernel):
+            self.remote.ended(ExitStatus(None, detail=describe_app(app)))
         if not self.exited.called:
             self.exited.callback(ExitStatus(self._code, detail=describe_app(app)))
         return app
@@ -239,7 +255,7 @@ class YarnKernel:
         return describe_app(self.watch.report) if self.watch.report else ""
 
     def signal(self, signum: int) -> Deferred[None]:
-        """Through the launcher beside the kernel."""
+        """Through the launcher beside the kernel (EG's: its comm port, where SIGINT also cancels Spark jobs)."""
         return self.remote.signal(signum)
 
     def kill(self) -> Deferred[None]:
@@ -316,6 +332,8 @@ class YarnDriver(MultiService):
         return Deferred.fromCoroutine(self._launch(request))
 
     async def _launch(self, request: LaunchRequest) -> LaunchedKernel:
+        if uses_eg_protocol(request.spec.argv):
+            return await self._launch_eg(request)
         config = request.spec.driver_config
         mode = str(config.get("mode", "spark"))
         if mode not in ("spark", "python"):
@@ -351,7 +369,7 @@ class YarnDriver(MultiService):
             raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        remote = RemoteKernel(self._reactor, registration, info, key, str(watch.app_id), lambda _: None,
+        remote = RemoteKernel(self._reactor, registration, info, key, str(watch.app_id), self._unregister,
                               self._no_force_kill)
         kernel = YarnKernel(self, remote, watch, user)
         self._kernels[request.kernel_id] = kernel
@@ -371,8 +389,16 @@ class YarnDriver(MultiService):
             watch = AppWatch(kernel_id, user, int(state.get("started_ms") or 0), lambda _: None, app_id=app_id)
             watch.report = app
             try:
-                remote = await reattach_remote(self._reactor, self.listener, kernel_id, remote_state,
-                                               str(connection_info["key"]), lambda _: None, self._no_force_kill)
+                remote: RemoteKernel | EgKernel
+                if remote_state.get("protocol") == "eg":
+                    remote = EgKernel(self._reactor, kernel_id, dict(remote_state["info"]), app_id,
+                                      lambda _: None, self._no_force_kill, poll=False)
+                    if not await remote.alive():
+                        raise LookupError(f"its EG launcher in {app_id} does not answer")
+                else:
+                    remote = await reattach_remote(self._reactor, self.listener, kernel_id, remote_state,
+                                                   str(connection_info["key"]), self._unregister,
+                                                   self._no_force_kill)
             except LookupError as exc:
                 await self.kill_app(watch, user)
                 raise LookupError(f"{exc}; YARN application {app_id} killed") from None
@@ -384,8 +410,118 @@ class YarnDriver(MultiService):
 
         return Deferred.fromCoroutine(reattach())
 
-    async def _no_force_kill(self, kernel: RemoteKernel) -> None:
+    async def _no_force_kill(self, kernel: RemoteKernel | EgKernel) -> None:
         raise LaunchFailed("YARN kernels are killed through the ResourceManager")
+
+    def _unregister(self, kernel: RemoteKernel) -> None:
+        self.listener.unregister(kernel.registration)
+
+    # -- Enterprise Gateway's kernelspecs -------------------------------------------------------------------
+
+    def eg_environment(self, request: LaunchRequest) -> dict[str, str]:
+        """The environment of an EG spec's ``run.sh``: the kernel's, over the driver's process environment, with
+        the driver's ``spark_conf`` before the spec's ``SPARK_OPTS`` and this driver's tags after them (how the
+        watcher finds the application). ``run.sh`` passes ``SPARK_OPTS`` through ``eval``: a client's value that
+        it would split or expand is refused (400)."""
+        env = {**self._process_env(), **request.env}
+        for name in request.spec.env:
+            for used in re.findall(r"\$\{?(KERNEL_[A-Za-z0-9_]+)", str(request.spec.env[name])):
+                if not _SHELL_SAFE.match(request.env.get(used, "")):
+                    raise BadRequest(f"{used} may hold only letters, digits and . _ - @ : / = for kernelspec "
+                                     f"{request.spec.name} (its {name} goes through a shell)")
+        # The driver's spark_conf first: a later --conf wins, so the spec's own SPARK_OPTS override it; the tags last.
+        defaults = " ".join(f"--conf {shlex.quote(f'{name}={value}')}" for name, value in self._spark_conf.items())
+        env["SPARK_OPTS"] = " ".join(part for part in (
+            defaults, env.get("SPARK_OPTS", ""), f"--conf spark.yarn.tags={self._tag},{request.kernel_id}") if part)
+        return env
+
+    def eg_argv(self, request: LaunchRequest, public_key: str) -> list[str]:
+        """The EG spec's argv with EG's placeholders filled."""
+        callback = self.listener.address
+        return fill_placeholders(request.spec.argv, {
+            "kernel_id": request.kernel_id, "resource_dir": request.spec.resource_dir,
+            "response_address": f"{callback[0]}:{callback[1]}", "public_key": public_key,
+            "port_range": eg_port_range(self._port_range), "connection_file": "",
+        })
+
+    async def _launch_eg(self, request: LaunchRequest) -> LaunchedKernel:
+        """An EG ``YarnClusterProcessProxy`` spec: run its argv here (it submits the application), then wait for
+        the payload of EG's launcher from the application master's host."""
+        env = self.eg_environment(request)
+        user = self._yarn_user(request)
+        started = self._reactor.seconds()
+        registration = self.listener.register(request.kernel_id, eg=True)
+        public_key = (await self.listener.eg_key()).public_text
+        workdir = os.path.join(self._staging, f"{request.kernel_id}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(workdir, mode=0o700)
+        resolving: list[str] = []
+
+        def progress(app: dict[str, Any]) -> None:
+            text = describe_app(app)
+            log.info("kernel {kernel_id}: {text}", kernel_id=request.kernel_id, text=text)
+            request.progress(text)
+            host = str(app.get("amHostHttpAddress") or "").rpartition(":")[0]
+            if host and not resolving:
+                resolving.append(host)
+                self._host_addresses(host).addCallbacks(
+                    registration.expect_peers,
+                    lambda f: log.warn("kernel {kernel_id}: cannot resolve {host}: {why}",
+                                       kernel_id=request.kernel_id, host=host, why=f.getErrorMessage()))
+
+        watch = AppWatch(request.kernel_id, user, int(started * 1000), progress)
+        request.progress(f"running {os.path.basename(request.spec.argv[0])} (Enterprise Gateway kernelspec)")
+        try:
+            self.watcher.watch(watch)
+            await self._run_submitter(request, self.eg_argv(request, public_key), env, workdir, started)
+            info = await self._wait_ready(request, registration, watch, started)
+        except BaseException:
+            self.listener.unregister(registration)
+            await self._abandon(watch, user)
+            raise
+        finally:
+            self.listener.unregister(registration)
+            shutil.rmtree(workdir, ignore_errors=True)
+        remote = EgKernel(self._reactor, request.kernel_id, info, str(watch.app_id), lambda _: None,
+                          self._no_force_kill, poll=False)
+        kernel = YarnKernel(self, remote, watch, user)
+        self._kernels[request.kernel_id] = kernel
+        log.info("kernel {kernel_id}: {app} runs it on {host} (EG launcher)", kernel_id=request.kernel_id,
+                 app=watch.app_id, host=info.get("ip"))
+        return kernel
+
+    def _host_addresses(self, host: str) -> Deferred[frozenset[str]]:
+        """The addresses a payload from ``host`` may come from: its own, and loopback when it is this machine."""
+        def resolve() -> frozenset[str]:
+            found = {str(info[4][0]) for info in socket.getaddrinfo(host, None, socket.AF_INET)}
+            for address in list(found):
+                if ipaddress.ip_address(address).is_loopback or _is_local(address):
+                    found.update({"127.0.0.1", address})
+            return frozenset(found)
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), resolve)
+
+    async def _run_submitter(self, request: LaunchRequest, argv: list[str], env: dict[str, str], workdir: str,
+                             started: float) -> None:
+        """Run a command that submits the kernel's application and returns (``spark-submit`` with
+        ``waitAppCompletion=false``, or a script around it), within the launch timeout."""
+        proto = CapturedProcess(None)
+        try:
+            process = self._reactor.spawnProcess(proto, argv[0], argv, env=env, path=workdir)
+        except OSError as exc:
+            raise LaunchFailed(f"cannot run {argv[0]}: {exc}") from None
+        remaining = max(1.0, request.timeout - (self._reactor.seconds() - started))
+        ended = proto.ended
+        ended.addTimeout(remaining, self._reactor, onTimeoutCancel=lambda *_: None)
+        code = await ended
+        if code is None:
+            try:
+                process.signalProcess("KILL")
+            except Exception:
+                pass
+            raise LaunchTimeout(f"{os.path.basename(argv[0])} did not return within {remaining:.0f} seconds: "
+                                f"{proto.stderr(5)}")
+        if code != 0:
+            raise LaunchFailed(f"{os.path.basename(argv[0])} exited with code {code}: {proto.stderr()}")
 
     def _launcher_args(self, request: LaunchRequest, callback: tuple[str, int], secrets_file: str | None,
                        spark: bool) -> list[str]:
@@ -454,20 +590,7 @@ class YarnDriver(MultiService):
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets)
         argv = self.spark_submit_argv(request, resources, user, secrets_path)
-        proto = CapturedProcess(None)
-        process = self._reactor.spawnProcess(proto, argv[0], argv, env=self._process_env(), path=workdir)
-        remaining = max(1.0, request.timeout - (self._reactor.seconds() - started))
-        ended = proto.ended
-        ended.addTimeout(remaining, self._reactor, onTimeoutCancel=lambda *_: None)
-        code = await ended
-        if code is None:
-            try:
-                process.signalProcess("KILL")
-            except Exception:
-                pass
-            raise LaunchTimeout(f"spark-submit did not return within {remaining:.0f} seconds: {proto.stderr(5)}")
-        if code != 0:
-            raise LaunchFailed(f"spark-submit exited with code {code}: {proto.stderr()}")
+        await self._run_submitter(request, argv, self._process_env(), workdir, started)
 
     def python_submission(self, request: LaunchRequest, resources: Resources, app_id: str,
                           script: str) -> dict[str, Any]:
@@ -618,7 +741,17 @@ class YarnDriver(MultiService):
 
     def forget(self, kernel: YarnKernel) -> None:
         """A kernel has ended: drop its launch registration and its watch."""
-        self.listener.unregister(kernel.remote.registration)
+        kernel.remote.cleanup()
         self.watcher.forget(kernel.watch)
         if self._kernels.get(kernel.watch.kernel_id) is kernel:
             del self._kernels[kernel.watch.kernel_id]
+
+
+def _is_local(address: str) -> bool:
+    """Whether ``address`` belongs to this machine (it can be bound here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from egd import __version__
 from egd.auth import token_digest
-from egd.config import ENV_OVERRIDES, Config, ConfigError, KernelsConfig, load_config, with_overrides
+from egd.config import ENV_OVERRIDES, Config, ConfigError, KernelsConfig, load_config, missing_driver, with_overrides
 
 #: Descriptors to keep for kernels, the state store and logs beside the connections (server.max_connections).
 _FILES_BESIDE_CONNECTIONS = 1024
@@ -124,7 +124,8 @@ def _kernelspecs(args: argparse.Namespace) -> int:
         return 1
     width = max(len(n) for n in specs)
     for name, spec in specs.items():
-        missing = "" if spec.driver in config.drivers else "  (driver not configured)"
+        missing = ("" if spec.driver in config.drivers
+                   else f"  (cannot start: needs {missing_driver(spec.driver, config.drivers)})")
         default = " *" if name == config.kernels.default_kernel_name else ""
         print(f"{name:<{width}}  {spec.driver:<6}  {spec.display_name}{default}{missing}")
     return 0

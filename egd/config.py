@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -468,6 +468,14 @@ def _drivers(raw: Any, problems: list[str]) -> dict[str, Any]:
     return result
 
 
+def missing_driver(driver: str, configured: Iterable[str]) -> str:
+    """What a kernelspec needs that this gateway lacks, in words (``driver``: its driver's name)."""
+    if driver.endswith("ProcessProxy"):
+        return (f"Enterprise Gateway's {driver}, for which egd has no driver (egd runs EG's LocalProcessProxy, "
+                "DistributedProcessProxy and YarnClusterProcessProxy kernelspecs)")
+    return f"the {driver!r} driver, which is not in drivers (configured: {', '.join(sorted(configured))})"
+
+
 #: Given the ``kernels`` section: the driver of each kernelspec egd would offer, by kernelspec name.
 SpecDrivers = Callable[[KernelsConfig], Mapping[str, str]]
 
@@ -482,17 +490,16 @@ def _kernelspec_problems(kernels: KernelsConfig, configured: list[str], spec_dri
     named = {"kernels.default_kernel_name": kernels.default_kernel_name,
              **{f"kernels.pools.{name}": name for name in kernels.pools},
              **{f"kernels.allowed_kernelspecs[{i}]": name for i, name in enumerate(kernels.allowed_kernelspecs)}}
-    problems = [f"kernels: kernelspec {name!r} needs the {driver!r} driver, which is not in drivers (configured: "
-                f"{', '.join(configured)}): configure it, or leave the kernelspec out with "
-                "kernels.allowed_kernelspecs" for name, driver in sorted(drivers.items())
-                if driver not in configured and name not in named.values()]
+    problems = [f"kernels: kernelspec {name!r} needs {missing_driver(driver, configured)}: "
+                + ("" if driver.endswith("ProcessProxy") else "configure it, or ")
+                + "leave the kernelspec out with kernels.allowed_kernelspecs"
+                for name, driver in sorted(drivers.items()) if driver not in configured and name not in named.values()]
     for path, name in named.items():
         if name not in drivers:
             found = ", ".join(sorted(drivers)) or "none"
             problems.append(f"{path}: no kernelspec {name!r} is offered (found: {found})")
         elif drivers[name] not in configured:
-            problems.append(f"{path}: kernelspec {name!r} needs the {drivers[name]!r} driver, which is not in "
-                            f"drivers (configured: {', '.join(configured)})")
+            problems.append(f"{path}: kernelspec {name!r} needs {missing_driver(drivers[name], configured)}")
     return problems
 
 

@@ -46,6 +46,10 @@ class KernelSpecView(Protocol):
         """The kernelspec's directory (``{resource_dir}`` in ``argv``)."""
 
     @property
+    def env(self) -> Mapping[str, str]:
+        """The kernelspec's own ``env`` (already merged into the request's ``env``, which wins)."""
+
+    @property
     def driver_config(self) -> Mapping[str, Any]:
         """This kernelspec's own settings for its driver (``metadata.egd.config``)."""
 

@@ -23,11 +23,18 @@ from egd.launchers import launcher_protocol
 
 #: A user name a driver may log in or submit as when impersonating (POSIX portable, no leading dash or digit).
 _LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 #: The launcher of this egd installation: remote hosts need the same file at ``launcher_path``, with the
 #: protocol module beside it (:data:`LAUNCHER_FILES`). egd never imports the launcher script itself.
 DEFAULT_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(launcher_protocol.__file__)), "kernel_launcher.py")
 #: The files a copy of the launcher consists of (in one directory).
 LAUNCHER_FILES = ("kernel_launcher.py", "launcher_protocol.py")
+
+
+def fill_placeholders(argv: tuple[str, ...] | list[str], values: Mapping[str, str]) -> list[str]:
+    """A kernelspec's ``argv`` with ``{connection_file}``-style placeholders replaced from ``values``; unknown ones
+    are kept, as jupyter_client and Enterprise Gateway do."""
+    return [_PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), arg) for arg in argv]
 
 
 def protocol_module_beside(launcher_path: str) -> str:

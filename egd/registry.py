@@ -13,7 +13,7 @@ from typing import Any
 from twisted.application.service import IService
 
 from egd.checks import settings_of
-from egd.config import Config
+from egd.config import Config, missing_driver
 from egd.driverapi import IDriverReactor, KernelDriver
 from egd.errors import ServiceUnavailable
 from egd.plugins import load_driver_class
@@ -65,5 +65,4 @@ class DriverRegistry(AsyncMultiService):
             return self._drivers[name]
         except KeyError:
             raise ServiceUnavailable(
-                f"This gateway does not run the '{name}' driver that the kernelspec needs "
-                f"(configured drivers: {', '.join(sorted(self._drivers))})") from None
+                f"This gateway cannot start the kernelspec: it needs {missing_driver(name, self._drivers)}") from None

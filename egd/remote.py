@@ -4,6 +4,9 @@
 - :class:`LaunchListener`: the callback listener launchers report to. Each connection is its own protocol
   with a read deadline and a line-size limit, so a slow, silent, oversized or malicious peer delays no one.
   Only a message signed with the secret of a launch egd is waiting for is accepted; replays are refused.
+  The same port takes the payloads of Enterprise Gateway's launchers (:mod:`egd.egprotocol`): a connection whose
+  first byte is not ``{`` is one, read to its end; it is accepted only for an EG launch egd is waiting for, once,
+  from the host egd launched on.
 - :func:`control_request`: a signed request to a launcher's control port, with a deadline.
 - :class:`RemoteKernel`: the :class:`egd.driverapi.LaunchedKernel` of a kernel started through a launcher.
 """
@@ -19,6 +22,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -26,6 +30,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchRequest
+from egd.egprotocol import MAX_PAYLOAD, PayloadRefused, ResponseKey, decode_payload
 from egd.errors import ServiceUnavailable
 from egd.launchers.launcher_protocol import MAX_LINE, NonceCache, parse_message, sign, verify
 from egd.util import describe
@@ -53,19 +58,31 @@ class LaunchRefused(Exception):
     """A launcher's message that egd does not accept (the text says why; it is logged, never trusted)."""
 
 
+#: Unverified EG payloads kept per launch while its host's address is not yet known (the first that comes
+#: from that address wins; the rest are forgeries or duplicates).
+_MAX_UNVERIFIED = 4
+
+
 @dataclass
 class Registration:
-    """What egd expects from one launch: its secret, and what to do with each kind of message."""
+    """What egd expects from one launch: its secret, and what to do with each kind of message. An EG launch
+    (``eg``) expects one payload instead, from one of ``expected_peers`` (set by the driver when it knows
+    where the kernel runs; payloads that come before are held until then)."""
 
     kernel_id: str
     secret: bytes
     ready: Deferred[dict[str, Any]] = field(default_factory=Deferred)
     exited: Deferred[ExitStatus] = field(default_factory=Deferred)
     nonces: NonceCache = field(default_factory=NonceCache)
+    eg: bool = False
+    expected_peers: frozenset[str] | None = None
+    unverified: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
     def accept(self, message: dict[str, Any]) -> None:
         """Apply an authentic message; :class:`LaunchRefused` if it does not fit the launch's state."""
         kind = message.get("type")
+        if self.eg:
+            raise LaunchRefused("this launch uses EG's protocol")
         if kind == "ready":
             if self.ready.called:
                 raise LaunchRefused("this kernel has already reported")
@@ -85,6 +102,36 @@ class Registration:
         else:
             raise LaunchRefused(f"unknown message type {str(kind)[:20]!r}")
 
+    def accept_eg(self, info: dict[str, Any], peer: str) -> None:
+        """Apply an EG payload from ``peer``: the kernel's connection info, its address the payload's source
+        (EG's launchers report 0.0.0.0). :class:`LaunchRefused` when it does not fit this launch."""
+        if not self.eg:
+            raise LaunchRefused("this launch uses egd's signed protocol")
+        if self.ready.called:
+            raise LaunchRefused("this kernel has already reported")
+        if self.expected_peers is None:
+            if len(self.unverified) >= _MAX_UNVERIFIED:
+                raise LaunchRefused("too many payloads before the kernel's host is known")
+            self.unverified.append((info, peer))
+            return
+        if peer not in self.expected_peers:
+            raise LaunchRefused(f"it comes from {peer}, not from the kernel's host "
+                                f"({', '.join(sorted(self.expected_peers))})")
+        self.ready.callback(dict(info, ip=peer))
+
+    def expect_peers(self, peers: frozenset[str]) -> None:
+        """The addresses the kernel's host may report from, now known; a payload held until now is judged."""
+        self.expected_peers = peers
+        held, self.unverified = self.unverified, []
+        for info, peer in held:
+            if self.ready.called:
+                break
+            try:
+                self.accept_eg(info, peer)
+            except LaunchRefused as exc:
+                log.warn("launch listener: refused an EG payload for kernel {kernel_id} from {peer}: {why}",
+                         kernel_id=self.kernel_id, peer=peer, why=str(exc))
+
 
 def _peer(transport: Any) -> str:
     return str(getattr(transport.getPeer(), "host", "?")) if transport is not None else "?"
@@ -92,17 +139,44 @@ def _peer(transport: Any) -> str:
 
 class _CallbackProtocol(LineOnlyReceiver, TimeoutMixin):
     """One connection from a launcher: one line in, one line out, within a deadline (a total: it is not reset
-    by the bytes of a slow peer)."""
+    by the bytes of a slow peer). A connection whose first byte is not ``{`` carries an EG payload instead: read
+    until the peer closes its side (at most :data:`MAX_PAYLOAD` bytes, within the same deadline), no answer."""
 
     MAX_LENGTH = MAX_LINE
     delimiter = b"\n"
 
     def __init__(self, listener: LaunchListener) -> None:
         self._listener = listener
+        self._eg: bytearray | None = None
+        self._sniffed = False
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted hook
         """Start the read deadline."""
         self.setTimeout(READ_DEADLINE)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted hook
+        """The first byte tells the protocol: a JSON line (egd's launcher) or base64 (EG's launchers)."""
+        if not self._sniffed and data:
+            self._sniffed = True
+            if not data.lstrip().startswith(b"{"):
+                self._eg = bytearray()
+        if self._eg is None:
+            super().dataReceived(data)
+            return
+        self._eg += data
+        if len(self._eg) > MAX_PAYLOAD:
+            transport: Any = self.transport
+            log.warn("launch listener: refused an oversized EG payload from {peer}", peer=_peer(transport))
+            self._eg = bytearray()
+            if transport is not None:
+                transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted hook
+        """An EG payload ends with its connection (only a clean close: an aborted one is incomplete)."""
+        self.setTimeout(None)
+        if self._eg and reason is not None and reason.check(ConnectionDone):
+            self._listener.receive_eg(bytes(self._eg), _peer(self.transport))
+        self._eg = None
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted hook
         """Judge the message and answer."""
@@ -123,6 +197,7 @@ class _CallbackProtocol(LineOnlyReceiver, TimeoutMixin):
     def timeoutConnection(self) -> None:  # noqa: N802 - Twisted hook
         """Silent or slow: drop the connection."""
         transport: Any = self.transport
+        self._eg = None
         if transport is not None:
             transport.abortConnection()
 
@@ -137,6 +212,30 @@ class LaunchListener(Service):
         self._port_number = port
         self._port: Any = None
         self._registrations: dict[str, Registration] = {}
+        self._eg_key: ResponseKey | None = None
+        self._eg_key_waiters: list[Deferred[ResponseKey]] | None = None
+
+    async def eg_key(self) -> ResponseKey:
+        """This gateway's key for EG's launchers (``{public_key}``), made on first use (in a thread)."""
+        if self._eg_key is not None:
+            return self._eg_key
+        waiter: Deferred[ResponseKey] = Deferred()
+        if self._eg_key_waiters is None:
+            self._eg_key_waiters = []
+            ResponseKey.generate().addCallbacks(self._key_made, self._key_failed)
+        self._eg_key_waiters.append(waiter)
+        return await waiter
+
+    def _key_made(self, key: ResponseKey) -> None:
+        self._eg_key = key
+        waiters, self._eg_key_waiters = self._eg_key_waiters or [], None
+        for waiter in waiters:
+            waiter.callback(key)
+
+    def _key_failed(self, failure: Any) -> None:
+        waiters, self._eg_key_waiters = self._eg_key_waiters or [], None
+        for waiter in waiters:
+            waiter.errback(failure)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -163,10 +262,11 @@ class LaunchListener(Service):
         port, self._port = self._port, None
         return port.stopListening() if port is not None else None
 
-    def register(self, kernel_id: str, secret: bytes | None = None) -> Registration:
+    def register(self, kernel_id: str, secret: bytes | None = None, eg: bool = False) -> Registration:
         """Expect a launch of ``kernel_id``; its fresh secret is in the registration. With ``secret``: a launch
-        that already reported (re-attached after a gateway restart), so only its exit is still expected."""
-        registration = Registration(kernel_id, secret or secrets.token_hex(32).encode())
+        that already reported (re-attached after a gateway restart), so only its exit is still expected. With
+        ``eg``: a launch by one of EG's launchers, which sends an EG payload instead."""
+        registration = Registration(kernel_id, secret or secrets.token_hex(32).encode(), eg=eg)
         if secret is not None:
             registration.ready.callback({})
         self._registrations[kernel_id] = registration
@@ -200,6 +300,26 @@ class LaunchListener(Service):
         log.debug("launch listener: {kind} from kernel {kernel_id} at {peer}", kind=message.get("type"),
                   kernel_id=kernel_id, peer=peer)
         return {"ok": True}
+
+
+    def receive_eg(self, data: bytes, peer: str) -> None:
+        """Check and apply one EG payload (never raises; what is refused is logged with the reason)."""
+        key = self._eg_key
+        kernel_id = "?"
+        try:
+            if key is None:
+                raise LaunchRefused("no EG launch is expected")
+            info = decode_payload(data, key)
+            kernel_id = str(info["kernel_id"])[:40]
+            registration = self._registrations.get(kernel_id)
+            if registration is None:
+                raise LaunchRefused(f"no launch of kernel {kernel_id} is expected")
+            registration.accept_eg(info, peer)
+        except (LaunchRefused, PayloadRefused) as exc:
+            log.warn("launch listener: refused an EG payload for kernel {kernel_id} from {peer}: {why}",
+                     kernel_id=kernel_id, peer=peer, why=str(exc))
+            return
+        log.info("launch listener: EG payload for kernel {kernel_id} from {peer}", kernel_id=kernel_id, peer=peer)
 
 
 class _ControlClient(LineOnlyReceiver):

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
 from egd.auth import LOCAL_OPERATOR, Identity
-from egd.config import Config, KernelsConfig, ServerConfig
+from egd.config import Config, KernelsConfig, ServerConfig, missing_driver
 from egd.driverapi import KernelDriver
 from egd.errors import KernelNotFound, ServiceUnavailable
 from egd.kernels.admission import Admission
@@ -303,6 +303,8 @@ class KernelManager(Service):
         the kernels it records before the gateway starts serving."""
         super().startService()
         self.culler.startService()
+        Deferred.fromCoroutine(self._announce_specs()).addErrback(
+            lambda f: log.failure("reading the kernelspecs at start failed", f))
         if self.store is None:
             self.pool.start()
             return None
@@ -319,6 +321,19 @@ class KernelManager(Service):
             self.pool.start()
 
         return ensureDeferred(restore())
+
+    async def _announce_specs(self) -> None:
+        """Say at start which kernelspecs use Enterprise Gateway's launcher protocol (unauthenticated payloads,
+        see docs/security.rst) and which name a driver this gateway does not run."""
+        specs = await self.specs.all()
+        eg = sorted(name for name, spec in specs.items() if spec.uses_eg_protocol)
+        if eg:
+            log.info("kernelspecs using Enterprise Gateway's launcher protocol (payloads accepted only from the "
+                     "launched host, inside the launch window): {names}", names=", ".join(eg))
+        for name, spec in sorted(specs.items()):
+            if spec.driver not in self._drivers.names:
+                log.warn("kernelspec {name} cannot be started here: it needs {what}", name=name,
+                         what=missing_driver(spec.driver, self._drivers.names))
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Refuse new kernels, stop the existing ones, close the ZeroMQ context."""

@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from egd.config import KernelsConfig
+from egd.egprotocol import uses_eg_protocol
 from egd.errors import KernelSpecNotFound
 
 #: Enterprise Gateway process proxies and the egd driver that does the same job.
@@ -62,6 +63,11 @@ class KernelSpecInfo:
             short = proxy["class_name"].rsplit(".", 1)[-1]
             return _EG_PROCESS_PROXIES.get(short, short)
         return "local"
+
+    @property
+    def uses_eg_protocol(self) -> bool:
+        """Whether this spec starts one of Enterprise Gateway's launchers, which report back by EG's protocol."""
+        return uses_eg_protocol(self.argv)
 
     @property
     def launch_timeout(self) -> float | None:
