@@ -50,7 +50,7 @@ from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
 from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user, protocol_module_beside
-from egd.egprotocol import EgKernel, eg_port_range, uses_eg_protocol
+from egd.egprotocol import EgKernel, eg_port_range, eg_spark_opts_variable, uses_eg_protocol
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
 from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments, reattach_remote
 
@@ -431,8 +431,10 @@ class YarnDriver(MultiService):
                                      f"{request.spec.name} (its {name} goes through a shell)")
         # The driver's spark_conf first: a later --conf wins, so the spec's own SPARK_OPTS override it; the tags last.
         defaults = " ".join(f"--conf {shlex.quote(f'{name}={value}')}" for name, value in self._spark_conf.items())
-        env["SPARK_OPTS"] = " ".join(part for part in (
-            defaults, env.get("SPARK_OPTS", ""), f"--conf spark.yarn.tags={self._tag},{request.kernel_id}") if part)
+        # EG's Toree run.sh reads __TOREE_SPARK_OPTS__ when SPARK_OPTS is empty
+        name = eg_spark_opts_variable(request.spec.env) or "SPARK_OPTS"
+        env[name] = " ".join(part for part in (
+            defaults, env.get(name, ""), f"--conf spark.yarn.tags={self._tag},{request.kernel_id}") if part)
         return env
 
     def eg_argv(self, request: LaunchRequest, public_key: str) -> list[str]:

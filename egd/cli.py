@@ -15,7 +15,7 @@ from egd.config import ENV_OVERRIDES, Config, ConfigError, KernelsConfig, load_c
 
 #: Descriptors to keep for kernels, the state store and logs beside the connections (server.max_connections).
 _FILES_BESIDE_CONNECTIONS = 1024
-_COMMANDS = ("run", "check-config", "kernelspecs", "token", "state-key")
+_COMMANDS = ("run", "check-config", "kernelspecs", "token", "state-key", "migrate-eg")
 
 _EPILOG = """\
 With no command, egd runs the gateway. With no config file, it serves local kernels of every kernelspec
@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("state-key", help="print a new key for state.secret_key_file",
                         description="Print a new key that encrypts secrets in the state store; gateways sharing "
                                     "a PostgreSQL store need the same one (write it to a file, mode 0600).")
+    from egd import migrate_eg
+
+    migrate_eg.add_parser(commands)
     return parser
 
 
@@ -105,6 +108,11 @@ def _check_config(path: str) -> int:
         problems.append(str(exc))
     else:
         problems.extend(tenancy_problems(config, registry.names))
+        from egd.kernels.specs import eg_spec_problems
+
+        settings = {name: getattr(driver, "settings", None) for name, driver in registry.names.items()}
+        for spec in _read_specs(config.kernels).values():
+            problems.extend(eg_spec_problems(spec, settings))
     if problems:
         print(str(ConfigError(problems, path)), file=sys.stderr)
         return 1
@@ -234,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             return _check_config(args.file)
         if args.command == "kernelspecs":
             return _kernelspecs(args)
+        if args.command == "migrate-eg":
+            from egd import migrate_eg
+
+            return migrate_eg.run(args)
         if args.command == "token":
             return _token(args.user)
         if args.command == "state-key":

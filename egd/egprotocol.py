@@ -62,6 +62,12 @@ def uses_eg_protocol(argv: tuple[str, ...] | list[str]) -> bool:
     return any(marker in arg for arg in argv for marker in EG_PLACEHOLDERS)
 
 
+def eg_spark_opts_variable(env: Mapping[str, str]) -> str | None:
+    """The variable of an EG kernelspec's ``env`` that its ``run.sh`` passes to ``spark-submit``: ``SPARK_OPTS``,
+    or Toree's ``__TOREE_SPARK_OPTS__`` (used when ``SPARK_OPTS`` is empty); None when it has neither (Dask)."""
+    return next((name for name in ("SPARK_OPTS", "__TOREE_SPARK_OPTS__") if name in env), None)
+
+
 def eg_port_range(port_range: tuple[int, int] | None) -> str:
     """EG's ``{port_range}``: ``lo..hi``, or ``0..0`` for any port."""
     return f"{port_range[0]}..{port_range[1]}" if port_range else "0..0"

@@ -275,3 +275,41 @@ def test_eg_class_without_driver_is_a_clear_error(eg_specs: Path, tmp_path: Path
     finally:
         gw.stop()
 
+
+
+def test_process_proxy_config_egd_cannot_honour_is_named(eg_specs: Path, tmp_path: Path) -> None:
+    """EG's per-spec ``process_proxy.config``: a ``yarn_endpoint`` that is not one of the yarn driver's
+    ResourceManagers (EG's ``/ws/v1/cluster`` suffix is understood), Kerberos, a malformed ``port_range`` and an
+    unknown key are each named by ``egd check-config`` and refuse the start with a 503 naming them; nothing is
+    submitted (no ``run.sh`` runs)."""
+    specs = tmp_path / "specs"
+    spec = egdist.spec_json(eg_specs, "spark_python_yarn_cluster")
+    good = dict(spec, metadata={"process_proxy": dict(spec["metadata"]["process_proxy"],  # type: ignore[index]
+                                                      config={"yarn_endpoint": "http://127.0.0.1:9/ws/v1/cluster"})})
+    bad = dict(spec, metadata={"process_proxy": dict(spec["metadata"]["process_proxy"],  # type: ignore[index]
+                                                     config={"yarn_endpoint": "http://rm.example:8088/ws/v1/cluster",
+                                                             "yarn_endpoint_security_enabled": True,
+                                                             "port_range": "40000-41000", "image_name": "x"})})
+    for name, body in (("eg_good", good), ("eg_bad", bad)):
+        (specs / name).mkdir(parents=True)
+        (specs / name / "kernel.json").write_text(json.dumps(body))
+    config = {"kernels": {"kernelspec_dirs": [str(specs)], "default_kernel_name": "eg_good"},
+              "drivers": {"yarn": {"resource_managers": ["http://127.0.0.1:9"], "request_timeout": 1}}}
+    path = tmp_path / "egd.yaml"
+    path.write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "egd", "check-config", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "eg_good" not in done.stderr
+    for text in ("yarn_endpoint: http://rm.example:8088/ws/v1/cluster is not one of drivers.yarn.resource_managers",
+                 "yarn_endpoint_security_enabled: Kerberos", "port_range: '40000-41000' is not lo..hi",
+                 "image_name: not a setting egd reads"):
+        assert text in done.stderr
+    gw = GatewayProcess(config)
+    try:
+        resp = gw.client.request("POST", "/api/kernels", {"name": "eg_bad"})
+        assert resp.status == 503 and "Kerberos" in resp.json["message"]
+        assert "rm.example" in resp.json["message"]
+        assert not gw.kernel_processes()
+    finally:
+        gw.stop()

@@ -16,7 +16,7 @@ from egd.driverapi import KernelDriver
 from egd.errors import Conflict, Forbidden, KernelNotFound, ServiceUnavailable
 from egd.kernels.env import UNNAMED_OWNER, KernelEnv
 from egd.kernels.kernel import Kernel
-from egd.kernels.specs import KernelSpecInfo, KernelSpecStore
+from egd.kernels.specs import KernelSpecInfo, KernelSpecStore, eg_spec_problems
 from egd.metrics import GatewayMetrics
 from egd.registry import DriverRegistry
 
@@ -109,6 +109,9 @@ class Admission:
             driver = self._drivers.get(spec.driver)
         except ServiceUnavailable as exc:
             raise self.refuse("unavailable", exc) from None
+        problems = eg_spec_problems(spec, {n: getattr(d, "settings", None) for n, d in self._drivers.names.items()})
+        if problems:
+            raise self.refuse("unavailable", ServiceUnavailable("; ".join(problems)))
         if user == UNNAMED_OWNER and driver.impersonates:
             # Runs kernels as their users: one without a user has no account to run as (never egd's own).
             raise self.refuse("unauthorized", Forbidden(

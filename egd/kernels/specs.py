@@ -7,6 +7,7 @@ A spec names its driver in ``metadata.egd.driver``; Enterprise Gateway specs nam
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from egd.config import KernelsConfig
-from egd.egprotocol import uses_eg_protocol
+from egd.egprotocol import eg_spark_opts_variable, uses_eg_protocol
 from egd.errors import KernelSpecNotFound
 
 #: Enterprise Gateway process proxies and the egd driver that does the same job.
@@ -147,6 +148,48 @@ class KernelSpecInfo:
         }
         resources = {key: f"{base_url}kernelspecs/{self.name}/{filename}" for key, filename in self.resources.items()}
         return {"name": self.name, "spec": spec, "resources": resources}
+
+
+#: ``metadata.process_proxy.config`` keys egd reads from EG's kernelspecs (besides the user lists).
+_EG_CONFIG_KEYS = frozenset({"remote_hosts", "port_range", "authorized_users", "unauthorized_users", "yarn_endpoint",
+                             "alt_yarn_endpoint", "yarn_endpoint_security_enabled"})
+
+
+def _rm_address(url: str) -> str:
+    """A ResourceManager's address as egd's ``drivers.yarn.resource_managers`` lists it (EG's end in /ws/v1/cluster)."""
+    url = url.strip().rstrip("/")
+    return url[: -len("/ws/v1/cluster")] if url.endswith("/ws/v1/cluster") else url
+
+
+def eg_spec_problems(spec: KernelSpecInfo, driver_settings: Mapping[str, Any]) -> list[str]:
+    """What in an EG kernelspec's ``process_proxy`` egd cannot honour (``driver_settings``: each configured
+    driver's settings object, by driver name). Empty for egd's own kernelspecs."""
+    proxy = spec.metadata.get("process_proxy")
+    if not isinstance(proxy, dict) or "egd" in spec.metadata:
+        return []
+    raw = proxy.get("config")
+    config: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    where = f"kernelspec {spec.name!r}: metadata.process_proxy.config"
+    problems = [f"{where}.{key}: not a setting egd reads (it reads {', '.join(sorted(_EG_CONFIG_KEYS))})"
+                for key in sorted(config) if key not in _EG_CONFIG_KEYS and spec.driver in ("local", "ssh", "yarn")]
+    if str(config.get("yarn_endpoint_security_enabled", "")).lower() in ("true", "1", "yes"):
+        problems.append(f"{where}.yarn_endpoint_security_enabled: Kerberos (SPNEGO) to the ResourceManager is not "
+                        "supported yet")
+    known = {_rm_address(str(u)) for u in getattr(driver_settings.get("yarn"), "resource_managers", ())}
+    for key in ("yarn_endpoint", "alt_yarn_endpoint"):
+        if config.get(key) and _rm_address(str(config[key])) not in known:
+            problems.append(f"{where}.{key}: {config[key]} is not one of drivers.yarn.resource_managers "
+                            f"({', '.join(sorted(known)) or 'no yarn driver'}); egd's yarn driver submits to those")
+    port_range = config.get("port_range")
+    if port_range not in (None, "", "0..0") and not re.fullmatch(r"\d{4,5}\.\.\d{4,5}", str(port_range)):
+        problems.append(f"{where}.port_range: {port_range!r} is not lo..hi")
+    if spec.driver == "yarn" and spec.uses_eg_protocol and eg_spark_opts_variable(spec.env) is None:
+        problems.append(f"kernelspec {spec.name!r}: egd finds an EG kernelspec's YARN application by the tags it adds "
+                        "to SPARK_OPTS, and this one submits without SPARK_OPTS (dask-yarn is not supported)")
+    if spec.driver == "local" and spec.uses_eg_protocol:
+        problems.append(f"kernelspec {spec.name!r}: its argv starts an EG launcher ({{response_address}}), which "
+                        "only EG's remote process proxies (DistributedProcessProxy, YarnClusterProcessProxy) run")
+    return problems
 
 
 def _resources(resource_dir: str) -> dict[str, str]:
