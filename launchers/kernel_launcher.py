@@ -1,16 +1,18 @@
 """egd's kernel launcher: runs beside a remote kernel, reports where it listens, relays control requests.
 
-Standard library only (the kernel's own ipykernel is imported only in the ``--run-ipykernel`` bootstrap, in the
-kernel's process); it never imports egd, because it runs on hosts where only the kernel's Python exists.
+Standard library only; it never imports egd, because it runs on hosts where only a Python exists. It starts
+any kernel that reads a Jupyter connection file (ipykernel, IRkernel, Deno, ...): nothing in it is specific to
+one kernel.
 The protocol is documented in ``docs/launcher-protocol.rst``. In short:
 
 1. The gateway starts ``python kernel_launcher.py --kernel-id ID --callback HOST:PORT [...] -- KERNEL ARGV``
    and writes one JSON line on its stdin: ``{"secret": ..., "key": ...}`` (never on a command line, so ``ps``
    on the host does not show them). ``secret`` authenticates this launch; ``key`` is the kernel's message
    signing key, which the gateway created.
-2. The launcher detaches (its own session, output to a log file on this host), binds its control port, starts
-   the kernel with ports the kernel binds itself (port 0, or inside ``--port-range`` by binding directly in
-   the range: no pick-then-release race), and waits for the kernel to write the ports it really bound.
+2. The launcher detaches (its own session, output to a log file on this host), binds its control port,
+   chooses the kernel's five ports (free ones, inside ``--port-range`` when given), writes the connection file,
+   starts the kernel and waits until it listens on all five. A port another program took in between (the
+   pick-then-release race) starts the kernel again with fresh ports, a bounded number of times.
 3. It connects to the gateway's callback address and sends a ``ready`` message signed with the secret: the
    address the gateway can reach it at (the local address of that very connection, never 0.0.0.0), the five
    ports, its control port, pids. A kernel that fails to start is reported as ``failed`` with the tail of its
@@ -21,11 +23,15 @@ The protocol is documented in ``docs/launcher-protocol.rst``. In short:
    size limit, so no peer (silent, slow, oversized, hostile) holds it, and nothing a peer sends can end it.
    The kernel dies with its launcher (``PR_SET_PDEATHSIG``): a killed launcher never leaves a kernel running
    that no one can control; the gateway's heartbeat notices the end.
+
+With ``--exec`` it reads the same secrets, detaches the same way, then replaces itself with the command (for
+kernel launchers of their own, such as Enterprise Gateway's): no connection file, callback or control port.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -50,6 +56,14 @@ CONTROL_DEADLINE = 2.0
 MAX_CONTROL_CONNECTIONS = 64
 MAX_CONTROL_PER_PEER = 16
 LOG_NAME = "egd-kernel-{kernel_id}.log"
+#: The kernel's five ports, as its connection file names them.
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+#: Starts of a kernel with fresh ports when a port chosen for it was taken by another program before it bound it.
+PORT_ATTEMPTS = 4
+#: How often a starting kernel's ports are checked (seconds).
+PORT_POLL = 0.05
+#: strerror(EADDRINUSE), as a kernel that could not bind writes it (ZeroMQ, Python, R, Go and most runtimes).
+ADDRESS_IN_USE = b"Address already in use"
 
 
 # -- the launcher ---------------------------------------------------------------------------------------
@@ -133,31 +147,139 @@ def _read_secrets(timeout: float, path: str | None) -> dict[str, Any]:
     return data
 
 
-def _kernel_command(argv: list[str], connection_file: str, port_range: tuple[int, int] | None) -> list[str]:
-    command = [a.replace("{connection_file}", connection_file) for a in argv]
-    if port_range and len(command) >= 3 and command[1:3] == ["-m", "ipykernel_launcher"]:
-        # ipykernel binds port 0 itself; to stay inside a range, bootstrap it so it binds in the range directly.
-        command = [command[0], os.path.abspath(__file__), "--run-ipykernel", f"{port_range[0]}..{port_range[1]}",
-                   *command[3:]]
-    return command
+def _kernel_command(argv: list[str], connection_file: str) -> list[str]:
+    return [a.replace("{connection_file}", connection_file) for a in argv]
 
 
-def _wait_for_ports(path: str, kernel: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
-    """The connection file once the kernel has written the ports it bound (all five non-zero)."""
-    deadline = time.monotonic() + timeout
-    names = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-    while time.monotonic() < deadline:
-        if kernel.poll() is not None:
-            raise RuntimeError(f"kernel exited with code {kernel.returncode} before it bound its ports")
+def _pick_ports(ip: str, port_range: tuple[int, int] | None, exclude: set[int]) -> list[int]:
+    """Five distinct ports that ``ip`` can bind right now (inside ``port_range`` when given), none in ``exclude``.
+
+    The probes are closed before the kernel starts, so another program may take a port in between (the
+    pick-then-release race every kernel that reads its ports from its connection file is exposed to): the
+    caller checks who listens on them, and starts the kernel again with fresh ports if someone else does.
+    """
+    probes: list[socket.socket] = []
+    try:
+        if port_range is None:
+            candidates: list[int] = [0] * (len(PORT_NAMES) * 4)
+        else:
+            everything = range(port_range[0], port_range[1] + 1)
+            candidates = secrets.SystemRandom().sample(everything, min(len(everything), 1000))
+        for candidate in candidates:
+            if len(probes) == len(PORT_NAMES):
+                break
+            if candidate in exclude:
+                continue
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                probe.bind((ip, candidate))
+            except OSError:
+                probe.close()
+                continue
+            probes.append(probe)  # held until all five are chosen: port 0 never hands out one port twice
+            if probe.getsockname()[1] in exclude:
+                probes.pop().close()
+        if len(probes) < len(PORT_NAMES):
+            where = f"in {port_range[0]}..{port_range[1]}" if port_range else "on this host"
+            raise OSError(f"no {len(PORT_NAMES)} free ports for the kernel {where}")
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+_TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
+
+
+def _listeners(ports: set[int]) -> dict[int, set[int]] | None:
+    """The inodes of the sockets listening on each of ``ports`` (any address), None where ``/proc/net/tcp`` is
+    not readable (not Linux)."""
+    found: dict[int, set[int]] = {}
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            with open(path, encoding="utf-8") as handle:
-                info = json.load(handle)
-            if all(int(info.get(n) or 0) > 0 for n in names):
-                return dict(info)
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(f"kernel did not bind its ports within {timeout:g}s")
+            with open(table, encoding="ascii") as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:
+            fields = row.split()
+            if len(fields) >= 10 and fields[3] == _TCP_LISTEN:
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                if port in ports:
+                    found.setdefault(port, set()).add(int(fields[9]))
+    return found if readable else None
+
+
+def _kernel_sockets(root: int, session: bool) -> set[int] | None:
+    """The inodes of the sockets held by process ``root``, its descendants (a kernel may bind in a child, as a
+    wrapper script's interpreter does) and, with ``session``, every process of the session it leads (a child
+    that detached from its parent stays there); None where ``/proc`` cannot tell."""
+    children: dict[int, list[int]] = {}
+    members: list[int] = []
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            parent, sid = int(fields[1]), int(fields[3])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(pid)
+        if session and sid == root:
+            members.append(pid)
+    inodes: set[int] = set()
+    todo, seen = [root, *members], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo.extend(children.get(pid, ()))
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            if pid == root:
+                return None
+            continue
+        for name in names:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def _accepts(ip: str, port: int) -> bool:
+    """Whether ``ip:port`` accepts a TCP connection (closed at once: ZeroMQ drops a peer that never greets)."""
+    try:
+        with socket.create_connection((ip, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _output_since(path: str, offset: int) -> bytes:
+    """What was written to ``path`` after ``offset`` (at most its last 64 KiB)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(offset, _size(path) - 65536))
+            return handle.read()
+    except OSError:
+        return b""
 
 
 def _die_with_parent(parent: int) -> Any:
@@ -306,6 +428,8 @@ class Launcher:
         self.port_range = _parse_range(args.port_range)
         self.nonces = NonceCache()
         self.kernel: subprocess.Popen[bytes] | None = None
+        #: Where the current kernel's output starts in ``kernel_log`` (what an attempt wrote is read from there).
+        self.output_offset = 0
         self.workdir = tempfile.mkdtemp(prefix=f"egd-kernel-{self.kernel_id[:8]}-")
         # Detached, the kernel shares the launcher's log file; in the foreground (YARN) it gets its own, whose
         # tail goes into failure reports and, at the end, into the container's log.
@@ -332,19 +456,45 @@ class Launcher:
             probe.connect(self.callback)
             return str(probe.getsockname()[0])
 
-    def start_kernel(self) -> dict[str, Any]:
-        """Write the connection file (ports 0: the kernel binds them) and start the kernel."""
+    def start_kernel(self, control_port: int) -> dict[str, Any]:
+        """Choose the kernel's ports, write its connection file, start it and wait until it listens on all five;
+        the connection info. Works for any kernel that reads its connection file (ipykernel, IRkernel, ...).
+
+        A port chosen here may be taken by another program before the kernel binds it: then (another process
+        listens on it, or the kernel says ``Address already in use``) the kernel is killed and started again
+        with fresh ports, up to ``PORT_ATTEMPTS`` times in all, each logged. Any other failure (the kernel
+        exits, or does not listen within the startup timeout) raises at once, for a ``failed`` report."""
+        deadline = time.monotonic() + self.args.startup_timeout
+        why = ""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            ports = _pick_ports(self.args.bind_ip, self.port_range, {control_port})
+            info = {"transport": "tcp", "ip": self.args.bind_ip, "key": self.key, "signature_scheme": "hmac-sha256",
+                    **dict(zip(PORT_NAMES, ports, strict=True)), "kernel_name": self.args.kernel_name}
+            self._spawn(self._write_connection_file(info))
+            why = self._await_ports(ports, deadline)
+            if not why:
+                return info
+            again = "; starting the kernel again with fresh ports" if attempt < PORT_ATTEMPTS else ""
+            _log(f"attempt {attempt} of {PORT_ATTEMPTS}: {why} (ports {ports}){again}")
+            self._kill_kernel()
+        raise RuntimeError(f"the kernel could not bind its ports in {PORT_ATTEMPTS} attempts: {why}")
+
+    def _write_connection_file(self, info: dict[str, Any]) -> str:
+        """Write the connection file (0600, in the private directory; a fresh one each attempt), its path."""
         path = os.path.join(self.workdir, f"kernel-{self.kernel_id}.json")
-        info = {"transport": "tcp", "ip": self.args.bind_ip, "key": self.key, "signature_scheme": "hmac-sha256",
-                "shell_port": 0, "iopub_port": 0, "stdin_port": 0, "control_port": 0, "hb_port": 0,
-                "kernel_name": ""}
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(info, handle)
+        return path
+
+    def _spawn(self, connection_file: str) -> None:
+        """Start the kernel with ``connection_file``; its output goes to ``kernel_log``."""
         argv = list(self.args.kernel_argv)
         if self.args.foreground and argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable  # the Python the resource manager started this launcher with
-        command = _kernel_command(argv, path, self.port_range)
+        command = _kernel_command(argv, connection_file)
         if self.args.spark_session:
             command += [f"--IPKernelApp.exec_files={self._spark_startup()}"]
         _log(f"starting kernel: {command[0]} ... ({len(command)} arguments)")
@@ -352,6 +502,7 @@ class Launcher:
         output: Any = sys.stderr
         if self.args.foreground:
             output = open(self.kernel_log, "ab")
+        self.output_offset = _size(self.kernel_log)
         try:
             # Detached, the kernel gets its own session so the launcher can signal all of it; in the foreground
             # it stays in the container's process group, which the resource manager kills as a whole.
@@ -361,7 +512,46 @@ class Launcher:
         finally:
             if output is not sys.stderr:
                 output.close()
-        return _wait_for_ports(path, self.kernel, self.args.startup_timeout)
+
+    def _await_ports(self, ports: list[int], deadline: float) -> str:
+        """Wait until the kernel listens on all of ``ports`` (they accept TCP connections, and where ``/proc``
+        tells, the listening sockets are the kernel's): "" then. Why the ports must be chosen again when one
+        was taken by another program. Raises when the kernel exits or the deadline passes."""
+        assert self.kernel is not None
+        probe_ip = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.args.bind_ip, self.args.bind_ip)
+        wanted = set(ports)
+        while True:
+            code = self.kernel.poll()
+            if ADDRESS_IN_USE in _output_since(self.kernel_log, self.output_offset):
+                return "a port was taken before the kernel bound it (Address already in use)"
+            listening = _listeners(wanted)
+            if code is not None:
+                if listening:  # someone else listens on a port of a kernel that is gone: it could not bind
+                    return f"the kernel exited with code {code}; another program listens on port {min(listening)}"
+                raise RuntimeError(f"kernel exited with code {code} before it listened on its ports")
+            owned = (_kernel_sockets(self.kernel.pid, session=not self.args.foreground)
+                     if listening is not None else None)
+            if listening is not None and owned is not None:
+                # The table is read before the kernel's descriptors: a listener of the kernel is already among
+                # them, so a listener that is not belongs to another program.
+                foreign = sorted(p for p, inodes in listening.items() if not inodes & owned)
+                if foreign:
+                    return f"another program listens on port {foreign[0]}"
+                bound = set(listening) == wanted
+            else:
+                bound = True  # this host cannot tell whose sockets they are: the connections alone decide
+            if bound and all(_accepts(probe_ip, port) for port in ports):
+                return ""
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"kernel did not listen on its ports within {self.args.startup_timeout:g}s")
+            time.sleep(PORT_POLL)
+
+    def _kill_kernel(self) -> None:
+        """Kill a kernel that will not be handed out, and reap it."""
+        if self.kernel is not None and self.kernel.poll() is None:
+            self.signal_kernel(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.kernel.wait(10)
 
     def _spark_startup(self) -> str:
         """A startup file that creates the SparkSession (in the JVM that runs this launcher) as ``spark``/``sc``."""
@@ -471,15 +661,14 @@ class Launcher:
         signal.signal(signal.SIGTERM, lambda *_: self._terminate())
         try:
             control = _bind_control(self.args.bind_ip, self.port_range)
-            ports = self.start_kernel()
+            ports = self.start_kernel(control.getsockname()[1])
         except Exception as exc:  # every failure is reported to the gateway
             _log(f"launch failed: {exc}")
-            if self.kernel is not None and self.kernel.poll() is None:
-                self.signal_kernel(signal.SIGKILL)
+            self._kill_kernel()
             self.report({"type": "failed", "reason": f"{exc}\n{_tail(self.kernel_log)}"})
             return 1
         assert self.kernel is not None
-        info = {name: ports[name] for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")}
+        info = {name: ports[name] for name in PORT_NAMES}
         info.update(ip=self.reachable_ip(), transport="tcp", signature_scheme="hmac-sha256",
                     launcher_port=control.getsockname()[1], pid=self.kernel.pid, launcher_pid=os.getpid(),
                     hostname=socket.gethostname(), log=self.log_path)
@@ -509,15 +698,35 @@ class Launcher:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _detach(log_path: str) -> None:
-    """Continue in a child of a new session, with output to the log; the parent reports and exits."""
-    read_end, write_end = os.pipe()
+def route_ip(callback: str) -> str:
+    """The address of this host on the route to ``HOST:PORT`` (where a peer there sees this host's connections
+    come from), found without sending anything."""
+    host, _, port = callback.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host.strip("[]"), int(port)))
+        return str(probe.getsockname()[0])
+
+
+def _detach(log_path: str, also: dict[str, Any] | None = None) -> int:
+    """Continue in a child of a new session, with output to the log; the parent reports and exits.
+
+    The parent prints ``{"launcher_pid", "log", "started"}`` (and ``also``) once the child closes the pipe returned here
+    (close-on-exec): ``started`` is true when the child wrote exactly ``ok`` on it before it closed, so a
+    child that goes on to ``exec`` a command confirms the exec itself (a failed exec appends to ``ok``).
+    """
+    read_end, write_end = os.pipe()  # both ends close-on-exec (PEP 446)
     pid = os.fork()
     if pid > 0:
         os.close(write_end)
-        started = os.read(read_end, 64)
-        print(json.dumps({"launcher_pid": pid, "log": log_path, "started": started == b"ok"}), flush=True)
-        os._exit(0 if started == b"ok" else 1)
+        said = b""
+        while True:
+            chunk = os.read(read_end, 64)
+            if not chunk:
+                break
+            said += chunk
+        started = said == b"ok"
+        print(json.dumps({"launcher_pid": pid, "log": log_path, "started": started, **(also or {})}), flush=True)
+        os._exit(0 if started else 1)
     os.close(read_end)
     os.setsid()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -528,43 +737,32 @@ def _detach(log_path: str) -> None:
     os.close(fd)
     os.close(null)
     os.write(write_end, b"ok")
-    os.close(write_end)
+    return write_end
 
 
-def run_ipykernel(port_range: str, argv: list[str]) -> None:
-    """Run ipykernel so that it binds every port directly inside ``port_range`` (race-free)."""
-    import random
-
-    from ipykernel import heartbeat, kernelapp
-
-    low, high = _parse_range(port_range) or (0, 0)
-
-    def bind_in_range(self: Any, sock: Any, port: int) -> int:
-        if self.transport == "tcp" and port <= 0:
-            return int(sock.bind_to_random_port(f"tcp://{self.ip}", low, high + 1, max_tries=1000))
-        return int(original(self, sock, port))
-
-    def pick_in_range(self: Any) -> int:
-        self.port = random.randint(low, high)  # the heartbeat's bind retries on a collision
-        return int(self.port)
-
-    original = kernelapp.IPKernelApp._try_bind_socket
-    kernelapp.IPKernelApp._try_bind_socket = bind_in_range  # type: ignore[method-assign]
-    heartbeat.Heartbeat.pick_port = pick_in_range  # type: ignore[method-assign]
-    kernelapp.IPKernelApp.launch_instance(argv)
+def exec_kernel(args: argparse.Namespace, env: dict[str, str], confirm: int | None) -> int:
+    """``--exec``: become the kernel's command (``os.execvpe`` with the merged environment, in ``--working-dir``
+    when it exists). Returns only when the exec failed (127, and the pipe to the parent says so)."""
+    if args.working_dir and os.path.isdir(args.working_dir):
+        os.chdir(args.working_dir)
+    _log(f"exec of the kernel: {args.kernel_argv[0]} ... ({len(args.kernel_argv)} arguments)")
+    try:
+        os.execvpe(args.kernel_argv[0], args.kernel_argv, {**os.environ, **env})
+    except OSError as exc:
+        _log(f"cannot exec {args.kernel_argv[0]}: {exc}")
+        if confirm is not None:
+            os.write(confirm, b" failed")
+        return 127
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["--run-ipykernel"]:
-        run_ipykernel(args_list[1], args_list[2:])
-        return 0
     parser = argparse.ArgumentParser(description="egd's kernel launcher (see docs/launcher-protocol.rst)")
     parser.add_argument("--kernel-id", required=True)
-    parser.add_argument("--callback", required=True, help="HOST:PORT of the gateway's callback listener")
+    parser.add_argument("--callback", default=None, help="HOST:PORT of the gateway's callback listener")
     parser.add_argument("--port-range", default=None, help="LOW..HIGH for the kernel's and the control port")
     parser.add_argument("--bind-ip", default="0.0.0.0", help="interface the kernel and control port bind")
+    parser.add_argument("--kernel-name", default="", help="the kernelspec's name, for the connection file")
     parser.add_argument("--log-dir", default=tempfile.gettempdir())
     parser.add_argument("--working-dir", default=None)
     parser.add_argument("--startup-timeout", type=float, default=60.0)
@@ -576,24 +774,35 @@ def main(argv: list[str] | None = None) -> int:
                              "lives as long as this process, and YARN's kill reaches the kernel)")
     parser.add_argument("--spark-session", action="store_true",
                         help="create a SparkSession in the kernel before it is ready, as `spark` and `sc`")
+    parser.add_argument("--exec", action="store_true",
+                        help="detach, then become the kernel's command (no connection file, callback or control "
+                             "port: the command is a kernel launcher of its own, such as Enterprise Gateway's)")
     parser.add_argument("kernel_argv", nargs=argparse.REMAINDER)
-    args = parser.parse_args(args_list)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.kernel_argv[:1] == ["--"]:
         args.kernel_argv = args.kernel_argv[1:]
     if not args.kernel_argv:
         parser.error("the kernel's argv must follow --")
+    if not args.exec and not args.callback:
+        parser.error("--callback is required (unless --exec)")
     try:
         given = _read_secrets(args.stdin_timeout, args.secrets_file)
         _parse_range(args.port_range)
     except (ValueError, TimeoutError, OSError, RecursionError) as exc:
         _log(f"cannot start: {type(exc).__name__}: {exc}")
         return 2
+    confirm: int | None = None
     if args.foreground:
         log_path = ""  # stderr is the container's log
     else:
         os.makedirs(args.log_dir, mode=0o700, exist_ok=True)
         log_path = os.path.join(args.log_dir, LOG_NAME.format(kernel_id=args.kernel_id))
-        _detach(log_path)
+        # --exec: the gateway takes the command's own report only from this host's address on the route to it
+        confirm = _detach(log_path, {"ip": route_ip(args.callback)} if args.exec and args.callback else None)
+    if args.exec:
+        return exec_kernel(args, given.get("env") or {}, confirm)
+    if confirm is not None:
+        os.close(confirm)
     launcher = Launcher(args, given["secret"].encode(), given["key"], log_path, given.get("env"))
     try:
         return launcher.run()
