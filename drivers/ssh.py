@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -62,6 +63,8 @@ _CONTROL_DIR_MAX = _SOCKET_PATH_MAX - 1 - _SOCKET_NAME_LENGTH - 17 - 1
 #: (A master that died mid-request, "mux_client_...: read from master failed", is the host's problem: the
 #: connection is then made again, directly.)
 _LOCAL_SSH_PROBLEMS = ("too long for Unix domain socket", "unix_listener:", "ControlPath too long")
+#: An interpreter's file name that is a Python (python, python3, python3.11).
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?\Z")
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
 SSH_FAILED = 255
 
@@ -200,8 +203,13 @@ class SshDriver(MultiService):
         return argv
 
     def _python(self, request: LaunchRequest) -> str:
+        """The Python that runs the launcher on the host: the configured one, else the kernelspec's own when it
+        names one by absolute path (a Python kernel's interpreter), else egd's."""
         argv = request.spec.argv
-        return self.settings.python or (argv[0] if argv and os.path.isabs(argv[0]) else sys.executable)
+        if self.settings.python:
+            return str(self.settings.python)
+        own = argv[0] if argv and os.path.isabs(argv[0]) and _PYTHON.match(os.path.basename(argv[0])) else None
+        return own or sys.executable
 
     def _spec_port_range(self, request: LaunchRequest) -> tuple[int, int] | None:
         """The kernelspec's own ``port_range`` (EG's ``process_proxy.config``), else the driver's."""

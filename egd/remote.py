@@ -46,7 +46,7 @@ def launcher_arguments(request: LaunchRequest, callback: tuple[str, int], port_r
     """The launcher's arguments (after its interpreter and script) for ``request``: where to call back, the
     driver's own ``options``, then ``--`` and the kernel's ``argv``."""
     args = ["--kernel-id", request.kernel_id, "--callback", f"{callback[0]}:{callback[1]}",
-            "--startup-timeout", f"{request.timeout:g}", *options]
+            "--startup-timeout", f"{request.timeout:g}", "--kernel-name", request.spec.name, *options]
     if port_range:
         args += ["--port-range", f"{port_range[0]}..{port_range[1]}"]
     if request.working_dir:
@@ -58,6 +58,8 @@ class LaunchRefused(Exception):
     """A launcher's message that egd does not accept (the text says why; it is logged, never trusted)."""
 
 
+#: How every EG payload begins: base64 of ``{"``.
+_EG_MAGIC = b"eyJ"
 #: Unverified EG payloads kept per launch while its host's address is not yet known (the first that comes
 #: from that address wins; the rest are forgeries or duplicates).
 _MAX_UNVERIFIED = 4
@@ -139,7 +141,7 @@ def _peer(transport: Any) -> str:
 
 class _CallbackProtocol(LineOnlyReceiver, TimeoutMixin):
     """One connection from a launcher: one line in, one line out, within a deadline (a total: it is not reset
-    by the bytes of a slow peer). A connection whose first byte is not ``{`` carries an EG payload instead: read
+    by the bytes of a slow peer). A connection that begins with ``eyJ`` carries an EG payload instead: read
     until the peer closes its side (at most :data:`MAX_PAYLOAD` bytes, within the same deadline), no answer."""
 
     MAX_LENGTH = MAX_LINE
@@ -149,16 +151,22 @@ class _CallbackProtocol(LineOnlyReceiver, TimeoutMixin):
         self._listener = listener
         self._eg: bytearray | None = None
         self._sniffed = False
+        self._head = bytearray()
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted hook
         """Start the read deadline."""
         self.setTimeout(READ_DEADLINE)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted hook
-        """The first byte tells the protocol: a JSON line (egd's launcher) or base64 (EG's launchers)."""
-        if not self._sniffed and data:
+        """The first bytes tell the protocol: EG's payload is base64 of a JSON object, which always begins with
+        ``eyJ`` (``{"``); anything else is a line of egd's protocol (and judged, or refused, as one)."""
+        if not self._sniffed:
+            self._head += data
+            if len(self._head) < len(_EG_MAGIC) and _EG_MAGIC.startswith(bytes(self._head)):
+                return  # too short to tell yet
             self._sniffed = True
-            if not data.lstrip().startswith(b"{"):
+            data, self._head = bytes(self._head), bytearray()
+            if data.startswith(_EG_MAGIC):
                 self._eg = bytearray()
         if self._eg is None:
             super().dataReceived(data)
