@@ -452,9 +452,7 @@ class Launcher:
 
     def reachable_ip(self) -> str:
         """The address of this host on the route to the gateway: where the gateway can reach the kernel."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(self.callback)
-            return str(probe.getsockname()[0])
+        return route_ip(self.args.callback)
 
     def start_kernel(self, control_port: int) -> dict[str, Any]:
         """Choose the kernel's ports, write its connection file, start it and wait until it listens on all five;
