@@ -39,7 +39,7 @@ from egd.checks import Checker, boolean, choice, host_names, number, optional, r
 from egd.driverapi import IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivers.process import CapturedProcess
 from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user
-from egd.egprotocol import EgKernel, eg_port_range, uses_eg_protocol
+from egd.egprotocol import EgKernel, check_shell_values, eg_port_range, uses_eg_protocol
 from egd.errors import LaunchFailed, LaunchTimeout
 from egd.remote import (
     LaunchListener,
@@ -345,6 +345,7 @@ class SshDriver(MultiService):
                             tried: list[str]) -> EgKernel | None:
         """An EG kernelspec's kernel started on ``host``: EG's launcher reports to the listener, which takes its
         payload only from the address the host reaches egd from (as egd's launcher found it)."""
+        check_shell_values(request.spec.name, request.spec.env, request.env)
         public_key = (await self.listener.eg_key()).public_text
         result = await self._start_on(request, host, login, registration, tried, "", public_key)
         if result is None:

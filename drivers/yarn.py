@@ -50,15 +50,13 @@ from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
 from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user, protocol_module_beside
-from egd.egprotocol import EgKernel, eg_port_range, eg_spark_opts_variable, uses_eg_protocol
+from egd.egprotocol import EgKernel, check_shell_values, eg_port_range, eg_spark_opts_variable, uses_eg_protocol
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
 from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments, reattach_remote
 
 log = Logger()
 
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
-#: A client's value that a shell's word splitting and expansion leave as it is (EG's run.sh uses ``eval``).
-_SHELL_SAFE = re.compile(r"^[A-Za-z0-9_.@:/=-]*\Z")
 _SIZE = re.compile(r"^(\d{1,7})([mMgG]?)\Z")
 _DS_MAIN = "org.apache.hadoop.yarn.applications.distributedshell.ApplicationMaster"
 #: The classpath of a stock Hadoop installation (yarn.application.classpath's default plus the DS jar's folder).
@@ -423,12 +421,8 @@ class YarnDriver(MultiService):
         the driver's ``spark_conf`` before the spec's ``SPARK_OPTS`` and this driver's tags after them (how the
         watcher finds the application). ``run.sh`` passes ``SPARK_OPTS`` through ``eval``: a client's value that
         it would split or expand is refused (400)."""
+        check_shell_values(request.spec.name, request.spec.env, request.env)
         env = {**self._process_env(), **request.env}
-        for name in request.spec.env:
-            for used in re.findall(r"\$\{?(KERNEL_[A-Za-z0-9_]+)", str(request.spec.env[name])):
-                if not _SHELL_SAFE.match(request.env.get(used, "")):
-                    raise BadRequest(f"{used} may hold only letters, digits and . _ - @ : / = for kernelspec "
-                                     f"{request.spec.name} (its {name} goes through a shell)")
         # The driver's spark_conf first: a later --conf wins, so the spec's own SPARK_OPTS override it; the tags last.
         defaults = " ".join(f"--conf {shlex.quote(f'{name}={value}')}" for name, value in self._spark_conf.items())
         # EG's Toree run.sh reads __TOREE_SPARK_OPTS__ when SPARK_OPTS is empty
