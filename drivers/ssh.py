@@ -407,7 +407,9 @@ class SshDriver(MultiService):
         pgid = kernel.info.get("pgid")
         if not isinstance(pgid, int) or pgid <= 1:
             raise LaunchFailed("no process group to kill")
-        code, proc = await self._run_ssh(kernel.where, ["kill", f"-{signal.SIGKILL}", "--", f"-{pgid}"],
+        # EG's launcher removes its connection file (with the kernel's key) only when the kernel ends normally
+        script = 'kill -9 "-$1" 2>/dev/null; rm -f -- "${TMPDIR:-/tmp}/kernel-$2_"*.json; exit 0'
+        code, proc = await self._run_ssh(kernel.where, ["sh", "-c", script, "sh", str(pgid), kernel.kernel_id],
                                          login=kernel.login)
         if code == SSH_FAILED:
             raise ConnectionError(proc.stderr() or "ssh failed")

@@ -34,7 +34,7 @@ import shutil
 import socket
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -353,20 +353,16 @@ class YarnDriver(MultiService):
         secrets = json.dumps({"secret": registration.secret.decode(), "key": key, "env": dict(request.env)})
         # Until the watcher reports YARN's own view of the application (which then replaces this text).
         request.progress(f"submitting to YARN queue {resources.queue} as {user}")
-        try:
+
+        async def submit() -> None:
             if mode == "spark":
                 self.watcher.watch(watch)
                 await self._submit_spark(request, resources, user, workdir, secrets, started)
             else:
                 watch.app_id = await self._submit_python(request, resources, user, workdir, secrets)
                 self.watcher.watch(watch)
-            info = await self._wait_ready(request, registration, watch, started)
-        except BaseException:
-            self.listener.unregister(registration)
-            await self._abandon(watch, user)
-            raise
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+
+        info = await self._submit_and_wait(request, registration, watch, workdir, started, submit)
         remote = RemoteKernel(self._reactor, registration, info, key, str(watch.app_id), self._unregister,
                               self._no_force_kill)
         kernel = YarnKernel(self, remote, watch, user)
@@ -466,17 +462,13 @@ class YarnDriver(MultiService):
 
         watch = AppWatch(request.kernel_id, user, int(started * 1000), progress)
         request.progress(f"running {os.path.basename(request.spec.argv[0])} (Enterprise Gateway kernelspec)")
-        try:
+
+        async def submit() -> None:
             self.watcher.watch(watch)
             await self._run_submitter(request, self.eg_argv(request, public_key), env, workdir, started)
-            info = await self._wait_ready(request, registration, watch, started)
-        except BaseException:
-            self.listener.unregister(registration)
-            await self._abandon(watch, user)
-            raise
-        finally:
-            self.listener.unregister(registration)
-            shutil.rmtree(workdir, ignore_errors=True)
+
+        info = await self._submit_and_wait(request, registration, watch, workdir, started, submit)
+        self.listener.unregister(registration)  # nothing more comes from an EG launcher
         remote = EgKernel(self._reactor, request.kernel_id, info, str(watch.app_id), lambda _: None,
                           self._no_force_kill, poll=False)
         kernel = YarnKernel(self, remote, watch, user)
@@ -641,6 +633,20 @@ class YarnDriver(MultiService):
         log.info("kernel {kernel_id}: submitted {app} to queue {queue} as {user}", kernel_id=request.kernel_id,
                  app=app_id, queue=resources.queue, user=user)
         return app_id
+
+    async def _submit_and_wait(self, request: LaunchRequest, registration: Registration, watch: AppWatch,
+                               workdir: str, started: float, submit: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+        """Submit the kernel's application (``submit``) and wait for its launcher's report; whatever fails,
+        nothing is left: the launch forgotten, the application killed, the staging directory removed."""
+        try:
+            await submit()
+            return await self._wait_ready(request, registration, watch, started)
+        except BaseException:
+            self.listener.unregister(registration)
+            await self._abandon(watch, watch.user)
+            raise
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     async def _wait_ready(self, request: LaunchRequest, registration: Registration, watch: AppWatch,
                           started: float) -> dict[str, Any]:

@@ -94,7 +94,10 @@ class ExitStatus:
 
 @runtime_checkable
 class LaunchedKernel(Protocol):
-    """A kernel a driver has started (or re-attached to)."""
+    """A kernel a driver has started (or re-attached to).
+
+    Optional: a handle may define ``shutdown_requested() -> None``, called right after egd sent the kernel its
+    ``shutdown_request`` (for launchers that must be told as well, such as Enterprise Gateway's)."""
 
     #: transport, ip, the five ports, key and signature_scheme.
     connection_info: dict[str, Any]

@@ -51,6 +51,8 @@ MAX_PAYLOAD = 16 * 1024
 COMM_DEADLINE = 5.0
 #: How often a running EG kernel is asked whether it lives (EG polls every 3 s too).
 POLL_INTERVAL = 3.0
+#: How often once the kernel was asked to shut down (its end is what a DELETE waits for).
+SHUTDOWN_POLL_INTERVAL = 0.2
 #: Failed polls in a row (not refusals: timeouts, unreachable) after which the kernel counts as lost.
 POLL_FAILURES = 3
 #: The argv placeholders that mark a kernelspec as one of EG's remote kernelspecs (its launcher reports back).
@@ -268,6 +270,17 @@ class EgKernel:
 
     async def _comm(self, request: Mapping[str, Any]) -> None:
         await comm_request(self._reactor, self.connection_info["ip"], int(self.info["comm_port"]), request)
+
+    def shutdown_requested(self) -> None:
+        """The kernel was sent ``shutdown_request``: tell its launcher too, as EG does (EG's kernel process waits
+        at exit for its listener, which ends only on ``{"shutdown": 1}``), and watch closely for the end."""
+        Deferred.fromCoroutine(self._comm({"shutdown": 1})).addErrback(
+            lambda f: log.debug("kernel {kernel_id}: shutdown to its EG launcher: {why}", kernel_id=self.kernel_id,
+                                why=f.getErrorMessage()))
+        if self._poll.running:
+            self._poll.stop()
+            self._poll.start(SHUTDOWN_POLL_INTERVAL, now=False).addErrback(
+                lambda f: log.failure("kernel {kernel_id}: liveness poll failed", f, kernel_id=self.kernel_id))
 
     def describe(self) -> str:
         """Host, address and pid."""

@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests import egdist
 from tests.client import GatewayClient
 from tests.conftest import KERNELSPECS, GatewayProcess, wait_until
 from tests.sshhosts import SshHost, SshLab
+from tests.test_lifecycle import interrupt_sleep
 
 pytestmark = pytest.mark.eg
 
@@ -149,11 +151,7 @@ def test_python_distributed_runs_unchanged(eg_gw: GatewayProcess, ssh_hosts: lis
         assert pid in {h.name: h for h in ssh_hosts}[host].pids()
         sock.execute("kept = 41")
         assert sock.execute("kept + 1").result == "42"
-        msg = sock.request("execute_request", {"code": "import time; time.sleep(60)", "silent": False,
-                                               "store_history": True, "user_expressions": {}, "allow_stdin": False})
-        wait_until(lambda: client.kernel(kernel_id).json["execution_state"] == "busy", 10, what="busy")
-        assert client.request("POST", f"/api/kernels/{kernel_id}/interrupt", {}).status == 204
-        assert sock.wait_for(msg, 15).reply["content"]["ename"] == "KeyboardInterrupt"
+        interrupt_sleep(client, kernel_id)
         resp = client.request("POST", f"/api/kernels/{kernel_id}/restart", {})
         assert resp.status == 200 and resp.json["id"] == kernel_id
         assert sock.execute("kept").reply["content"]["ename"] == "NameError"
@@ -166,6 +164,8 @@ def test_python_distributed_runs_unchanged(eg_gw: GatewayProcess, ssh_hosts: lis
                    what="no process of the kernel on any host")
     except AssertionError:
         raise AssertionError([h.processes_matching(kernel_id) for h in ssh_hosts]) from None
+    # EG's launcher leaves its connection file (the kernel's key) when its kernel is killed: egd removes it
+    assert not list(Path(tempfile.gettempdir()).glob(f"kernel-{kernel_id}_*.json"))
 
 
 def test_kernel_killed_on_its_host_is_noticed(eg_gw: GatewayProcess, ssh_hosts: list[SshHost]) -> None:

@@ -23,6 +23,7 @@ import pytest
 from tests import egdist
 from tests.conftest import GatewayProcess, wait_until
 from tests.sshhosts import SshLab
+from tests.test_lifecycle import interrupt_sleep
 from tests.test_yarn import FINAL, app_of, tags, yarn_settings
 from tests.yarncluster import YarnCluster, spark_home
 
@@ -70,11 +71,7 @@ def test_spark_python_yarn_cluster_runs_unchanged(eg_yarn_gw: GatewayProcess, ya
         counted = sock.execute("from pyspark.sql import SparkSession\n"
                                "print(SparkSession.builder.getOrCreate().range(10).count())", timeout=180)
         assert counted.stdout.strip() == "10", counted.reply["content"]
-        msg = sock.request("execute_request", {"code": "import time; time.sleep(60)", "silent": False,
-                                               "store_history": True, "user_expressions": {}, "allow_stdin": False})
-        wait_until(lambda: client.kernel(kernel_id).json["execution_state"] == "busy", 20, what="busy")
-        assert client.request("POST", f"/api/kernels/{kernel_id}/interrupt", {}).status == 204
-        assert sock.wait_for(msg, 30).reply["content"]["ename"] == "KeyboardInterrupt"
+        interrupt_sleep(client, kernel_id)
         resp = client.request("POST", f"/api/kernels/{kernel_id}/restart", {})
         assert resp.status == 200
         second_app = app_of(client, kernel_id)

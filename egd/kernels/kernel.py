@@ -579,6 +579,9 @@ class Kernel:
             # at once instead of after shutdown_wait (an idle kernel ignores the interrupt).
             await self._send_interrupt(handle)
             self._request("control", "shutdown_request", {"restart": restart})
+            told = getattr(handle, "shutdown_requested", None)  # optional (egd.driverapi.LaunchedKernel)
+            if told is not None:
+                told()
             if not await wait_for(ended, self._policy.shutdown_wait, self._clock):
                 await self._signal(handle, signal.SIGTERM)
                 await wait_for(ended, 1.0, self._clock)
