@@ -156,6 +156,17 @@ class Gateway(AsyncMultiService):
                                  wrap=partial(limit_connections, server=config.server, clock=reactor))
         self.http.setServiceParent(self)
 
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Abandon the launches in flight first and let their clients have their 503s, then stop the services
+        in reverse order."""
+        self.kernels.abandon_launches()
+
+        async def stop() -> None:
+            await self.api.answered()
+            await super(Gateway, self).stopService()
+
+        return Deferred.fromCoroutine(stop())
+
     def reconfigure(self, config: Config) -> None:
         """Run with ``config`` from now on, where it is read at use time (see ``egd.systemd.LIVE_KEYS``): the
         kernel manager and the API look up their limits, user lists and defaults per request."""

@@ -213,3 +213,31 @@ def test_spec_launch_timeout_and_client_override(gateway: Any) -> None:
     resp = gateway.client.request("POST", "/api/kernels", {"name": "never_ready_spec_timeout",
                                                            "env": {"KERNEL_LAUNCH_TIMEOUT": "1.5"}})
     assert resp.status == 503 and "within 1.5 seconds" in resp.json["message"]
+
+
+def test_stop_abandons_launches_in_flight(make_gateway: Any) -> None:
+    """SIGTERM while a kernel is still launching (here one that never answers, with a long launch timeout): egd
+    does not wait for the timeout; the launch is abandoned, its process stopped, the client answered 503, and
+    egd exits 0 within seconds."""
+    gw = make_gateway()
+    result: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            result["response"] = gw.client.request("POST", "/api/kernels", {
+                "name": "never_ready", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}})
+        except Exception as exc:
+            result["error"] = exc
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    wait_until(lambda: any("time.sleep(600)" in cmd for _, cmd in gw.kernel_processes()), 20,
+               what="the launching kernel's process")
+    began = time.monotonic()
+    assert gw.stop(timeout=20) == 0
+    assert time.monotonic() - began < 15
+    starter.join(10)
+    assert "response" in result, (result, gw.log()[-3000:])
+    assert result["response"].status == 503
+    assert "shutting down" in result["response"].json["message"]
+    assert not gw.kernel_processes()

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,3 +350,31 @@ def test_jupyter_server_drives_an_ssh_kernel(ssh_gw: GatewayProcess, tmp_path: P
         assert ssh_gw.client.kernel(kernel_id).status == 404
     finally:
         server.stop()
+
+
+def test_stop_abandons_a_launch_on_a_host(ssh_lab: SshLab, tmp_path: Path) -> None:
+    """SIGTERM while a kernel is launching on a host: egd answers the start with 503, stops the launcher and
+    its kernel on the host, and exits within seconds instead of waiting for the launch timeout."""
+    gw = ssh_gateway(ssh_lab, tmp_path)
+    write_spec(tmp_path / "specs", "ssh_never_ready", [ssh_lab.python, "-c", "import time; time.sleep(600)",
+                                                       "{connection_file}"])
+    result: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            result["response"] = gw.client.request("POST", "/api/kernels", {
+                "name": "ssh_never_ready", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}})
+        except Exception as exc:
+            result["error"] = exc
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    wait_until(lambda: any(h.processes_matching("time.sleep(600)") for h in ssh_lab.hosts), 30,
+               what="the kernel launching on a host")
+    began = time.monotonic()
+    assert gw.stop(timeout=30) == 0
+    assert time.monotonic() - began < 20
+    starter.join(10)
+    assert result.get("response") is not None and result["response"].status == 503, result
+    wait_until(lambda: not any(h.processes_matching("time.sleep(600)") or h.processes_matching("kernel_launcher")
+                               for h in ssh_lab.hosts), 15, what="nothing left on the hosts")

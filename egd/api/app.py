@@ -15,7 +15,9 @@ from typing import Any
 import yaml
 from klein import Klein
 from klein.resource import KleinResource
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -32,6 +34,7 @@ from egd.kernels.manager import KernelManager
 from egd.kernels.sessions import SessionManager
 from egd.kernels.specs import KernelSpecInfo
 from egd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from egd.util import shield, wait_for
 
 MAX_BODY = 1024 * 1024
 
@@ -162,6 +165,24 @@ class GatewayAPI:
         self._ws_factory = make_factory(config.server, reactor, kernels.metrics.relay)
         self._cors = CorsPolicy(config.server, HostPolicy(config.server.allowed_hosts, config.auth.configured))
         self._openapi: tuple[bytes, bytes] | None = None
+        #: Requests that start a kernel and are not answered yet (the gateway's stop answers them first).
+        self._starting: set[Deferred[None]] = set()
+
+    def _track_start(self, request: Any) -> None:
+        """Count ``request`` among the unanswered kernel starts until it is finished (or its client left)."""
+        finished: Deferred[None] = request.notifyFinish()
+        self._starting.add(finished)
+        finished.addBoth(lambda _: self._starting.discard(finished))
+
+    async def answered(self, limit: float = 2.0) -> None:
+        """Wait until every kernel start in progress has been answered and the answers written out (at most
+        ``limit`` seconds): the gateway's stop abandons launches first, and their 503s must reach the clients
+        before the connections close."""
+        pending = [shield(d) for d in self._starting]
+        if pending:
+            waited: Deferred[Any] = DeferredList(pending, consumeErrors=True)
+            await wait_for(waited, limit, self._reactor)
+            await deferLater(self._reactor, 0.05, lambda: None)  # at least one I/O turn to flush the answers
 
     def reconfigure(self, config: Config) -> None:
         """Use ``config`` from now on for what the routes read per request (``server.list_kernels``)."""
@@ -318,6 +339,7 @@ class GatewayAPI:
             raise BadRequest("name must be a string")
         if isinstance(name, str) and not name:
             name = None
+        self._track_start(request)
         kernel = await self._kernels.start_kernel(name, body.get("env"), identity_of(request))
         request.setHeader(b"Location", f"{self._base_url}api/kernels/{kernel.id}".encode())
         return json_response(request, 201, kernel.model())
@@ -378,6 +400,7 @@ class GatewayAPI:
     @app.route("/api/sessions", methods=["POST"], strict_slashes=False)
     async def create_session(self, request: Any) -> bytes:
         """Create a session (or return the existing one for the path)."""
+        self._track_start(request)
         model = await self._sessions.create(read_json(request), identity_of(request))
         request.setHeader(b"Location", f"{self._base_url}api/sessions/{model['id']}".encode())
         return json_response(request, 201, model)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
 from egd.auth import LOCAL_OPERATOR, Identity
@@ -199,7 +199,13 @@ class KernelManager(Service):
         launch.addBoth(lambda result: (self._launches.pop(kernel.id, None), result)[1])
         waiter = shield(launch)
         launch.addErrback(lambda _: None)  # the failure reaches the client through ``waiter``
-        await waiter
+        try:
+            await waiter
+        except CancelledError:
+            if self._accepting:
+                raise  # the client went away
+            raise ServiceUnavailable(f"The gateway is shutting down: the launch of kernel {kernel.id} was "
+                                     "abandoned") from None
 
     async def _start_pooled(self, name: str) -> Kernel:
         """Start a kernel for the pool: no request, so no user-specific launch state."""
@@ -266,6 +272,16 @@ class KernelManager(Service):
         return await self._sharing.acquire(kernel_id, identity, action)
 
     # -- stopping ---------------------------------------------------------------------------------------
+
+    def abandon_launches(self) -> None:
+        """The gateway stops: refuse new kernels and abandon the launches in flight (each driver stops what it
+        had started; their clients get a 503), so that a stop never waits for a launch timeout."""
+        self._accepting = False
+        launches = list(self._launches.values())
+        if launches:
+            log.info("abandoning {count} launch(es) in flight", count=len(launches))
+        for launch in launches:
+            launch.cancel()
 
     async def _wait_launches(self) -> None:
         if self._launches:
@@ -336,8 +352,8 @@ class KernelManager(Service):
                          what=missing_driver(spec.driver, self._drivers.names))
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
-        """Refuse new kernels, stop the existing ones, close the ZeroMQ context."""
-        self._accepting = False
+        """Refuse new kernels, abandon launches in flight, stop the existing kernels, close the ZeroMQ context."""
+        self.abandon_launches()
         super().stopService()
         self.culler.stopService()  # a cull in flight holds its kernel's lock: stopping that kernel waits for it
 
