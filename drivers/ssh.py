@@ -39,7 +39,8 @@ from egd.checks import Checker, boolean, choice, host_names, number, optional, r
 from egd.driverapi import IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivers.process import CapturedProcess
 from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user
-from egd.egprotocol import EgKernel, check_shell_values, eg_port_range, uses_eg_protocol
+from egd.egprotocol import EgKernel
+from egd.egspecs import check_shell_values, eg_port_range, uses_eg_protocol
 from egd.errors import LaunchFailed, LaunchTimeout
 from egd.remote import (
     LaunchListener,

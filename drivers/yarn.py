@@ -50,7 +50,8 @@ from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
 from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user, protocol_module_beside
-from egd.egprotocol import EgKernel, check_shell_values, eg_port_range, eg_spark_opts_variable, uses_eg_protocol
+from egd.egprotocol import EgKernel
+from egd.egspecs import check_shell_values, eg_port_range, eg_spark_opts_variable, uses_eg_protocol
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
 from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments, reattach_remote
 

@@ -32,7 +32,7 @@ from typing import Any, cast
 import yaml
 
 from egd.config import DEFAULT_INHERITED_ENVS, ConfigError, KernelsConfig, parse_config
-from egd.egprotocol import eg_spark_opts_variable
+from egd.egspecs import eg_spark_opts_variable
 
 #: Exit status of bad input (a file that cannot be read or parsed, an option EG does not accept).
 BAD_INPUT = 2

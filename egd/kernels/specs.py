@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from egd.config import KernelsConfig
-from egd.egprotocol import eg_spark_opts_variable, uses_eg_protocol
+from egd.egspecs import eg_spark_opts_variable, uses_eg_protocol
 from egd.errors import KernelSpecNotFound
 
 #: Enterprise Gateway process proxies and the egd driver that does the same job.
