@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from egd.checks import Checker, boolean, choice, host_names, number, optional, readable_file, settings_of, strings, text
@@ -50,6 +50,7 @@ from egd.remote import (
     launcher_arguments,
     reattach_remote,
 )
+from egd.util import shield, wait_for
 
 log = Logger()
 
@@ -181,12 +182,17 @@ class SshDriver(MultiService):
         name = hashlib.sha256(f"{login or ''}@{host}".encode()).hexdigest()[:_SOCKET_NAME_LENGTH]
         return os.path.join(self._control_dir, name).replace("%", "%%")  # ssh expands %-tokens in ControlPath
 
-    async def _run_ssh(self, host: str, remote: list[str], stdin: bytes | None = None,
-                       login: str | None = None) -> tuple[int, CapturedProcess]:
+    def _spawn_ssh(self, host: str, remote: list[str], stdin: bytes | None = None,
+                   login: str | None = None) -> CapturedProcess:
         proto = CapturedProcess(stdin)
         self._logins.add((host, login))
         argv = self._ssh_argv(host, remote, login)
         self._reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ))
+        return proto
+
+    async def _run_ssh(self, host: str, remote: list[str], stdin: bytes | None = None,
+                       login: str | None = None) -> tuple[int, CapturedProcess]:
+        proto = self._spawn_ssh(host, remote, stdin, login)
         code = await proto.ended
         return code, proto
 
@@ -308,7 +314,14 @@ class SshDriver(MultiService):
         """Run the launcher on ``host``: what it printed when it detached and ssh's stderr; None when ssh cannot
         reach the host (why is appended to ``tried``); ``LaunchFailed`` when the launcher failed there."""
         remote = self._remote_command(request, self.listener.address, public_key)
-        code, proc = await self._run_ssh(host, remote, self._secrets_line(request, registration, key), login)
+        proc = self._spawn_ssh(host, remote, self._secrets_line(request, registration, key), login)
+        try:
+            code = await shield(proc.ended)
+        except CancelledError:
+            # The launch is abandoned (the gateway stops) while ssh starts the launcher: once it has, stop it.
+            if await wait_for(proc.ended, self.settings.connect_timeout + 10, self._reactor):
+                await self._kill_launcher(host, _parse_started(proc).get("launcher_pid"), login)
+            raise
         if code == SSH_FAILED and any(problem in proc.stderr() for problem in _LOCAL_SSH_PROBLEMS):
             log.error("kernel {kernel_id}: ssh failed on this gateway's side, not {host}'s: {why}",
                       kernel_id=request.kernel_id, host=host, why=proc.stderr())

@@ -376,5 +376,8 @@ def test_stop_abandons_a_launch_on_a_host(ssh_lab: SshLab, tmp_path: Path) -> No
     assert time.monotonic() - began < 20
     starter.join(10)
     assert result.get("response") is not None and result["response"].status == 503, result
-    wait_until(lambda: not any(h.processes_matching("time.sleep(600)") or h.processes_matching("kernel_launcher")
-                               for h in ssh_lab.hosts), 15, what="nothing left on the hosts")
+    try:
+        wait_until(lambda: not any(h.processes_matching("time.sleep(600)") or h.processes_matching("kernel_launcher")
+                                   for h in ssh_lab.hosts), 15, what="nothing left on the hosts")
+    except AssertionError:
+        raise AssertionError(([h.processes_matching("sleep(600)") for h in ssh_lab.hosts], gw.log()[-4000:])) from None
