@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -501,12 +501,13 @@ class YarnDriver(MultiService):
         remaining = max(1.0, request.timeout - (self._reactor.seconds() - started))
         ended = proto.ended
         ended.addTimeout(remaining, self._reactor, onTimeoutCancel=lambda *_: None)
-        code = await ended
+        try:
+            code = await ended
+        except CancelledError:  # the launch is abandoned: it must not submit an application after all
+            _kill_quietly(process)
+            raise
         if code is None:
-            try:
-                process.signalProcess("KILL")
-            except Exception:
-                pass
+            _kill_quietly(process)
             raise LaunchTimeout(f"{os.path.basename(argv[0])} did not return within {remaining:.0f} seconds: "
                                 f"{proto.stderr(5)}")
         if code != 0:
@@ -748,6 +749,14 @@ class YarnDriver(MultiService):
         self.watcher.forget(kernel.watch)
         if self._kernels.get(kernel.watch.kernel_id) is kernel:
             del self._kernels[kernel.watch.kernel_id]
+
+
+def _kill_quietly(process: Any) -> None:
+    """SIGKILL a helper process that may have ended already."""
+    try:
+        process.signalProcess("KILL")
+    except Exception:
+        pass
 
 
 def _is_local(address: str) -> bool:
