@@ -246,3 +246,25 @@ def start_concurrently(client: GatewayClient, name: str, count: int,
     for thread in threads:
         thread.join(timeout)
     return ids, errors
+
+
+class BackgroundStart:
+    """``POST /api/kernels`` in a thread, for tests that act while the launch is in flight."""
+
+    def __init__(self, client: GatewayClient, body: dict[str, Any]) -> None:
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(client, body))
+        self._thread.start()
+
+    def _run(self, client: GatewayClient, body: dict[str, Any]) -> None:
+        try:
+            self._outcome["response"] = client.request("POST", "/api/kernels", body)
+        except BaseException as exc:  # handed to the test by response()
+            self._outcome["error"] = exc
+
+    def response(self, timeout: float = 30) -> Any:
+        """The answer to the start (an AssertionError naming what went wrong when there was none)."""
+        self._thread.join(timeout)
+        if "response" not in self._outcome:
+            raise AssertionError(f"no answer to the start: {self._outcome.get('error', 'still waiting')}")
+        return self._outcome["response"]

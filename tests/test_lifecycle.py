@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.client import GatewayClient, KernelSocket, start_concurrently
+from tests.client import BackgroundStart, GatewayClient, KernelSocket, start_concurrently
 from tests.conftest import processes_mentioning, wait_until
 
 
@@ -220,24 +220,13 @@ def test_stop_abandons_launches_in_flight(make_gateway: Any) -> None:
     does not wait for the timeout; the launch is abandoned, its process stopped, the client answered 503, and
     egd exits 0 within seconds."""
     gw = make_gateway()
-    result: dict[str, Any] = {}
-
-    def start() -> None:
-        try:
-            result["response"] = gw.client.request("POST", "/api/kernels", {
-                "name": "never_ready", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}})
-        except Exception as exc:
-            result["error"] = exc
-
-    starter = threading.Thread(target=start)
-    starter.start()
+    start = BackgroundStart(gw.client, {"name": "never_ready", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}})
     wait_until(lambda: any("time.sleep(600)" in cmd for _, cmd in gw.kernel_processes()), 20,
                what="the launching kernel's process")
     began = time.monotonic()
     assert gw.stop(timeout=20) == 0
     assert time.monotonic() - began < 15
-    starter.join(10)
-    assert "response" in result, (result, gw.log()[-3000:])
-    assert result["response"].status == 503
-    assert "shutting down" in result["response"].json["message"]
+    response = start.response(10)
+    assert response.status == 503
+    assert "shutting down" in response.json["message"]
     assert not gw.kernel_processes()
