@@ -98,6 +98,7 @@ def _check_config(path: str) -> int:
             return 1
         problems.extend(exc.problems)
     from egd.driverapi import IDriverReactor
+    from egd.kernels.specs import eg_spec_problems
     from egd.registry import DriverRegistry
     from egd.tenancy import tenancy_problems
 
@@ -108,11 +109,8 @@ def _check_config(path: str) -> int:
         problems.append(str(exc))
     else:
         problems.extend(tenancy_problems(config, registry.names))
-        from egd.kernels.specs import eg_spec_problems
-
-        settings = {name: getattr(driver, "settings", None) for name, driver in registry.names.items()}
         for spec in _read_specs(config.kernels).values():
-            problems.extend(eg_spec_problems(spec, settings))
+            problems.extend(eg_spec_problems(spec, config.drivers))
     if problems:
         print(str(ConfigError(problems, path)), file=sys.stderr)
         return 1
@@ -121,6 +119,8 @@ def _check_config(path: str) -> int:
 
 
 def _kernelspecs(args: argparse.Namespace) -> int:
+    from egd.kernels.specs import eg_spec_problems
+
     config = load_config(args.config)
     specs = _read_specs(config.kernels)
     if args.json:
@@ -132,8 +132,11 @@ def _kernelspecs(args: argparse.Namespace) -> int:
         return 1
     width = max(len(n) for n in specs)
     for name, spec in specs.items():
+        problems = eg_spec_problems(spec, config.drivers)
         missing = ("" if spec.driver in config.drivers
                    else f"  (cannot start: needs {missing_driver(spec.driver, config.drivers)})")
+        if problems and not missing:
+            missing = f"  (cannot start: {'; '.join(problems)})"
         default = " *" if name == config.kernels.default_kernel_name else ""
         print(f"{name:<{width}}  {spec.driver:<6}  {spec.display_name}{default}{missing}")
     return 0
