@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from egd.checks import Checker, boolean, choice, host_names, number, optional, readable_file, settings_of, strings, text
@@ -65,6 +66,8 @@ _CONTROL_DIR_MAX = _SOCKET_PATH_MAX - 1 - _SOCKET_NAME_LENGTH - 17 - 1
 #: (A master that died mid-request, "mux_client_...: read from master failed", is the host's problem: the
 #: connection is then made again, directly.)
 _LOCAL_SSH_PROBLEMS = ("too long for Unix domain socket", "unix_listener:", "ControlPath too long")
+#: Seconds between checks that an EG launcher still runs while egd waits for its report.
+_EG_START_PROBE = 1.0
 #: An interpreter's file name that is a Python (python, python3, python3.11).
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?\Z")
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
@@ -367,6 +370,10 @@ class SshDriver(MultiService):
         started, stderr = result
         address = started.get("ip")
         registration.expect_peers(frozenset({str(address)}) if address else frozenset())
+        # EG's launcher reports nothing when it fails: fail fast when its process group is gone before it reported
+        watching = Deferred.fromCoroutine(self._watch_eg_start(host, login, started.get("launcher_pid"), registration))
+        watching.addErrback(lambda f: log.failure("kernel {kernel_id}: watching EG's launcher failed", f,
+                                                  kernel_id=request.kernel_id))
         info = await self._await_report(request, host, login, registration, started)
         self.listener.unregister(registration)  # nothing more comes from an EG launcher
         info.setdefault("pgid", started.get("launcher_pid"))
@@ -374,6 +381,20 @@ class SshDriver(MultiService):
         kernel.login = login
         kernel.detail = stderr
         return kernel
+
+    async def _watch_eg_start(self, host: str, login: str | None, pid: Any, registration: Registration) -> None:
+        """Until EG's launcher has reported: every :data:`_EG_START_PROBE` seconds, whether its process group
+        (the command egd's launcher became) still exists on the host; when it is gone, the launch fails at once."""
+        if not isinstance(pid, int) or pid <= 1:
+            return
+        while not registration.ready.called:
+            await deferLater(self._reactor, _EG_START_PROBE, lambda: None)
+            if registration.ready.called:
+                return
+            code, _ = await self._run_ssh(host, ["sh", "-c", 'kill -0 "-$1" 2>/dev/null', "sh", str(pid)],
+                                          login=login)
+            if code == 1 and not registration.ready.called:
+                registration.ready.errback(LaunchRefused("EG's launcher exited before it reported"))
 
     async def _await_report(self, request: LaunchRequest, host: str, login: str | None,
                             registration: Registration, started: Mapping[str, Any]) -> dict[str, Any]:
@@ -383,7 +404,9 @@ class SshDriver(MultiService):
         try:
             return await waiter
         except LaunchRefused as exc:
-            raise LaunchFailed(f"the kernel failed to start on {host}: {exc}") from None
+            detail = await self._log_tail(host, str(started.get("log", "")), login) if registration.eg else ""
+            raise LaunchFailed(f"the kernel failed to start on {host}: {exc}" + (f": {detail}" if detail else "")
+                               ) from None
         except Exception:
             self.listener.unregister(registration)
             await self._kill_launcher(host, started.get("launcher_pid"), login)

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from egd.egprotocol import PayloadRefused, ResponseKey, decode_payload
 from tests import egdist
-from tests.client import GatewayClient
+from tests.client import BackgroundStart, GatewayClient
 from tests.conftest import KERNELSPECS, GatewayProcess, wait_until
 from tests.sshhosts import SshHost, SshLab
 from tests.test_lifecycle import interrupt_sleep
@@ -225,15 +225,8 @@ def test_forged_payload_from_another_address_is_refused(ssh_lab: SshLab, tmp_pat
     host = ssh_lab.host("egdh1")
     try:
         kernel_id = "3f6f3c1e-9d0b-4f57-8a0e-6c5d4b3a2f10"
-        result: dict[str, Any] = {}
-
-        def start() -> None:
-            result["response"] = gw.client.request(
-                "POST", "/api/kernels", {"name": "eg_silent", "env": {"KERNEL_ID": kernel_id,
-                                                                     "KERNEL_LAUNCH_TIMEOUT": "25"}})
-
-        starter = threading.Thread(target=start)
-        starter.start()
+        start = BackgroundStart(gw.client, {"name": "eg_silent", "env": {"KERNEL_ID": kernel_id,
+                                                                          "KERNEL_LAUNCH_TIMEOUT": "25"}})
         launcher_argv = _argv_of(host, kernel_id)
         address = _option(launcher_argv, "response-address")
         public = _option(launcher_argv, "public-key")
@@ -242,8 +235,8 @@ def test_forged_payload_from_another_address_is_refused(ssh_lab: SshLab, tmp_pat
         with socket.create_connection((response_ip, int(response_port)), timeout=5) as conn:
             conn.sendall(forged)
         wait_until(lambda: "not from the kernel's host" in gw.log(), 10, what="the forged payload to be refused")
-        starter.join(40)
-        assert result["response"].status in (500, 503, 504)  # the launch timed out: the forgery was not taken
+        # the launch timed out: the forgery was not taken
+        assert start.response(40).status in (500, 503, 504)
         assert not host.processes_matching(kernel_id)
     finally:
         gw.stop()
@@ -305,11 +298,64 @@ def test_process_proxy_config_egd_cannot_honour_is_named(eg_specs: Path, tmp_pat
                  "yarn_endpoint_security_enabled: Kerberos", "port_range: '40000-41000' is not lo..hi",
                  "image_name: not a setting egd reads"):
         assert text in done.stderr
+    listed = subprocess.run([sys.executable, "-m", "egd", "kernelspecs", "--config", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    line = next(li for li in listed.stdout.splitlines() if li.startswith("eg_bad "))
+    assert "cannot start" in line and "Kerberos" in line
+    assert "cannot start" not in next(li for li in listed.stdout.splitlines() if li.startswith("eg_good "))
     gw = GatewayProcess(config)
     try:
         resp = gw.client.request("POST", "/api/kernels", {"name": "eg_bad"})
         assert resp.status == 503 and "Kerberos" in resp.json["message"]
         assert "rm.example" in resp.json["message"]
         assert not gw.kernel_processes()
+    finally:
+        gw.stop()
+
+
+def test_process_proxy_remote_hosts_and_port_range(ssh_lab: SshLab, eg_specs: Path, tmp_path: Path) -> None:
+    """EG's per-spec ``remote_hosts`` (a comma-separated string) and ``port_range`` are honoured: the kernel runs on
+    the named host, and EG's launcher binds its ports (and its comm port) inside the range."""
+    specs = tmp_path / "specs"
+    spec = egdist.spec_json(eg_specs, "python_distributed")
+    proxy = dict(spec["metadata"]["process_proxy"], config={"remote_hosts": "egdh2", "port_range": "41000..42000"})  # type: ignore[index]
+    (specs / "eg_ranged").mkdir(parents=True)
+    (specs / "eg_ranged" / "kernel.json").write_text(json.dumps(dict(spec, metadata={"process_proxy": proxy})))
+    gw = _ssh_gateway(ssh_lab, specs, tmp_path, allowed_kernelspecs=["python3", "eg_ranged"])
+    try:
+        kernel_id = gw.client.start_kernel("eg_ranged")
+        sock = gw.client.connect(kernel_id)
+        assert _where(sock)[0] == "egdh2"
+        ports = json.loads(sock.execute("import json; from ipykernel.connect import get_connection_info\n"
+                                        "print(get_connection_info())").stdout)
+        bound = [ports[f"{name}_port"] for name in ("shell", "iopub", "stdin", "control", "hb")]
+        assert all(41000 <= port <= 42000 for port in bound), bound
+        argv = _argv_of(ssh_lab.host("egdh2"), kernel_id)
+        assert _option(argv, "port-range") == "41000..42000"
+        sock.close()
+        gw.client.delete_kernel(kernel_id)
+    finally:
+        gw.stop()
+
+
+def test_eg_launcher_that_fails_fails_the_start_at_once(ssh_lab: SshLab, eg_specs: Path, tmp_path: Path) -> None:
+    """EG's launcher reports nothing when it fails (here: a port range EG's launcher itself refuses as too
+    small); egd sees its process gone on the host and fails the start at once, with the tail of its log, instead
+    of at the launch timeout."""
+    specs = tmp_path / "specs"
+    spec = egdist.spec_json(eg_specs, "python_distributed")
+    proxy = dict(spec["metadata"]["process_proxy"], config={"port_range": "41000..41010"})  # type: ignore[index]
+    (specs / "eg_failing").mkdir(parents=True)
+    (specs / "eg_failing" / "kernel.json").write_text(json.dumps(dict(spec, metadata={"process_proxy": proxy})))
+    gw = _ssh_gateway(ssh_lab, specs, tmp_path, allowed_kernelspecs=["python3", "eg_failing"])
+    try:
+        began = time.monotonic()
+        resp = gw.client.request("POST", "/api/kernels", {"name": "eg_failing",
+                                                          "env": {"KERNEL_LAUNCH_TIMEOUT": "60"}})
+        assert resp.status == 500, resp.json
+        assert time.monotonic() - began < 20
+        assert "exited before it reported" in resp.json["message"]
+        assert "Range size must be at least 1000" in resp.json["message"]
+        assert not any(h.processes_matching("launch_ipykernel") for h in ssh_lab.hosts)
     finally:
         gw.stop()

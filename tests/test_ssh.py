@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from egd.launchers.launcher_protocol import NonceCache, sign, verify
-from tests.client import GatewayClient, KernelSocket
+from tests.client import BackgroundStart, GatewayClient, KernelSocket
 from tests.conftest import KERNELSPECS, GatewayProcess, wait_until
 from tests.sshhosts import SshHost, SshLab
 
@@ -358,24 +357,13 @@ def test_stop_abandons_a_launch_on_a_host(ssh_lab: SshLab, tmp_path: Path) -> No
     gw = ssh_gateway(ssh_lab, tmp_path)
     write_spec(tmp_path / "specs", "ssh_never_ready", [ssh_lab.python, "-c", "import time; time.sleep(600)",
                                                        "{connection_file}"])
-    result: dict[str, Any] = {}
-
-    def start() -> None:
-        try:
-            result["response"] = gw.client.request("POST", "/api/kernels", {
-                "name": "ssh_never_ready", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}})
-        except Exception as exc:
-            result["error"] = exc
-
-    starter = threading.Thread(target=start)
-    starter.start()
+    start = BackgroundStart(gw.client, {"name": "ssh_never_ready", "env": {"KERNEL_LAUNCH_TIMEOUT": "120"}})
     wait_until(lambda: any(h.processes_matching("time.sleep(600)") for h in ssh_lab.hosts), 30,
                what="the kernel launching on a host")
     began = time.monotonic()
     assert gw.stop(timeout=30) == 0
     assert time.monotonic() - began < 20
-    starter.join(10)
-    assert result.get("response") is not None and result["response"].status == 503, result
+    assert start.response(10).status == 503
     try:
         wait_until(lambda: not any(h.processes_matching("time.sleep(600)") or h.processes_matching("kernel_launcher")
                                    for h in ssh_lab.hosts), 15, what="nothing left on the hosts")

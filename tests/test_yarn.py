@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.client import GatewayClient, start_concurrently
+from tests.client import BackgroundStart, GatewayClient, start_concurrently
 from tests.conftest import KERNELSPECS, GatewayProcess, free_port, wait_until
 from tests.test_lifecycle import interrupt_sleep, statuses_until
 from tests.yarncluster import YarnCluster, spark_home
@@ -330,23 +330,13 @@ def test_stop_abandons_a_launch_in_yarn(yarn_cluster: YarnCluster, tmp_path: Pat
     """SIGTERM while a Spark kernel is being submitted or starting in YARN: the client gets a 503, egd exits
     without waiting for the launch timeout, and no application of that kernel is left running."""
     gw = yarn_gateway(yarn_cluster, tmp_path)
-    result: dict[str, Any] = {}
-
-    def start() -> None:
-        try:
-            result["response"] = gw.client.request("POST", "/api/kernels", {"name": "yarn_spark"})
-        except Exception as exc:
-            result["error"] = exc
-
-    starter = threading.Thread(target=start)
-    starter.start()
+    start = BackgroundStart(gw.client, {"name": "yarn_spark"})
     kernel_id = wait_until(lambda: next((k["id"] for k in gw.client.request("GET", "/api/kernels").json), None),
                            30, what="the starting kernel")
     wait_until(lambda: yarn_cluster.apps(applicationTags=kernel_id), 120, what="the kernel's application")
     began = time.monotonic()
     assert gw.stop(timeout=60) == 0
     assert time.monotonic() - began < 45
-    starter.join(10)
-    assert result.get("response") is not None and result["response"].status == 503, result
+    assert start.response(10).status == 503
     wait_until(lambda: all(a["state"] in FINAL for a in yarn_cluster.apps(applicationTags=kernel_id)), 30,
                what="the kernel's application to end")
