@@ -30,13 +30,26 @@ def kernel_pid(sock: KernelSocket) -> int:
     return int(sock.execute("import os; print(os.getpid())").stdout)
 
 
+def wait_for_output(sock: KernelSocket, msg: dict[str, Any], text: str, timeout: float = 30) -> None:
+    """Until the cell of ``msg`` has printed ``text``: it is running user code then. (A signal sent when the kernel
+    merely says ``busy``, or even at its ``execute_input``, may hit the kernel's own code before the cell, where
+    ipykernel swallows the KeyboardInterrupt with the request; a slow kernel shows it.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = sock.recv(max(0.1, deadline - time.monotonic()))
+        if (message["msg_type"] == "stream" and text in message["content"].get("text", "")
+                and message.get("parent_header", {}).get("msg_id") == msg["header"]["msg_id"]):
+            return
+
+
 def interrupt_sleep(client: GatewayClient, kernel_id: str) -> None:
     """Interrupt a ``time.sleep(60)``: KeyboardInterrupt comes back quickly and state survives."""
     sock = client.connect(kernel_id)
     sock.execute("survivor = 'still here'")
-    msg = sock.request("execute_request", {"code": "import time; time.sleep(60)", "silent": False,
-                                           "store_history": True, "user_expressions": {}, "allow_stdin": False})
-    wait_until(lambda: client.kernel(kernel_id).json["execution_state"] == "busy", 10, what="busy")
+    msg = sock.request("execute_request", {"code": "import time; print('sleeping', flush=True); time.sleep(60)",
+                                           "silent": False, "store_history": True, "user_expressions": {},
+                                           "allow_stdin": False})
+    wait_for_output(sock, msg, "sleeping")
     started = time.monotonic()
     assert client.request("POST", f"/api/kernels/{kernel_id}/interrupt", {}).status == 204
     run = sock.wait_for(msg, timeout=20)
