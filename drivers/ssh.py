@@ -421,12 +421,8 @@ class SshDriver(MultiService):
         async def reattach() -> RemoteKernel | EgKernel:
             kernel: RemoteKernel | EgKernel
             if state.get("protocol") == "eg":
-                kernel = EgKernel(self._reactor, kernel_id, dict(state["info"]), str(state["where"]),
-                                  self._forget_eg, self._force_kill_eg, poll=False)
-                kernel.login = state.get("login")
-                if not await kernel.alive():
-                    raise LookupError(f"its EG launcher on {kernel.where} does not answer")
-                kernel.start_polling()
+                kernel = await EgKernel.reattached(self._reactor, kernel_id, state, str(state["where"]),
+                                                   self._forget_eg, self._force_kill_eg)
             else:
                 kernel = await reattach_remote(self._reactor, self.listener, kernel_id, state,
                                                str(connection_info["key"]), self._forget, self._force_kill)
@@ -440,27 +436,24 @@ class SshDriver(MultiService):
         self._running.pop(kernel.kernel_id, None)
 
     async def _force_kill_eg(self, kernel: EgKernel) -> None:
-        """SIGKILL to the EG launcher's process group (its kernel, and its comm-port listener)."""
-        pgid = kernel.info.get("pgid")
-        if not isinstance(pgid, int) or pgid <= 1:
-            raise LaunchFailed("no process group to kill")
-        # EG's launcher removes its connection file (with the kernel's key) only when the kernel ends normally
-        script = 'kill -9 "-$1" 2>/dev/null; rm -f -- "${TMPDIR:-/tmp}/kernel-$2_"*.json; exit 0'
-        code, proc = await self._run_ssh(kernel.where, ["sh", "-c", script, "sh", str(pgid), kernel.kernel_id],
-                                         login=kernel.login)
-        if code == SSH_FAILED:
-            raise ConnectionError(proc.stderr() or "ssh failed")
+        """SIGKILL to the EG launcher's process group (its kernel, and its comm-port listener); EG's launcher
+        removes its connection file (with the kernel's key) only when the kernel ends normally, so egd does."""
+        await self._kill_group(kernel.where, kernel.login, kernel.info.get("pgid"), kernel.kernel_id)
 
     def _forget(self, kernel: RemoteKernel) -> None:
         self.listener.unregister(kernel.registration)
         self._running.pop(kernel.registration.kernel_id, None)
 
     async def _force_kill(self, kernel: RemoteKernel) -> None:
-        pid = int(kernel.info.get("pid", 0))
-        if pid <= 1:
-            raise LaunchFailed("no pid to kill")
-        code, proc = await self._run_ssh(kernel.where, ["kill", f"-{signal.SIGKILL}", "--", f"-{pid}"],
-                                         login=kernel.login)
+        await self._kill_group(kernel.where, kernel.login, kernel.info.get("pid"))
+
+    async def _kill_group(self, host: str, login: str | None, pgid: Any, eg_kernel_id: str = "") -> None:
+        """SIGKILL to process group ``pgid`` on ``host`` (gone already is fine); with ``eg_kernel_id``, also EG's
+        leftover connection file of that kernel. ``ConnectionError`` when ssh cannot reach the host."""
+        if not isinstance(pgid, int) or pgid <= 1:
+            raise LaunchFailed("no process group to kill")
+        script = 'kill -9 "-$1" 2>/dev/null; [ -z "$2" ] || rm -f -- "${TMPDIR:-/tmp}/kernel-$2_"*.json; exit 0'
+        code, proc = await self._run_ssh(host, ["sh", "-c", script, "sh", str(pgid), eg_kernel_id], login=login)
         if code == SSH_FAILED:
             raise ConnectionError(proc.stderr() or "ssh failed")
 

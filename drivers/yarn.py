@@ -36,6 +36,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
@@ -345,12 +346,7 @@ class YarnDriver(MultiService):
         workdir = os.path.join(self._staging, f"{request.kernel_id}-{uuid.uuid4().hex[:8]}")
         os.makedirs(workdir, mode=0o700)
 
-        def progress(app: dict[str, Any]) -> None:
-            text = describe_app(app)
-            log.info("kernel {kernel_id}: {text}", kernel_id=request.kernel_id, text=text)
-            request.progress(text)
-
-        watch = AppWatch(request.kernel_id, user, int(started * 1000), progress)
+        watch = AppWatch(request.kernel_id, user, int(started * 1000), partial(_report_progress, request))
         secrets = json.dumps({"secret": registration.secret.decode(), "key": key, "env": dict(request.env)})
         # Until the watcher reports YARN's own view of the application (which then replaces this text).
         request.progress(f"submitting to YARN queue {resources.queue} as {user}")
@@ -386,10 +382,8 @@ class YarnDriver(MultiService):
             try:
                 remote: RemoteKernel | EgKernel
                 if remote_state.get("protocol") == "eg":
-                    remote = EgKernel(self._reactor, kernel_id, dict(remote_state["info"]), app_id,
-                                      lambda _: None, self._no_force_kill, poll=False)
-                    if not await remote.alive():
-                        raise LookupError(f"its EG launcher in {app_id} does not answer")
+                    remote = await EgKernel.reattached(self._reactor, kernel_id, remote_state, app_id,
+                                                       lambda _: None, self._no_force_kill, poll=False)
                 else:
                     remote = await reattach_remote(self._reactor, self.listener, kernel_id, remote_state,
                                                    str(connection_info["key"]), self._unregister,
@@ -450,9 +444,7 @@ class YarnDriver(MultiService):
         resolving: list[str] = []
 
         def progress(app: dict[str, Any]) -> None:
-            text = describe_app(app)
-            log.info("kernel {kernel_id}: {text}", kernel_id=request.kernel_id, text=text)
-            request.progress(text)
+            _report_progress(request, app)
             host = str(app.get("amHostHttpAddress") or "").rpartition(":")[0]
             if host and not resolving:
                 resolving.append(host)
@@ -749,6 +741,13 @@ class YarnDriver(MultiService):
         self.watcher.forget(kernel.watch)
         if self._kernels.get(kernel.watch.kernel_id) is kernel:
             del self._kernels[kernel.watch.kernel_id]
+
+
+def _report_progress(request: LaunchRequest, app: dict[str, Any]) -> None:
+    """YARN's view of a launching kernel's application, in the log and in the kernel's model."""
+    text = describe_app(app)
+    log.info("kernel {kernel_id}: {text}", kernel_id=request.kernel_id, text=text)
+    request.progress(text)
 
 
 def _kill_quietly(process: Any) -> None:

@@ -188,11 +188,27 @@ class EgKernel:
         if poll:
             self.start_polling()
 
-    def start_polling(self) -> None:
-        """Ask the comm port every :data:`POLL_INTERVAL` seconds whether the kernel lives."""
-        if not self._poll.running and not self.exited.called:
-            self._poll.start(POLL_INTERVAL, now=False).addErrback(
+    def start_polling(self, interval: float = POLL_INTERVAL) -> None:
+        """Ask the comm port every ``interval`` seconds whether the kernel lives (from now on, if it polled)."""
+        if self._poll.running:
+            self._poll.stop()
+        if not self.exited.called:
+            self._poll.start(interval, now=False).addErrback(
                 lambda f: log.failure("kernel {kernel_id}: liveness poll failed", f, kernel_id=self.kernel_id))
+
+    @classmethod
+    async def reattached(cls, reactor: IDriverReactor, kernel_id: str, state: Mapping[str, Any], where: str,
+                         on_cleanup: Callable[[EgKernel], None], force_kill: Callable[[EgKernel], Awaitable[None]],
+                         poll: bool = True) -> EgKernel:
+        """The kernel a previous gateway reached through an EG launcher (``state``: its :meth:`persistent_state`),
+        if its comm port still takes requests; ``LookupError`` otherwise."""
+        kernel = cls(reactor, kernel_id, dict(state["info"]), where, on_cleanup, force_kill, poll=False)
+        kernel.login = state.get("login")
+        if not await kernel.alive():
+            raise LookupError(f"its EG launcher on {where} does not answer")
+        if poll:
+            kernel.start_polling()
+        return kernel
 
     def ended(self, status: ExitStatus) -> None:
         """The kernel has ended (seen by the poll, or by the driver's resource manager)."""
@@ -241,9 +257,7 @@ class EgKernel:
             lambda f: log.debug("kernel {kernel_id}: shutdown to its EG launcher: {why}", kernel_id=self.kernel_id,
                                 why=f.getErrorMessage()))
         if self._poll.running:
-            self._poll.stop()
-            self._poll.start(SHUTDOWN_POLL_INTERVAL, now=False).addErrback(
-                lambda f: log.failure("kernel {kernel_id}: liveness poll failed", f, kernel_id=self.kernel_id))
+            self.start_polling(SHUTDOWN_POLL_INTERVAL)
 
     def describe(self) -> str:
         """Host, address and pid."""

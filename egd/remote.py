@@ -33,7 +33,7 @@ from egd.driverapi import ExitStatus, IDriverReactor, LaunchRequest
 from egd.egprotocol import MAX_PAYLOAD, PayloadRefused, ResponseKey, decode_payload
 from egd.errors import ServiceUnavailable
 from egd.launchers.launcher_protocol import MAX_LINE, NonceCache, parse_message, sign, verify
-from egd.util import describe
+from egd.util import describe, shield
 
 log = Logger()
 
@@ -220,30 +220,17 @@ class LaunchListener(Service):
         self._port_number = port
         self._port: Any = None
         self._registrations: dict[str, Registration] = {}
+        #: This gateway's key for EG's launchers, made on first use; None until it is made.
         self._eg_key: ResponseKey | None = None
-        self._eg_key_waiters: list[Deferred[ResponseKey]] | None = None
+        self._eg_key_made: Deferred[ResponseKey] | None = None
 
     async def eg_key(self) -> ResponseKey:
         """This gateway's key for EG's launchers (``{public_key}``), made on first use (in a thread)."""
-        if self._eg_key is not None:
-            return self._eg_key
-        waiter: Deferred[ResponseKey] = Deferred()
-        if self._eg_key_waiters is None:
-            self._eg_key_waiters = []
-            ResponseKey.generate().addCallbacks(self._key_made, self._key_failed)
-        self._eg_key_waiters.append(waiter)
-        return await waiter
-
-    def _key_made(self, key: ResponseKey) -> None:
-        self._eg_key = key
-        waiters, self._eg_key_waiters = self._eg_key_waiters or [], None
-        for waiter in waiters:
-            waiter.callback(key)
-
-    def _key_failed(self, failure: Any) -> None:
-        waiters, self._eg_key_waiters = self._eg_key_waiters or [], None
-        for waiter in waiters:
-            waiter.errback(failure)
+        if self._eg_key is None:
+            if self._eg_key_made is None:
+                self._eg_key_made = ResponseKey.generate()
+            self._eg_key = await shield(self._eg_key_made)
+        return self._eg_key
 
     @property
     def address(self) -> tuple[str, int]:

@@ -275,7 +275,10 @@ class KernelManager(Service):
 
     def abandon_launches(self) -> None:
         """The gateway stops: refuse new kernels and abandon the launches in flight (each driver stops what it
-        had started; their clients get a 503), so that a stop never waits for a launch timeout."""
+        had started; their clients get a 503), so that a stop never waits for a launch timeout. Once: a second
+        cancel would cut short a driver's cleanup."""
+        if not self._accepting:
+            return
         self._accepting = False
         launches = list(self._launches.values())
         if launches:
