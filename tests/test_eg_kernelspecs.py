@@ -359,3 +359,33 @@ def test_eg_launcher_that_fails_fails_the_start_at_once(ssh_lab: SshLab, eg_spec
         assert not any(h.processes_matching("launch_ipykernel") for h in ssh_lab.hosts)
     finally:
         gw.stop()
+
+
+def test_listener_takes_one_payload_per_launch_from_its_host() -> None:
+    """docs/security.rst: an EG payload is taken only for a kernel being launched, once, from its host; one that
+    came before the host was known is judged when it is; a late one (the launch is over) is refused."""
+    from typing import cast
+
+    from egd.remote import LaunchListener
+
+    listener = LaunchListener(cast(Any, None), "127.0.0.1")  # receive_eg needs no reactor
+    key = _key()
+    listener._eg_key = key  # as eg_key() leaves it (it makes the key in the reactor's thread pool)
+    kernel_id, other_id = CONNECTION["kernel_id"], "1d1c2b3a-4f5e-4a6b-8c7d-9e0f1a2b3c4d"
+    taken: list[dict[str, Any]] = []
+    registration = listener.register(str(kernel_id), eg=True)
+    registration.ready.addCallback(taken.append)
+    listener.receive_eg(_seal(dict(CONNECTION, kernel_id=other_id), key.public_text), "10.0.0.5")
+    listener.receive_eg(_seal(CONNECTION, key.public_text), "10.0.0.6")  # held: the host is not known yet
+    listener.receive_eg(_seal(dict(CONNECTION, hb_port=50099), key.public_text), "10.0.0.5")
+    assert taken == []
+    registration.expect_peers(frozenset({"10.0.0.5"}))
+    assert [t["hb_port"] for t in taken] == [50099] and taken[0]["ip"] == "10.0.0.5"
+    listener.receive_eg(_seal(dict(CONNECTION, hb_port=50098), key.public_text), "10.0.0.5")  # a second one
+    assert len(taken) == 1 and taken[0]["hb_port"] == 50099
+    listener.unregister(registration)
+    late = listener.register(str(kernel_id), eg=True)
+    late.expect_peers(frozenset({"10.0.0.5"}))
+    listener.unregister(late)
+    listener.receive_eg(_seal(CONNECTION, key.public_text), "10.0.0.5")  # no launch is expected any more
+    assert not late.ready.called
