@@ -300,6 +300,11 @@ class YarnDriver(MultiService):
     # -- service --------------------------------------------------------------------------------------------
 
     @property
+    def api_requests(self) -> int:
+        """Requests made to the ResourceManager so far (``egd_driver_api_requests_total``)."""
+        return self.rm.requests
+
+    @property
     def impersonates(self) -> bool:
         """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
         return bool(self.settings.impersonation)

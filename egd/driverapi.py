@@ -142,6 +142,10 @@ class KernelDriver(Protocol):
     It is built as ``cls(reactor=..., settings=..., runtime_dir=..., port_range=...)`` (see
     :data:`CONSTRUCTOR_KEYWORDS`), with ``settings`` an instance of its ``settings_type``; the constructor
     checks what only the running host can tell (a ``ValueError`` naming the setting) and starts nothing.
+
+    Optional: a class attribute ``kernels_apart = True`` says that each kernel runs apart from the others (a
+    container or pod of its own), so that kernels cannot read each other's files even when they run as one
+    account; users are then apart without impersonation (``egd.tenancy``).
     """
 
     name: str

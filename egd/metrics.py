@@ -30,6 +30,9 @@ Metrics (every name starts with ``egd_``):
 - ``egd_kernel_culls_total{spec,reason}`` (counter): kernels the culler shut down (``reason``: idle, busy).
 - ``egd_websocket_connections_open`` (gauge) and ``egd_websocket_connections_total`` (counter): kernel
   WebSocket connections open now, and ever opened.
+- ``egd_driver_api_requests_total{driver}`` (counter): requests a driver made to its resource manager's API (the
+  Kubernetes API server, the Docker Engine, the YARN ResourceManager), for drivers that count them (the
+  attribute ``api_requests``).
 - ``egd_relayed_messages_total{direction}`` and ``egd_relayed_bytes_total{direction}`` (counters): kernel
   messages relayed over WebSockets (``client_to_kernel``: received from clients; ``kernel_to_client``: sent to
   clients, once per client, replays included), and their WebSocket payload bytes.
@@ -93,9 +96,11 @@ def _failure_reason(exc: BaseException) -> str:
 class _ScrapeTimeCollector(Collector):
     """What is computed when scraped: the kernels gauge, the WebSocket and relay counters."""
 
-    def __init__(self, kernels: Callable[[], Iterable[Kernel]], relay: RelayCounters) -> None:
+    def __init__(self, kernels: Callable[[], Iterable[Kernel]], relay: RelayCounters,
+                 drivers: Callable[[], Mapping[str, Any]]) -> None:
         self._kernels = kernels
         self._relay = relay
+        self._drivers = drivers
 
     def collect(self) -> Iterator[Metric]:
         """One family per metric, from the kernel table and the relay's integers."""
@@ -121,17 +126,26 @@ class _ScrapeTimeCollector(Collector):
         sizes.add_metric(("client_to_kernel",), relay.bytes_from_clients)
         sizes.add_metric(("kernel_to_client",), relay.bytes_to_clients)
         yield sizes
+        api = CounterMetricFamily("egd_driver_api_requests", "Requests drivers made to their resource managers' APIs",
+                                  labels=("driver",))
+        for name, driver in sorted(self._drivers().items()):
+            requests = getattr(driver, "api_requests", None)
+            if isinstance(requests, int):
+                api.add_metric((name,), requests)
+        yield api
 
 
 class GatewayMetrics:
     """The metrics of one gateway: event counters, and a registry that renders them with the scrape-time ones."""
 
-    def __init__(self, kernels: Callable[[], Iterable[Kernel]]) -> None:
-        """``kernels``: every kernel of the gateway right now (the kernel manager's ``list``)."""
+    def __init__(self, kernels: Callable[[], Iterable[Kernel]],
+                 drivers: Callable[[], Mapping[str, Any]] = dict) -> None:
+        """``kernels``: every kernel of the gateway right now (the kernel manager's ``list``); ``drivers``: the
+        drivers by name."""
         self.registry = CollectorRegistry(auto_describe=False)
         #: Incremented by the WebSocket relay (``egd.api.websocket``).
         self.relay = RelayCounters()
-        self.registry.register(_ScrapeTimeCollector(kernels, self.relay))
+        self.registry.register(_ScrapeTimeCollector(kernels, self.relay, drivers))
         self._launch_seconds = Histogram(
             "egd_kernel_launch_duration_seconds", "Seconds from launch request until the kernel was ready, for "
             "successful starts", ("driver",), registry=self.registry, buckets=_LAUNCH_BUCKETS)

@@ -28,8 +28,10 @@ def _distinct_users(config: Config) -> bool:
 
 
 def _shared_account_drivers(drivers: Mapping[str, Any]) -> list[str]:
-    """The drivers that run every kernel as one OS account."""
-    return sorted(name for name, driver in drivers.items() if not driver.impersonates)
+    """The drivers that run every kernel as one OS account where the kernels can reach each other's files (a
+    driver whose kernels each have a container of their own says so with ``kernels_apart``)."""
+    return sorted(name for name, driver in drivers.items()
+                  if not driver.impersonates and not getattr(driver, "kernels_apart", False))
 
 
 def tenancy_problems(config: Config, drivers: Mapping[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import pgserver, sshhosts, yarncluster
+from tests import containerhosts, kubecluster, pgserver, sshhosts, yarncluster
 from tests.client import GatewayClient
 
 # Remote hosts for the ssh tests (network namespaces with their own sshd), built once per session when asked.
@@ -31,6 +31,28 @@ ssh_lab = sshhosts.ssh_lab
 postgres = pgserver.postgres
 ssh_hosts = sshhosts.ssh_hosts
 yarn_cluster = yarncluster.yarn_cluster
+#: A real Kubernetes cluster (control plane, a kubelet with containerd, kwok) for the kubernetes tests.
+kube_cluster = kubecluster.kube_cluster
+#: Container engines for the docker tests: Debian's dockerd, podman's Docker-compatible service, and both.
+dockerd = containerhosts.dockerd
+podman_api = containerhosts.podman_api
+engine = containerhosts.engine
+
+#: Areas whose session fixtures start container engines or a Kubernetes node (daemons that keep using CPU and
+#: change host networking until the session ends): their tests run last, in this order.
+_LAST_AREAS = ("docker", "kubernetes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the container and Kubernetes tests after all others (stable order within each group)."""
+    def group(item: pytest.Item) -> int:
+        for index, marker in enumerate(_LAST_AREAS, start=1):
+            if item.get_closest_marker(marker) is not None:
+                return index
+        return 0
+
+    items.sort(key=group)
+
 
 HERE = Path(__file__).resolve().parent
 KERNELSPECS = HERE / "kernelspecs"

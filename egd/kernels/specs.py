@@ -26,7 +26,12 @@ _EG_PROCESS_PROXIES = {
     "LocalProcessProxy": "local",
     "DistributedProcessProxy": "ssh",
     "YarnClusterProcessProxy": "yarn",
+    "KubernetesProcessProxy": "kubernetes",
+    "DockerProcessProxy": "docker",
+    "DockerSwarmProcessProxy": "docker",
 }
+#: The EG scripts that create a container for the kernel from the gateway; egd's container drivers create it.
+_EG_CONTAINER_LAUNCHERS = ("launch_kubernetes.py", "launch_docker.py")
 _RESOURCE_FILES = ("kernel.js", "kernel.css")
 
 
@@ -186,6 +191,12 @@ def eg_spec_problems(spec: KernelSpecInfo, driver_settings: Mapping[str, Any]) -
     if spec.driver == "yarn" and spec.uses_eg_protocol and eg_spark_opts_variable(spec.env) is None:
         problems.append(f"kernelspec {spec.name!r}: egd finds an EG kernelspec's YARN application by the tags it adds "
                         "to SPARK_OPTS, and this one submits without SPARK_OPTS (dask-yarn is not supported)")
+    if spec.driver in ("kubernetes", "docker") and not any(os.path.basename(a) in _EG_CONTAINER_LAUNCHERS
+                                                          for a in spec.argv):
+        problems.append(f"kernelspec {spec.name!r}: egd's {spec.driver} driver runs EG's kernelspecs whose pod or "
+                        f"container EG's {' or '.join(_EG_CONTAINER_LAUNCHERS)} creates; this one runs "
+                        f"{os.path.basename(spec.argv[0]) if spec.argv else 'nothing'} (Spark on Kubernetes through "
+                        "spark-submit, or Spark operators, are not supported)")
     if spec.driver == "local" and spec.uses_eg_protocol:
         problems.append(f"kernelspec {spec.name!r}: its argv starts an EG launcher ({{response_address}}), which "
                         "only EG's remote process proxies (DistributedProcessProxy, YarnClusterProcessProxy) run")

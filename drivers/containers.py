@@ -1,0 +1,268 @@
+"""What the container drivers (``kubernetes``, ``docker``) share: the settings of kernels in containers, the
+checking of a launch's ``KERNEL_*`` requests against what the operator allows, and the launcher bundle.
+
+A client may ask, with Enterprise Gateway's variables, for an image (``KERNEL_IMAGE``, only from the allow-list),
+resources (``KERNEL_CPUS``, ``KERNEL_MEMORY``, ``KERNEL_GPUS`` and their ``*_LIMIT`` forms, within the maxima), a
+user id (``KERNEL_UID``/``KERNEL_GID``, only where allowed, root only where root is allowed), and, egd's own,
+volumes by name (``KERNEL_VOLUMES``: names the operator offers). Anything outside is refused before anything is
+created, with a 400 or 403 that names the variable and what it may be.
+
+The launcher reaches the container as files (the bundle): egd's launcher and its protocol module, and the
+launch's secrets. So any image with a Python 3 runs kernels, and the launcher is always this egd's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from egd.checks import Checker, boolean, number, optional, strings, text
+from egd.driverapi import LaunchRequest
+from egd.drivertools import DEFAULT_LAUNCHER, LAUNCHER_FILES, LauncherSettings
+from egd.errors import BadRequest, Forbidden
+
+#: Where the bundle is in the container.
+BUNDLE_DIR = "/var/run/egd-launch"
+SECRETS_NAME = "launch.json"
+_CPU = re.compile(r"^(\d{1,6}(?:\.\d{1,3})?)(m?)\Z")
+_MEMORY = re.compile(r"^(\d{1,15}(?:\.\d{1,3})?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?\Z")
+_MEMORY_UNITS = {None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+                 "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
+_VOLUME_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+def parse_cpus(value: str, what: str) -> float:
+    """``"2"``, ``"0.5"`` or ``"500m"`` as a number of CPUs; :class:`BadRequest` naming ``what`` otherwise."""
+    match = _CPU.match(value.strip())
+    if not match:
+        raise BadRequest(f"{what} must be a number of CPUs such as 2, 0.5 or 500m")
+    cpus = float(match.group(1)) / (1000 if match.group(2) else 1)
+    if cpus <= 0:
+        raise BadRequest(f"{what} must be more than 0")
+    return cpus
+
+
+def parse_memory(value: str, what: str) -> int:
+    """A Kubernetes quantity of memory (``512Mi``, ``2Gi``, ``1G``, bytes) in bytes; :class:`BadRequest`
+    naming ``what`` otherwise."""
+    match = _MEMORY.match(value.strip())
+    if not match:
+        raise BadRequest(f"{what} must be an amount of memory such as 512Mi, 2Gi or 1G")
+    amount = int(float(match.group(1)) * _MEMORY_UNITS[match.group(2)])
+    if amount < 4 * 1024 * 1024:
+        raise BadRequest(f"{what} must be at least 4Mi")
+    return amount
+
+
+def _gpus(value: str, what: str) -> int:
+    if not value.strip().isdigit() or len(value.strip()) > 3:
+        raise BadRequest(f"{what} must be a whole number of GPUs")
+    return int(value)
+
+
+def _volume_offers(value: Any, path: str, problems: list[str]) -> Any:
+    """``volumes``: a mapping of names (DNS labels) to what each mounts (the driver checks the inside)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and _VOLUME_NAME.match(k) and isinstance(v, dict)
+                                              for k, v in value.items()):
+        problems.append(f"{path}: must map volume names (lowercase letters, digits, '-') to their settings")
+        return None
+    return dict(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContainerSettings(LauncherSettings):
+    """Settings shared by the container drivers (on top of the launcher's)."""
+
+    #: The image of kernels whose kernelspec names none.
+    image: str | None = None
+    #: Images a client may ask for with KERNEL_IMAGE (besides each kernelspec's own image and ``images``).
+    images: tuple[str, ...] = ()
+    #: The Python that runs the launcher in the image.
+    python: str | None = "python3"
+    #: ``bundle``: egd puts its launcher into the container with the secrets; ``image``: the image has it at
+    #: ``launcher_path``.
+    launcher: str = "bundle"
+    max_cpus: float = 4.0
+    max_memory: str = "8Gi"
+    max_gpus: int = 0
+    #: Honour KERNEL_UID / KERNEL_GID; root (0) only with ``allow_root``.
+    allow_uid: bool = False
+    allow_root: bool = False
+    #: The user and group kernels run as unless the kernelspec or an allowed KERNEL_UID says otherwise (EG's).
+    uid: int = 1000
+    gid: int = 100
+    #: Volumes a client may ask for by name with KERNEL_VOLUMES (their shape is the driver's).
+    volumes: Mapping[str, Any] = field(default_factory=dict)
+    #: The label (docker) or label value (kubernetes) that marks this gateway's kernels.
+    label: str = "egd"
+
+    schema: ClassVar[Mapping[str, Checker]] = {
+        **LauncherSettings.schema,
+        "image": optional(text),
+        "images": strings,
+        "launcher": lambda value, path, problems: _choice(value, path, problems, ("bundle", "image")),
+        "max_cpus": number(0.001, 1024),
+        "max_memory": text,
+        "max_gpus": number(0, 64, integer=True),
+        "allow_uid": boolean,
+        "allow_root": boolean,
+        "uid": number(0, 2**31 - 1, integer=True),
+        "gid": number(0, 2**31 - 1, integer=True),
+        "volumes": _volume_offers,
+        "label": text,
+    }
+
+    def problems(self) -> list[str]:
+        """The maxima are sizes, and root is not the default user unless allowed."""
+        found = list(super().problems())
+        try:
+            parse_memory(self.max_memory, "max_memory")
+        except BadRequest as exc:
+            found.append(f"max_memory: {exc}")
+        if self.uid == 0 and not self.allow_root:
+            found.append("uid: 0 (root) needs allow_root: true")
+        return found
+
+
+def _choice(value: Any, path: str, problems: list[str], choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        problems.append(f"{path}: must be one of {', '.join(choices)}")
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class KernelContainer:
+    """What one kernel's container is to be, checked: the image, resources, user and volumes."""
+
+    image: str
+    cpus: float | None = None
+    cpus_limit: float | None = None
+    memory: int | None = None
+    memory_limit: int | None = None
+    gpus: int = 0
+    uid: int = 1000
+    gid: int = 100
+    volumes: tuple[str, ...] = ()
+
+
+def allowed_images(settings: ContainerSettings, config: Mapping[str, Any]) -> list[str]:
+    """The images a kernel of a kernelspec with ``config`` may use: its own, its ``images``, the driver's."""
+    found = [str(config["image"])] if config.get("image") else []
+    found += [str(i) for i in config.get("images") or []]
+    if settings.image:
+        found.append(settings.image)
+    found += settings.images
+    return list(dict.fromkeys(found))
+
+
+def kernel_container(request: LaunchRequest, settings: ContainerSettings,
+                     default_image: str | None = None) -> KernelContainer:
+    """The container of ``request``: its ``KERNEL_*`` requests within what the kernelspec's config and the
+    driver's settings allow (:class:`BadRequest` or :class:`Forbidden` naming the variable otherwise)."""
+    env, config = request.env, request.spec.driver_config
+    images = allowed_images(settings, config)
+    image = env.get("KERNEL_IMAGE") or str(config.get("image") or default_image or settings.image or "")
+    if not image:
+        raise BadRequest(f"kernelspec {request.spec.name} names no image, and the driver has no default image")
+    if env.get("KERNEL_IMAGE") and image not in images and image != default_image:
+        raise Forbidden(f"KERNEL_IMAGE {image[:200]!r} is not allowed here; allowed: {', '.join(images) or 'none'}")
+    max_cpus = float(config.get("max_cpus", settings.max_cpus))
+    max_memory = parse_memory(str(config.get("max_memory", settings.max_memory)), "max_memory")
+    max_gpus = int(config.get("max_gpus", settings.max_gpus))
+
+    def cpus(name: str) -> float | None:
+        value = env.get(name) or config.get(name[7:].lower())
+        if value in (None, ""):
+            return None
+        amount = parse_cpus(str(value), name)
+        if amount > max_cpus:
+            raise BadRequest(f"{name} must be at most {max_cpus:g} for kernelspec {request.spec.name}")
+        return amount
+
+    def memory(name: str) -> int | None:
+        value = env.get(name) or config.get(name[7:].lower())
+        if value in (None, ""):
+            return None
+        amount = parse_memory(str(value), name)
+        if amount > max_memory:
+            raise BadRequest(f"{name} must be at most {config.get('max_memory', settings.max_memory)} for "
+                             f"kernelspec {request.spec.name}")
+        return amount
+
+    gpus = 0
+    for name in ("KERNEL_GPUS", "KERNEL_GPUS_LIMIT"):
+        value = env.get(name) or config.get(name[7:].lower())
+        if value not in (None, ""):
+            gpus = max(gpus, _gpus(str(value), name))
+            if gpus > max_gpus:
+                raise BadRequest(f"{name} must be at most {max_gpus} for kernelspec {request.spec.name}")
+    uid, gid = _user(env, config, settings)
+    return KernelContainer(image=image, cpus=cpus("KERNEL_CPUS"), cpus_limit=cpus("KERNEL_CPUS_LIMIT"),
+                           memory=memory("KERNEL_MEMORY"), memory_limit=memory("KERNEL_MEMORY_LIMIT"), gpus=gpus,
+                           uid=uid, gid=gid, volumes=requested_volumes(env, config, settings))
+
+
+def _user(env: Mapping[str, str], config: Mapping[str, Any], settings: ContainerSettings) -> tuple[int, int]:
+    """The uid and gid of the kernel: KERNEL_UID/KERNEL_GID where allowed, else the spec's, else the driver's."""
+    ids = []
+    for name, default in (("KERNEL_UID", config.get("uid", settings.uid)),
+                          ("KERNEL_GID", config.get("gid", settings.gid))):
+        value = env.get(name)
+        if value is None or value == "":
+            ids.append(int(default))
+            continue
+        if not settings.allow_uid:
+            raise Forbidden(f"{name} is not honoured here: kernels run as uid {settings.uid} (ask the operator for "
+                            "allow_uid)")
+        if not value.isdigit() or len(value) > 10 or int(value) > 2**31 - 1:
+            raise BadRequest(f"{name} must be a number")
+        ids.append(int(value))
+    if 0 in ids and not settings.allow_root:
+        raise Forbidden("kernels may not run as root (uid or gid 0) here")
+    return ids[0], ids[1]
+
+
+def requested_volumes(env: Mapping[str, str], config: Mapping[str, Any],
+                      settings: ContainerSettings) -> tuple[str, ...]:
+    """The volumes of a kernel: the kernelspec's ``volumes`` (names), plus those KERNEL_VOLUMES asks for, each of
+    which must be offered by the driver's ``volumes``."""
+    names = [str(n) for n in config.get("volumes") or []]
+    asked = [n.strip() for n in (env.get("KERNEL_VOLUMES") or "").split(",") if n.strip()]
+    for name in asked:
+        if name not in settings.volumes:
+            raise Forbidden(f"KERNEL_VOLUMES: volume {name[:64]!r} is not offered here; offered: "
+                            f"{', '.join(sorted(settings.volumes)) or 'none'}")
+    for name in names:
+        if name not in settings.volumes:
+            raise BadRequest(f"kernelspec volume {name!r} is not among the driver's volumes")
+    return tuple(dict.fromkeys(names + asked))
+
+
+def launcher_files(settings: ContainerSettings) -> dict[str, bytes]:
+    """egd's launcher files for the bundle (``launcher: bundle``; none otherwise), read from egd's own
+    installation when the driver is built (not per launch)."""
+    files = {}
+    if settings.launcher == "bundle":
+        directory = os.path.dirname(DEFAULT_LAUNCHER)
+        for name in LAUNCHER_FILES:
+            with open(os.path.join(directory, name), "rb") as handle:
+                files[name] = handle.read()
+    return files
+
+
+def bundle_files(launcher: Mapping[str, bytes], secrets: Mapping[str, Any]) -> dict[str, bytes]:
+    """The files the launcher needs beside the kernel: the launch's secrets and the ``launcher`` files."""
+    return {**launcher, SECRETS_NAME: json.dumps(dict(secrets)).encode()}
+
+
+def launcher_command(settings: ContainerSettings, args: list[str]) -> list[str]:
+    """The container's command: the launcher (from the bundle, or the image's) with ``args``."""
+    script = (os.path.join(BUNDLE_DIR, "kernel_launcher.py") if settings.launcher == "bundle"
+              else settings.launcher_path)
+    return [settings.python or "python3", script, "--foreground", "--secrets-file",
+            os.path.join(BUNDLE_DIR, SECRETS_NAME), *args]
