@@ -1,6 +1,8 @@
 """What the container drivers (``kubernetes``, ``docker``) share: the settings of kernels in containers, the
 checking of a launch's ``KERNEL_*`` requests against what the operator allows, and the launcher bundle.
 
+:class:`ContainerDriver` is what both drivers are built on.
+
 A client may ask, with Enterprise Gateway's variables, for an image (``KERNEL_IMAGE``, only from the allow-list),
 resources (``KERNEL_CPUS``, ``KERNEL_MEMORY``, ``KERNEL_GPUS`` and their ``*_LIMIT`` forms, within the maxima), a
 user id (``KERNEL_UID``/``KERNEL_GID``, only where allowed, root only where root is allowed), and, egd's own,
@@ -20,10 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+
 from egd.checks import Checker, boolean, number, optional, strings, text
-from egd.driverapi import LaunchRequest
-from egd.drivertools import DEFAULT_LAUNCHER, LAUNCHER_FILES, LauncherSettings
+from egd.driverapi import IDriverReactor, LaunchRequest
+from egd.drivers.http_api import JsonApi
+from egd.drivertools import DEFAULT_LAUNCHER, LAUNCHER_FILES, LauncherSettings, impersonated_user
 from egd.errors import BadRequest, Forbidden
+from egd.remote import LaunchListener, RemoteKernel
 
 #: Where the bundle is in the container.
 BUNDLE_DIR = "/var/run/egd-launch"
@@ -33,6 +40,7 @@ _MEMORY = re.compile(r"^(\d{1,15}(?:\.\d{1,3})?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?\Z")
 _MEMORY_UNITS = {None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
                  "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
 _VOLUME_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 
 
 def parse_cpus(value: str, what: str) -> float:
@@ -97,8 +105,11 @@ class ContainerSettings(LauncherSettings):
     gid: int = 100
     #: Volumes a client may ask for by name with KERNEL_VOLUMES (their shape is the driver's).
     volumes: Mapping[str, Any] = field(default_factory=dict)
-    #: The label (docker) or label value (kubernetes) that marks this gateway's kernels.
+    #: The label value that marks this gateway's kernels (``egd.jupyter.org/driver``).
     label: str = "egd"
+    #: Where egd listens for launchers (None: ``callback_host``): 0.0.0.0 when ``callback_host`` comes and goes (a
+    #: container bridge's address) or is the pod's own (``${POD_IP}``, an environment variable).
+    callback_bind: str | None = None
 
     schema: ClassVar[Mapping[str, Checker]] = {
         **LauncherSettings.schema,
@@ -114,6 +125,7 @@ class ContainerSettings(LauncherSettings):
         "gid": number(0, 2**31 - 1, integer=True),
         "volumes": _volume_offers,
         "label": text,
+        "callback_bind": optional(text),
     }
 
     def problems(self) -> list[str]:
@@ -266,3 +278,70 @@ def launcher_command(settings: ContainerSettings, args: list[str]) -> list[str]:
               else settings.launcher_path)
     return [settings.python or "python3", script, "--foreground", "--secrets-file",
             os.path.join(BUNDLE_DIR, SECRETS_NAME), *args]
+
+
+class ContainerDriver(MultiService):
+    """What the container drivers share as Twisted services: the launch listener, the API client and the one
+    stream that follows every kernel (a watch, an events stream: ``follower``, with ``start()`` and ``stop()``),
+    and the kernels' user. Subclasses set ``api`` and ``follower`` when built with a reactor."""
+
+    #: Every kernel has a container of its own: kernels cannot read each other's files, whatever user they run as.
+    kernels_apart = True
+    settings: ContainerSettings
+
+    def __init__(self, name: str, reactor: IDriverReactor, settings: ContainerSettings,
+                 port_range: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.name = name
+        self.settings = settings
+        self._reactor = reactor
+        self._port_range = settings.port_range or port_range
+        self._launcher = launcher_files(settings)
+        self.api: JsonApi | None = None
+        self.follower: Any = None
+        host = settings.callback_host
+        reference = _ENV_REFERENCE.match(host)
+        if reference:
+            host = os.environ.get(reference.group(1), "")
+            if not host and reactor is not None:
+                raise ValueError(f"drivers.{name}.callback_host: ${{{reference.group(1)}}} is not set")
+        self.listener = LaunchListener(reactor, host or "127.0.0.1", settings.callback_port, settings.callback_bind)
+        self.listener.setServiceParent(self)
+
+    @property
+    def impersonates(self) -> bool:
+        """Kernels run as a user id their user chose (KERNEL_UID)."""
+        return bool(self.settings.allow_uid)
+
+    @property
+    def api_requests(self) -> int:
+        """Requests made to the API so far (``egd_driver_api_requests_total``)."""
+        return self.api.requests if self.api is not None else 0
+
+    def startService(self) -> None:  # noqa: N802 - Twisted hook
+        """Start the listener and the follower."""
+        super().startService()
+        if self.follower is not None:
+            self.follower.start()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Stop the follower, close the API's connections, stop the listener."""
+        async def stop() -> None:
+            if self.follower is not None:
+                following = self.follower.stop()
+                if following is not None:
+                    await following
+            if self.api is not None:
+                await self.api.close()
+            await maybeDeferred(super(ContainerDriver, self).stopService)
+
+        return Deferred.fromCoroutine(stop())
+
+    def _user(self, request: LaunchRequest) -> str:
+        """The kernel's user, checked like every impersonating driver's when kernels run as their users."""
+        if self.impersonates:
+            return impersonated_user(request.username, set(self.settings.prohibited_users))
+        return request.username
+
+    def _unregister(self, kernel: RemoteKernel) -> None:
+        self.listener.unregister(kernel.registration)

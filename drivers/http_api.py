@@ -209,8 +209,8 @@ class JsonApi:
                 return response.code, None
             raise ApiError(response.code, f"the answer of {method} {path} is not JSON") from None
 
-    async def text(self, path: str, params: Mapping[str, str] | None = None) -> str:
-        """The body of a ``GET`` that answers text (a log); :class:`ApiError` or :class:`ApiUnavailable` if not."""
+    async def content(self, path: str, params: Mapping[str, str] | None = None) -> bytes:
+        """The raw body of a ``GET`` (a log); :class:`ApiError` or :class:`ApiUnavailable` if not."""
         self.requests += 1
         headers = Headers({k: [v] for k, v in self.headers().items() if k != "Accept"})
         try:
@@ -223,7 +223,11 @@ class JsonApi:
             raise ApiUnavailable(f"{self.what} at {self.base_url}: {str(exc) or type(exc).__name__}") from None
         if response.code >= 400:
             raise error_of(response.code, content)
-        return content.decode("utf-8", "replace")
+        return bytes(content)
+
+    async def text(self, path: str, params: Mapping[str, str] | None = None) -> str:
+        """The body of a ``GET`` that answers text (a log), decoded."""
+        return (await self.content(path, params)).decode("utf-8", "replace")
 
     async def stream(self, path: str, params: Mapping[str, str] | None, on_item: Callable[[Any], None]) -> LineStream:
         """Open a streamed ``GET`` whose lines go to ``on_item``; the returned stream's ``done`` fires when it

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import yaml
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -39,21 +38,20 @@ from egd.checks import Checker, number, optional, seconds, settings_of, strings,
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivers.containers import (
     BUNDLE_DIR,
+    ContainerDriver,
     ContainerSettings,
     KernelContainer,
     bundle_files,
     kernel_container,
     launcher_command,
-    launcher_files,
 )
 from egd.drivers.http_api import ApiError, ApiUnavailable
 from egd.drivers.kube_api import KubeAPI, find_credentials
 from egd.drivers.kube_watch import PodWatcher
-from egd.drivertools import impersonated_user
 from egd.egprotocol import EgKernel
 from egd.egspecs import eg_port_range, uses_eg_protocol
 from egd.errors import BadRequest, Forbidden, LaunchFailed, LaunchTimeout, ServiceUnavailable
-from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments, reattach_remote
+from egd.remote import Registration, RemoteKernel, await_report, launcher_arguments, reattach_remote
 from egd.util import describe
 
 log = Logger()
@@ -304,7 +302,8 @@ class KubeKernel:
     def describe(self) -> str:
         """Pod, node and address."""
         node = (self.track.pod.get("spec") or {}).get("nodeName") or "?"
-        return f"pod {self.track.namespace}/{self.track.name} on {node} ({self.remote.connection_info['ip']})"
+        eg = " (EG launcher)" if isinstance(self.remote, EgKernel) else ""
+        return f"pod {self.track.namespace}/{self.track.name} on {node} ({self.remote.connection_info['ip']}){eg}"
 
     def failure_detail(self) -> str:
         """What the pod's status says last."""
@@ -336,73 +335,33 @@ class KubeKernel:
                 "created_namespace": self.created_namespace, "remote": self.remote.persistent_state()}
 
 
-class KubernetesDriver(MultiService):
+class KubernetesDriver(ContainerDriver):
     """Launches kernels as pods and follows them all through one watch."""
 
     settings_type = KubernetesSettings
-    #: Every kernel has a pod of its own: kernels cannot read each other's files, whatever user they run as.
-    kernels_apart = True
+    settings: KubernetesSettings
+    api: KubeAPI | None
 
     def __init__(self, reactor: IDriverReactor, settings: KubernetesSettings | Mapping[str, Any], runtime_dir: str,
                  port_range: tuple[int, int] | None) -> None:
-        super().__init__()
-        self.name = "kubernetes"
-        self.settings = settings = settings_of(KubernetesSettings, settings, "drivers.kubernetes")
-        self._reactor = reactor
-        self._port_range = settings.port_range or port_range
+        settings = settings_of(KubernetesSettings, settings, "drivers.kubernetes")
+        super().__init__("kubernetes", reactor, settings, port_range)
         self._label = label_value(settings.label)
-        self.api: KubeAPI | None = None
-        self.watcher: PodWatcher | None = None
         self._namespace = settings.namespace or "default"
-        self._launcher = launcher_files(settings)
         self._tracks: dict[str, PodTrack] = {}
         self._kernels: dict[str, KubeKernel] = {}
-        callback_host = settings.callback_host
-        reference = _ENV_REFERENCE.match(callback_host)
-        if reference:
-            callback_host = os.environ.get(reference.group(1), "")
-            if not callback_host and reactor is not None:
-                raise ValueError(f"drivers.kubernetes.callback_host: ${{{reference.group(1)}}} is not set")
-        self.listener = LaunchListener(reactor, callback_host or "127.0.0.1", settings.callback_port)
-        self.listener.setServiceParent(self)
         if reactor is not None:
             credentials = find_credentials(settings.kubeconfig, settings.context)
             self._namespace = settings.namespace or credentials.namespace
             self.api = KubeAPI(reactor, credentials, settings.request_timeout)
             shared = settings.namespace_mode == "shared" and not settings.allowed_namespaces
-            self.watcher = PodWatcher(reactor, self.api, f"{LABEL_DRIVER}={self._label}",
-                                      self._namespace if shared else None, self._pod_event)
-
-    # -- service --------------------------------------------------------------------------------------------
+            self.follower = PodWatcher(reactor, self.api, f"{LABEL_DRIVER}={self._label}",
+                                       self._namespace if shared else None, self._pod_event)
 
     @property
     def impersonates(self) -> bool:
         """Kernels run as a user id their user chose (KERNEL_UID), or in their user's namespace."""
         return bool(self.settings.allow_uid or self.settings.namespace_mode == "per-user")
-
-    @property
-    def api_requests(self) -> int:
-        """Requests made to the API server so far (``egd_driver_api_requests_total``)."""
-        return self.api.requests if self.api is not None else 0
-
-    def startService(self) -> None:  # noqa: N802 - Twisted hook
-        """Start the listener and the watch."""
-        super().startService()
-        if self.watcher is not None:
-            self.watcher.start()
-
-    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
-        """Stop the watch, close the connections, stop the listener."""
-        async def stop() -> None:
-            if self.watcher is not None:
-                watching = self.watcher.stop()
-                if watching is not None:
-                    await watching
-            if self.api is not None:
-                await self.api.close()
-            await maybeDeferred(super(KubernetesDriver, self).stopService)
-
-        return Deferred.fromCoroutine(stop())
 
     def _api(self) -> KubeAPI:
         if self.api is None:
@@ -416,12 +375,6 @@ class KubernetesDriver(MultiService):
             track.update(kind, pod)
 
     # -- what a launch asks for -----------------------------------------------------------------------------
-
-    def _user(self, request: LaunchRequest) -> str:
-        """The kernel's user (checked like every impersonating driver's when namespaces or uids follow it)."""
-        if self.impersonates:
-            return impersonated_user(request.username, set(self.settings.prohibited_users))
-        return request.username
 
     def _namespace_of(self, request: LaunchRequest, user: str) -> tuple[str, bool]:
         """The kernel's namespace, and whether egd creates it for this kernel (per-kernel)."""
@@ -677,23 +630,8 @@ class KubernetesDriver(MultiService):
     async def _wait_ready(self, request: LaunchRequest, registration: Registration, track: PodTrack,
                           started: float) -> dict[str, Any]:
         """The launcher's connection info, unless the pod ends or is stuck, or the launch timeout passes."""
-        outcome: Deferred[tuple[str, Any]] = Deferred()
-
-        def settle(kind: str, value: Any) -> Any:
-            if not outcome.called:
-                outcome.callback((kind, value))
-            return value
-
-        registration.ready.addCallbacks(lambda info: settle("ready", info),
-                                        lambda failure: settle("refused", failure.value))
-        track.ended.addCallback(lambda status: settle("ended", status))
-        remaining = max(0.0, request.timeout - (self._reactor.seconds() - started))
-        timer = self._reactor.callLater(remaining, settle, "timeout", None)
-        try:
-            kind, value = await outcome
-        finally:
-            if timer.active():
-                timer.cancel()
+        kind, value = await await_report(self._reactor, registration, track.ended,
+                                         request.timeout - (self._reactor.seconds() - started))
         if kind == "ready":
             return dict(value)
         where = f"pod {track.namespace}/{track.name}"
@@ -784,9 +722,6 @@ class KubernetesDriver(MultiService):
         track = self._tracks.get(kernel_id)
         if track is not None:
             await self.delete_pod(track)
-
-    def _unregister(self, kernel: RemoteKernel) -> None:
-        self.listener.unregister(kernel.registration)
 
     # -- re-attaching ---------------------------------------------------------------------------------------
 

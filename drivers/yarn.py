@@ -54,7 +54,14 @@ from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_us
 from egd.egprotocol import EgKernel
 from egd.egspecs import check_shell_values, eg_port_range, eg_spark_opts_variable, uses_eg_protocol
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
-from egd.remote import LaunchListener, Registration, RemoteKernel, launcher_arguments, reattach_remote
+from egd.remote import (
+    LaunchListener,
+    Registration,
+    RemoteKernel,
+    await_report,
+    launcher_arguments,
+    reattach_remote,
+)
 
 log = Logger()
 
@@ -650,23 +657,8 @@ class YarnDriver(MultiService):
     async def _wait_ready(self, request: LaunchRequest, registration: Registration, watch: AppWatch,
                           started: float) -> dict[str, Any]:
         """The launcher's connection info, unless the application ends first or the launch timeout passes."""
-        outcome: Deferred[tuple[str, Any]] = Deferred()
-
-        def settle(kind: str, value: Any) -> Any:
-            if not outcome.called:
-                outcome.callback((kind, value))
-            return value
-
-        registration.ready.addCallbacks(lambda info: settle("ready", info),
-                                        lambda failure: settle("refused", failure.value))
-        watch.ended.addCallback(lambda app: settle("ended", app))
-        remaining = max(0.0, request.timeout - (self._reactor.seconds() - started))
-        timer = self._reactor.callLater(remaining, settle, "timeout", None)
-        try:
-            kind, value = await outcome
-        finally:
-            if timer.active():
-                timer.cancel()
+        kind, value = await await_report(self._reactor, registration, watch.ended,
+                                         request.timeout - (self._reactor.seconds() - started))
         if kind == "ready":
             return dict(value)
         if kind == "refused":

@@ -213,10 +213,13 @@ class _CallbackProtocol(LineOnlyReceiver, TimeoutMixin):
 class LaunchListener(Service):
     """The TCP listener launchers report to."""
 
-    def __init__(self, reactor: IReactorTCP, host: str, port: int = 0) -> None:
+    def __init__(self, reactor: IReactorTCP, host: str, port: int = 0, bind: str | None = None) -> None:
+        """Launchers are told ``host``; egd listens on ``bind`` (default: ``host``), for example 0.0.0.0 when
+        ``host`` is an address that comes and goes (a container bridge's) or is the pod's own."""
         self.name = "launch-listener"
         self._reactor = reactor
         self._host = host
+        self._bind = bind or host
         self._port_number = port
         self._port: Any = None
         self._registrations: dict[str, Registration] = {}
@@ -243,11 +246,12 @@ class LaunchListener(Service):
         """Listen."""
         super().startService()
         factory = Factory.forProtocol(lambda: _CallbackProtocol(self))
-        endpoint = TCP4ServerEndpoint(self._reactor, self._port_number, interface=self._host, backlog=128)
+        endpoint = TCP4ServerEndpoint(self._reactor, self._port_number, interface=self._bind, backlog=128)
 
         def listening(port: Any) -> None:
             self._port = port
-            log.info("launch listener on {host}:{port}", host=self._host, port=port.getHost().port)
+            log.info("launch listener on {bind}:{port} (launchers call {host}:{port})", bind=self._bind,
+                     host=self._host, port=port.getHost().port)
 
         return endpoint.listen(factory).addCallback(listening)
 
@@ -315,6 +319,29 @@ class LaunchListener(Service):
                      kernel_id=kernel_id, peer=peer, why=str(exc))
             return
         log.info("launch listener: EG payload for kernel {kernel_id} from {peer}", kernel_id=kernel_id, peer=peer)
+
+
+async def await_report(reactor: IDriverReactor, registration: Registration, ended: Deferred[Any],
+                       remaining: float) -> tuple[str, Any]:
+    """What comes first for a launch: the launcher's report (``("ready", info)``, or ``("refused", exception)``),
+    the end of what runs the kernel (``("ended", what ended fired with)``: a container, pod or application), or
+    ``remaining`` seconds (``("timeout", None)``). Each driver words its own errors from it."""
+    outcome: Deferred[tuple[str, Any]] = Deferred()
+
+    def settle(kind: str, value: Any) -> Any:
+        if not outcome.called:
+            outcome.callback((kind, value))
+        return value
+
+    registration.ready.addCallbacks(lambda info: settle("ready", info),
+                                    lambda failure: settle("refused", failure.value))
+    ended.addCallback(lambda value: settle("ended", value))
+    timer = reactor.callLater(max(0.0, remaining), settle, "timeout", None)
+    try:
+        return await outcome
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 class _ControlClient(LineOnlyReceiver):

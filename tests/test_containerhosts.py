@@ -15,15 +15,9 @@ from typing import Any
 import pytest
 from jupyter_client import BlockingKernelClient, write_connection_file
 
-from tests import containerhosts
 from tests.containerhosts import DockerEngine, new_engine, start_engine, stop_engine
 
 pytestmark = pytest.mark.docker
-
-# The fixtures, until conftest.py provides them (an import would trip ruff's F811 at every `engine` parameter).
-dockerd = containerhosts.dockerd
-podman_api = containerhosts.podman_api
-engine = containerhosts.engine
 
 
 def _wait_exit(engine: DockerEngine, cid: str, timeout: float = 60) -> int:

@@ -16,7 +16,7 @@ from jupyter_client import BlockingKernelClient
 
 from tests import kubecluster
 from tests.hoststate import HostState
-from tests.kubecluster import KubeCluster, kube_cluster  # noqa: F401  # until conftest re-exports the fixture
+from tests.kubecluster import KubeCluster
 from tests.procs import cmdline
 
 pytestmark = pytest.mark.kubernetes
@@ -65,7 +65,7 @@ def test_host_restored_after_stop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not os.path.exists(cluster.work)
 
 
-def test_real_kernel_pod_reached_from_host(kube_cluster: KubeCluster) -> None:  # noqa: F811
+def test_real_kernel_pod_reached_from_host(kube_cluster: KubeCluster) -> None:
     """An ipykernel in a pod on the real node: Running, a cell executes over ZMQ from the host to the pod IP, and
     the pod reaches a host service on the node IP (where a gateway listens for kernels calling back)."""
     if "kernel" not in kube_cluster.images:
@@ -124,7 +124,7 @@ def test_real_kernel_pod_reached_from_host(kube_cluster: KubeCluster) -> None:  
         print(f"real kernel pod: gone {time.monotonic() - t0:.2f} s after DELETE")
 
 
-def test_kwok_pod_runs(kube_cluster: KubeCluster) -> None:  # noqa: F811
+def test_kwok_pod_runs(kube_cluster: KubeCluster) -> None:
     """A pod for a kwok node is Running at once, with a simulated IP; nothing runs on the host."""
     nodes = kube_cluster.add_kwok_nodes(1)
     try:
@@ -141,7 +141,7 @@ def test_kwok_pod_runs(kube_cluster: KubeCluster) -> None:  # noqa: F811
         kube_cluster.delete_kwok_nodes(nodes)
 
 
-def test_service_account_kubeconfig_is_limited_by_rbac(kube_cluster: KubeCluster) -> None:  # noqa: F811
+def test_service_account_kubeconfig_is_limited_by_rbac(kube_cluster: KubeCluster) -> None:
     """A ServiceAccount token may do only what a RoleBinding grants it, in that namespace only."""
     ns = "egd-rbac-test"
     kube_cluster.create_namespace(ns)
@@ -175,7 +175,7 @@ def test_service_account_kubeconfig_is_limited_by_rbac(kube_cluster: KubeCluster
     assert kube_cluster.request("DELETE", f"/api/v1/namespaces/{ns}")[0] == 200
 
 
-def test_startup_times(kube_cluster: KubeCluster) -> None:  # noqa: F811
+def test_startup_times(kube_cluster: KubeCluster) -> None:
     """Every part that started says how long it took (shown with -s; the lead's report uses them)."""
     print("startup times (s):", kube_cluster.timings)
     assert {"certs", "etcd", "apiserver", "controllers"} <= set(kube_cluster.timings)

@@ -17,7 +17,8 @@ set -euo pipefail
 
 # Bump when the way the images are built changes (keys the cache together with the suite and the packages).
 IMAGES_VERSION=1
-KERNEL_PACKAGES="python3-ipykernel tini"
+# python3-pycryptodome and python-is-python3: what Enterprise Gateway's launcher (in EG's kernel images) needs.
+KERNEL_PACKAGES="python3-ipykernel tini python3-pycryptodome python-is-python3"
 KERNEL_IMAGE=localhost/egd-kernel:test
 PAUSE_IMAGE=localhost/pause:egd
 
