@@ -22,15 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from egd.checks import Checker, boolean, number, optional, strings, text
 from egd.driverapi import IDriverReactor, LaunchRequest
 from egd.drivers.http_api import JsonApi
 from egd.drivertools import DEFAULT_LAUNCHER, LAUNCHER_FILES, LauncherSettings, impersonated_user
+from egd.egspecs import eg_port_range
 from egd.errors import BadRequest, Forbidden
 from egd.remote import LaunchListener, RemoteKernel
+from egd.service import AsyncMultiService
 
 #: Where the bundle is in the container.
 BUNDLE_DIR = "/var/run/egd-launch"
@@ -280,7 +281,7 @@ def launcher_command(settings: ContainerSettings, args: list[str]) -> list[str]:
             os.path.join(BUNDLE_DIR, SECRETS_NAME), *args]
 
 
-class ContainerDriver(MultiService):
+class ContainerDriver(AsyncMultiService):
     """What the container drivers share as Twisted services: the launch listener, the API client and the one
     stream that follows every kernel (a watch, an events stream: ``follower``, with ``start()`` and ``stop()``),
     and the kernels' user. Subclasses set ``api`` and ``follower`` when built with a reactor."""
@@ -318,11 +319,13 @@ class ContainerDriver(MultiService):
         """Requests made to the API so far (``egd_driver_api_requests_total``)."""
         return self.api.requests if self.api is not None else 0
 
-    def startService(self) -> None:  # noqa: N802 - Twisted hook
-        """Start the listener and the follower."""
-        super().startService()
-        if self.follower is not None:
-            self.follower.start()
+    def startService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Start the listener (egd does not start when it cannot listen), then the follower."""
+        def follow(_: object) -> None:
+            if self.follower is not None:
+                self.follower.start()
+
+        return super().startService().addCallback(follow)
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Stop the follower, close the API's connections, stop the listener."""
@@ -345,3 +348,18 @@ class ContainerDriver(MultiService):
 
     def _unregister(self, kernel: RemoteKernel) -> None:
         self.listener.unregister(kernel.registration)
+
+    async def eg_environment(self, request: LaunchRequest, extra: Mapping[str, str]) -> dict[str, str]:
+        """The environment of an EG kernel image's ``bootstrap-kernel.sh``, as EG's ``launch_kubernetes.py`` and
+        ``launch_docker.py`` give it: the kernel's environment, ``extra``, and where to report
+        (``RESPONSE_ADDRESS``, ``PUBLIC_KEY``, ``PORT_RANGE``). EG's protocol has no secret: none is in it."""
+        public_key = (await self.listener.eg_key()).public_text
+        callback = self.listener.address
+        argv = list(request.spec.argv)
+        mode = "none"
+        if "--RemoteProcessProxy.spark-context-initialization-mode" in argv[:-1]:
+            mode = argv[argv.index("--RemoteProcessProxy.spark-context-initialization-mode") + 1]
+        return {**request.env, "KERNEL_ID": request.kernel_id, "KERNEL_NAME": request.spec.name, **extra,
+                "RESPONSE_ADDRESS": f"{callback[0]}:{callback[1]}", "PUBLIC_KEY": public_key,
+                "PORT_RANGE": eg_port_range(self._port_range),
+                "KERNEL_SPARK_CONTEXT_INIT_MODE": request.env.get("KERNEL_SPARK_CONTEXT_INIT_MODE", mode)}

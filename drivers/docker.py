@@ -17,6 +17,7 @@ service); egd's launcher in it reports back (``docs/docker.rst``).
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -48,6 +49,7 @@ from egd.drivers.containers import (
     launcher_command,
 )
 from egd.drivers.http_api import ApiError, ApiUnavailable, JsonApi, LineStream, ServerTLS
+from egd.egprotocol import EgKernel
 from egd.egspecs import uses_eg_protocol
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout, ServiceUnavailable
 from egd.remote import Registration, RemoteKernel, await_report, launcher_arguments, reattach_remote
@@ -88,6 +90,13 @@ def _volume_offers_ok(offers: Mapping[str, Any]) -> list[str]:
     return found
 
 
+def _mapping(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{path}: must be a mapping (a body of POST /containers/create)")
+        return None
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class DockerSettings(ContainerSettings):
     """``drivers.docker`` (documented in ``conf/docker.yaml``)."""
@@ -103,6 +112,9 @@ class DockerSettings(ContainerSettings):
     #: The containers' NetworkMode (None: the engine's default bridge); the callback host must be reachable
     #: from it, and egd must reach the containers' addresses on it.
     network: str | None = None
+    #: A body of ``POST /containers/create`` every kernel container starts from (a kernelspec's own
+    #: ``container_template`` replaces it): mounts, network, extra labels, an image's command for EG's images.
+    container_template: Mapping[str, Any] = field(default_factory=dict)
     #: Seconds the engine gives a container between SIGTERM and SIGKILL (its StopTimeout).
     stop_timeout: int = 5
     request_timeout: float = 10.0
@@ -115,6 +127,7 @@ class DockerSettings(ContainerSettings):
         "tls_key": optional(text),
         "api_version": text,
         "network": optional(text),
+        "container_template": _mapping,
         "stop_timeout": number(0, 3600, integer=True),
         "request_timeout": seconds,
     }
@@ -253,7 +266,8 @@ class ContainerTrack:
 class DockerKernel:
     """A kernel in a container (:class:`egd.driverapi.LaunchedKernel`)."""
 
-    def __init__(self, driver: DockerDriver, remote: RemoteKernel, track: ContainerTrack, user: str) -> None:
+    def __init__(self, driver: DockerDriver, remote: RemoteKernel | EgKernel, track: ContainerTrack,
+                 user: str) -> None:
         self._driver = driver
         self.remote = remote
         self.track = track
@@ -276,13 +290,21 @@ class DockerKernel:
         return status
 
     def _ended(self, status: ExitStatus) -> ExitStatus:
+        if isinstance(self.remote, EgKernel):
+            self.remote.ended(status)
         if not self.exited.called:
             self.exited.callback(status)
         return status
 
+    def shutdown_requested(self) -> None:
+        """An EG launcher must be told of the shutdown too (see :class:`egd.egprotocol.EgKernel`)."""
+        if isinstance(self.remote, EgKernel):
+            self.remote.shutdown_requested()
+
     def describe(self) -> str:
         """Container and address."""
-        return f"container {self.track.name} ({self.track.id[:12]}, {self.remote.info.get('ip')})"
+        eg = " (EG launcher)" if isinstance(self.remote, EgKernel) else ""
+        return f"container {self.track.name} ({self.track.id[:12]}, {self.remote.connection_info['ip']}){eg}"
 
     def failure_detail(self) -> str:
         """What the driver last learnt of the container."""
@@ -462,31 +484,35 @@ class DockerDriver(ContainerDriver):
     async def _launch(self, request: LaunchRequest) -> LaunchedKernel:
         api = self._api()
         started = self._reactor.seconds()
-        if uses_eg_protocol(request.spec.argv):
-            # EG's DockerProcessProxy kernelspecs run launch_docker.py on the gateway, which egd does not do (yet):
-            # refused before anything is created, rather than run EG's script inside a kernel container.
-            raise LaunchFailed(f"kernelspec {request.spec.name}: Enterprise Gateway's launch_docker.py kernelspecs are "
-                               "not supported by the docker driver yet; give it an egd kernelspec "
-                               "(metadata.egd.config.image, argv: the kernel's own command; docs/docker.rst)")
+        eg = uses_eg_protocol(request.spec.argv)
         user = self._user(request)
-        container = kernel_container(request, self.settings)
-        registration = self.listener.register(request.kernel_id)
+        container = kernel_container(request, self.settings, request.spec.driver_config.get("image_name"))
+        registration = self.listener.register(request.kernel_id, eg=eg)
         key = uuid.uuid4().hex
-        args = launcher_arguments(request, self.listener.address, self._port_range, request.spec.argv,
-                                  "--bind-ip", "0.0.0.0")
-        body = self.build_container(request, user, container, launcher_command(self.settings, args))
+        if eg:
+            # EG's launch_docker.py would start the image's own command (EG's bootstrap-kernel.sh) with this
+            # environment; egd creates that container itself.
+            body = self.build_container(request, user, container, None, await self.eg_environment(request, {}))
+        else:
+            args = launcher_arguments(request, self.listener.address, self._port_range, request.spec.argv,
+                                      "--bind-ip", "0.0.0.0")
+            body = self.build_container(request, user, container, launcher_command(self.settings, args))
         track = ContainerTrack(request.kernel_id, container_name(request.kernel_id))
         self._tracks[request.kernel_id] = track
         secrets = {"secret": registration.secret.decode(), "key": key, "env": dict(request.env)}
         try:
             request.progress(f"creating container {track.name} from {container.image}")
             await self._create(api, track, body)
-            await self._put_bundle(api, track, bundle_tar(bundle_files(self._launcher, secrets),
-                                                          container.uid, container.gid))
+            if not eg:
+                await self._put_bundle(api, track, bundle_tar(bundle_files(self._launcher, secrets),
+                                                              container.uid, container.gid))
             try:
                 await api.call("POST", f"/containers/{track.id}/start")
             except ApiError as exc:
                 raise LaunchFailed(f"the engine could not start container {track.name}: {exc.message}") from None
+            if eg:
+                # EG's launcher reports with no signature: its payload is taken only from the container's address.
+                registration.expect_peers(await self._addresses(api, track))
             track.reason = f"container {track.name} running; waiting for the kernel to report"
             request.progress(track.reason)
             info = await self._wait_ready(request, registration, track, started)
@@ -497,17 +523,37 @@ class DockerDriver(ContainerDriver):
                                                       "failed", f, kernel_id=request.kernel_id))
             await removing
             raise
-        remote = RemoteKernel(self._reactor, registration, info, key, f"container {track.name}", self._unregister,
-                              self._force_kill)
+        where = f"container {track.name}"
+        remote: RemoteKernel | EgKernel
+        if eg:
+            self.listener.unregister(registration)  # nothing more comes from an EG launcher
+            remote = EgKernel(self._reactor, request.kernel_id, info, where, lambda _: None, self._force_kill_eg,
+                              poll=False)
+        else:
+            remote = RemoteKernel(self._reactor, registration, info, key, where, self._unregister, self._force_kill)
         kernel = DockerKernel(self, remote, track, user)
         self._kernels[request.kernel_id] = kernel
         log.info("kernel {kernel_id}: runs in {where}", kernel_id=request.kernel_id, where=kernel.describe())
         return kernel
 
+    async def _addresses(self, api: DockerAPI, track: ContainerTrack) -> frozenset[str]:
+        """The container's addresses on its networks (an EG launcher's report may come only from one)."""
+        _, data = await api.call("GET", f"/containers/{track.id}/json")
+        networks = ((data or {}).get("NetworkSettings") or {}).get("Networks") or {}
+        found = {str(n.get("IPAddress")) for n in networks.values() if isinstance(n, dict) and n.get("IPAddress")}
+        if not found:
+            raise LaunchFailed(f"container {track.name} has no address on a network egd can reach")
+        return frozenset(found)
+
     def build_container(self, request: LaunchRequest, user: str, container: KernelContainer,
-                        command: list[str]) -> dict[str, Any]:
-        """The body of ``POST /containers/create`` (structured; no client value is parsed as text)."""
-        host: dict[str, Any] = {"Init": True, "SecurityOpt": ["no-new-privileges"], "AutoRemove": False}
+                        command: list[str] | None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The body of ``POST /containers/create`` (structured; no client value is parsed as text): the
+        kernelspec's or the driver's ``container_template`` with egd's parts set. Without a ``command`` (EG's
+        kernel images) the template's or the image's own command runs, with ``env`` added."""
+        template = copy.deepcopy(dict(request.spec.driver_config.get("container_template")
+                                      or self.settings.container_template))
+        host: dict[str, Any] = {**(template.pop("HostConfig", None) or {}), "Init": True,
+                                "SecurityOpt": ["no-new-privileges"], "AutoRemove": False}
         cpus = container.cpus_limit or container.cpus
         if cpus:
             host["NanoCpus"] = round(cpus * 1e9)
@@ -525,20 +571,26 @@ class DockerDriver(ContainerDriver):
         network = request.spec.driver_config.get("network") or self.settings.network
         if network:
             host["NetworkMode"] = str(network)
-        mounts = []
+        mounts = list(host.get("Mounts") or [])
         for name in container.volumes:
             offer = self.settings.volumes[name]
             mounts.append({"Type": str(offer.get("type", "bind")), "Source": str(offer["source"]),
                            "Target": str(offer["target"]), "ReadOnly": bool(offer.get("read_only", False))})
         if mounts:
             host["Mounts"] = mounts
-        labels = {LABEL_DRIVER: self._label, LABEL_KERNEL: request.kernel_id, LABEL_USER: user,
-                  "egd.jupyter.org/kernelspec": request.spec.name}
-        return {"Image": container.image, "Cmd": command, "User": f"{container.uid}:{container.gid}",
-                # No secret here: the launch's secrets and the kernel's env travel in the bundle.
-                "Env": ["HOME=/tmp"], "Labels": labels, "StopTimeout": self.settings.stop_timeout,
-                "AttachStdin": False, "AttachStdout": False, "AttachStderr": False, "Tty": False,
-                "HostConfig": host}
+        labels = {**(template.get("Labels") or {}), LABEL_DRIVER: self._label, LABEL_KERNEL: request.kernel_id,
+                  LABEL_USER: user, "egd.jupyter.org/kernelspec": request.spec.name}
+        # No secret in Env: the launch's secrets and the kernel's env travel in the bundle (EG's launcher has none).
+        variables = {"HOME": "/tmp", **dict(str(e).split("=", 1) for e in template.get("Env") or [] if "=" in str(e)),
+                     **(env or {})}
+        body = {**template, "Image": container.image, "User": f"{container.uid}:{container.gid}",
+                "Env": [f"{k}={v}" for k, v in variables.items()], "Labels": labels,
+                "StopTimeout": self.settings.stop_timeout, "AttachStdin": False, "AttachStdout": False,
+                "AttachStderr": False, "Tty": False, "HostConfig": host}
+        if command is not None:
+            body["Cmd"] = command
+            body.pop("Entrypoint", None)
+        return body
 
     async def _create(self, api: DockerAPI, track: ContainerTrack, body: dict[str, Any]) -> None:
         """Create the container; one left behind under the kernel's name by an earlier egd is removed first."""
@@ -670,6 +722,12 @@ class DockerDriver(ContainerDriver):
             if track.removed:
                 self._by_id.pop(track.id, None)
 
+    async def _force_kill_eg(self, kernel: EgKernel) -> None:
+        """An EG kernel ends with its container."""
+        track = self._tracks.get(kernel.kernel_id)
+        if track is not None:
+            await self.remove_container(track)
+
     async def _force_kill(self, kernel: RemoteKernel) -> None:
         """The launcher did not answer: the container goes."""
         track = self._tracks.get(kernel.registration.kernel_id)
@@ -700,8 +758,13 @@ class DockerDriver(ContainerDriver):
                 raise LookupError(f"its container {track.name} has ended ({how}); removed")
             self._tracks[kernel_id] = track
             try:
-                remote = await reattach_remote(self._reactor, self.listener, kernel_id, state["remote"],
-                                               str(connection_info["key"]), self._unregister, self._force_kill)
+                remote: RemoteKernel | EgKernel
+                if state["remote"].get("protocol") == "eg":
+                    remote = await EgKernel.reattached(self._reactor, kernel_id, state["remote"], track.name,
+                                                       lambda _: None, self._force_kill_eg, poll=False)
+                else:
+                    remote = await reattach_remote(self._reactor, self.listener, kernel_id, state["remote"],
+                                                   str(connection_info["key"]), self._unregister, self._force_kill)
             except LookupError as exc:
                 await self.remove(track)
                 raise LookupError(f"{exc}; container {track.name} removed") from None

@@ -49,7 +49,7 @@ from egd.drivers.http_api import ApiError, ApiUnavailable
 from egd.drivers.kube_api import KubeAPI, find_credentials
 from egd.drivers.kube_watch import PodWatcher
 from egd.egprotocol import EgKernel
-from egd.egspecs import eg_port_range, uses_eg_protocol
+from egd.egspecs import uses_eg_protocol
 from egd.errors import BadRequest, Forbidden, LaunchFailed, LaunchTimeout, ServiceUnavailable
 from egd.remote import Registration, RemoteKernel, await_report, launcher_arguments, reattach_remote
 from egd.util import describe
@@ -519,7 +519,7 @@ class KubernetesDriver(ContainerDriver):
         files: dict[str, bytes] | None = None
         if eg:
             pod = self.build_pod(template, request, namespace, user, container, None, service_account,
-                                 await self._eg_environment(request, namespace))
+                                 await self.eg_environment(request, {"KERNEL_NAMESPACE": namespace}))
         else:
             args = launcher_arguments(request, self.listener.address, self._port_range, request.spec.argv,
                                       "--bind-ip", "0.0.0.0")
@@ -557,20 +557,6 @@ class KubernetesDriver(ContainerDriver):
         self._kernels[request.kernel_id] = kernel
         log.info("kernel {kernel_id}: runs in {where}", kernel_id=request.kernel_id, where=kernel.describe())
         return kernel
-
-    async def _eg_environment(self, request: LaunchRequest, namespace: str) -> dict[str, str]:
-        """The environment of an EG kernel image's ``bootstrap-kernel.sh``, as EG's ``launch_kubernetes.py`` gives
-        it: the kernel's environment and where to report (``RESPONSE_ADDRESS``, ``PUBLIC_KEY``, ``PORT_RANGE``)."""
-        public_key = (await self.listener.eg_key()).public_text
-        callback = self.listener.address
-        argv = list(request.spec.argv)
-        mode = "none"
-        if "--RemoteProcessProxy.spark-context-initialization-mode" in argv[:-1]:
-            mode = argv[argv.index("--RemoteProcessProxy.spark-context-initialization-mode") + 1]
-        return {**request.env, "KERNEL_ID": request.kernel_id, "KERNEL_NAME": request.spec.name,
-                "KERNEL_NAMESPACE": namespace, "RESPONSE_ADDRESS": f"{callback[0]}:{callback[1]}",
-                "PUBLIC_KEY": public_key, "PORT_RANGE": eg_port_range(self._port_range),
-                "KERNEL_SPARK_CONTEXT_INIT_MODE": request.env.get("KERNEL_SPARK_CONTEXT_INIT_MODE", mode)}
 
     async def _prepare_namespace(self, api: KubeAPI, namespace: str, ensure: bool, request: LaunchRequest, user: str,
                                  service_account: str | None) -> None:

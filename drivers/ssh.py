@@ -31,7 +31,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -51,6 +50,7 @@ from egd.remote import (
     launcher_arguments,
     reattach_remote,
 )
+from egd.service import AsyncMultiService
 from egd.util import shield, wait_for
 
 log = Logger()
@@ -110,7 +110,7 @@ class SshSettings(LauncherSettings):
     }
 
 
-class SshDriver(MultiService):
+class SshDriver(AsyncMultiService):
     """Launches kernels on ssh hosts, round-robin or on the host with the fewest kernels."""
 
     settings_type = SshSettings
@@ -247,7 +247,7 @@ class SshDriver(MultiService):
         """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
         return bool(self.settings.impersonation)
 
-    def startService(self) -> None:  # noqa: N802 - Twisted hook
+    def startService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Create the private directory of the shared ssh connections: under the runtime directory when its path
         leaves room for the sockets (a unix socket's path is limited to 107 bytes, and ssh binds at a longer
         temporary name first), else a fresh private directory in the temporary directory or /tmp. A host where
@@ -257,7 +257,7 @@ class SshDriver(MultiService):
                 self._control_dir = tempfile.mkdtemp(prefix="egd-ssh-", dir=self._short_parent)
             os.makedirs(self._control_dir, mode=0o700, exist_ok=True)
             os.chmod(self._control_dir, 0o700)
-        super().startService()
+        return super().startService()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Close the shared ssh connections, then stop the launch listener."""

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -62,6 +61,7 @@ from egd.remote import (
     launcher_arguments,
     reattach_remote,
 )
+from egd.service import AsyncMultiService
 
 log = Logger()
 
@@ -276,7 +276,7 @@ class YarnKernel:
         self._driver.forget(self)
 
 
-class YarnDriver(MultiService):
+class YarnDriver(AsyncMultiService):
     """Launches kernels as YARN applications and watches them all with one RM request per interval."""
 
     settings_type = YarnSettings
@@ -316,11 +316,11 @@ class YarnDriver(MultiService):
         """Whether kernels run as their users (then a pre-started kernel cannot serve just anyone)."""
         return bool(self.settings.impersonation)
 
-    def startService(self) -> None:  # noqa: N802 - Twisted hook
-        """Create the staging directory and start watching."""
+    def startService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Create the staging directory, start the listener (egd does not start when it cannot listen), then
+        watching."""
         os.makedirs(self._staging, mode=0o700, exist_ok=True)
-        super().startService()
-        self.watcher.start()
+        return super().startService().addCallback(lambda _: self.watcher.start())
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
         """Stop watching, close the RM connections, stop the listener."""

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from egd.drivers.docker import DockerSettings, bundle_tar, demultiplex, exit_status
+from tests import egdist
 from tests.client import GatewayClient
 from tests.conftest import GatewayProcess, wait_until
 from tests.containerhosts import DockerEngine
@@ -66,15 +67,6 @@ def docker_gateway(host: DockerEngine, tmp: Path, label: str, state: dict[str, A
                argv=["python3", "-c", "import time; time.sleep(600)"])
     write_spec(specs, "docker_crasher", image=IMAGE,
                argv=["python3", "-c", "import sys; print('kernel-says-goodbye', file=sys.stderr); sys.exit(3)"])
-    # EG's DockerProcessProxy kernelspec, as EG ships it (launch_docker.py on the gateway creates the container)
-    (specs / "eg_python_docker").mkdir(parents=True, exist_ok=True)
-    (specs / "eg_python_docker" / "kernel.json").write_text(json.dumps({
-        "display_name": "EG Python on Docker", "language": "python",
-        "metadata": {"process_proxy": {"class_name": "enterprise_gateway.services.processproxies.docker_swarm."
-                                                      "DockerProcessProxy", "config": {"image_name": IMAGE}}},
-        "argv": ["python", "{resource_dir}/scripts/launch_docker.py", "--RemoteProcessProxy.kernel-id", "{kernel_id}",
-                 "--RemoteProcessProxy.port-range", "{port_range}", "--RemoteProcessProxy.response-address",
-                 "{response_address}", "--RemoteProcessProxy.public-key", "{public_key}"]}))
     (tmp / "shared").mkdir(exist_ok=True)
     (tmp / "shared" / "hello.txt").write_text("from the host")
     settings = {
@@ -282,15 +274,41 @@ def test_image_the_engine_lacks_fails_the_start_naming_it(docker_gw: Gateway) ->
     assert driver_containers(api) == before
 
 
-def test_eg_docker_kernelspec_is_refused_naming_why(docker_gw: Gateway) -> None:
-    """EG's own DockerProcessProxy kernelspec (launch_docker.py) is not run: the start fails saying so, and nothing
-    is created."""
-    gw, api = docker_gw
-    before = driver_containers(api)
-    resp = gw.client.request("POST", "/api/kernels", {"name": "eg_python_docker"})
-    assert resp.status >= 400, resp.body
-    assert "launch_docker.py" in resp.json["message"], resp.json
-    assert driver_containers(api) == before
+def test_eg_python_docker_spec_runs_unchanged(host: DockerEngine, tmp_path: Path) -> None:
+    """EG's own python_docker kernelspec (EG 3.3's sdist; only its image_name set, as EG's docs ask): egd creates
+    the container EG's launch_docker.py would, and EG's launcher in it reports over EG's protocol. EG's kernel
+    images carry EG's launchers; the test image does not, so the operator's container_template mounts them from
+    the host and runs EG's bootstrap-kernel.sh, as EG's image does. Execute, interrupt, restart, delete: no
+    container left."""
+    specs = egdist.assemble(tmp_path / "eg", ["python_docker"])
+    spec = egdist.spec_json(specs, "python_docker")
+    spec["metadata"]["process_proxy"]["config"]["image_name"] = IMAGE  # type: ignore[index]
+    (specs / "python_docker" / "kernel.json").write_text(json.dumps(spec))
+    launchers = egdist.eg_source() / "etc" / "kernel-launchers"
+    template = {"Cmd": ["/bin/bash", "/opt/eg/bootstrap/bootstrap-kernel.sh"],
+                "Env": ["KERNEL_LAUNCHERS_DIR=/opt/eg", "KERNEL_LANGUAGE=python"],
+                "HostConfig": {"Mounts": [{"Type": "bind", "Source": str(launchers), "Target": "/opt/eg",
+                                           "ReadOnly": True}]}}
+    label = unique_label("eg")
+    gw = docker_gateway(host, tmp_path, label, kernels={"kernelspec_dirs": [str(tmp_path / "specs"), str(specs)]},
+                        container_template=template)
+    try:
+        kernel_id = gw.client.start_kernel("python_docker")
+        assert "EG launcher" in gw.client.kernel(kernel_id).json["location"]
+        first = container_of(host, kernel_id)["Id"]
+        sock = gw.client.connect(kernel_id)
+        assert sock.execute("import os; print(os.environ['KERNEL_ID'])").stdout.strip() == kernel_id
+        sock.close()
+        interrupt_sleep(gw.client, kernel_id)
+        assert gw.client.request("POST", f"/api/kernels/{kernel_id}/restart", {}).status == 200
+        assert container_of(host, kernel_id)["Id"] != first
+        sock = gw.client.connect(kernel_id)
+        assert sock.execute("print(6 * 7)").stdout.strip() == "42"
+        sock.close()
+        assert gw.client.delete_kernel(kernel_id) == 204
+        assert not kernel_containers(host, kernel_id)
+    finally:
+        gw.stop()
 
 
 def test_launch_timeout_is_503_and_removes_the_container(docker_gw: Gateway) -> None:

@@ -118,6 +118,16 @@ def test_run_refuses_bad_driver_settings_like_check_config(tmp_path: Path) -> No
     assert "Traceback" not in result.stderr and "ready" not in result.stderr
 
 
+def test_run_does_not_start_when_a_launch_listener_cannot_listen(tmp_path: Path) -> None:
+    """A driver's launch listener that cannot bind its address (192.0.2.1 is no address of this host) stops egd
+    at start with the reason; egd used to start and answer every launch with a 500."""
+    config = tmp_path / "unbindable.yaml"
+    config.write_text("drivers:\n  local: {}\n  ssh: {hosts: [a], callback_host: 192.0.2.1}\n")
+    result = egd("run", "--config", str(config), "--port", "0")
+    assert result.returncode != 0
+    assert "192.0.2.1" in result.stderr and "ready" not in result.stderr, result.stderr[-2000:]
+
+
 def test_driver_settings_are_frozen_dataclasses() -> None:
     """The config holds each driver's settings as its frozen dataclass, defaults filled in."""
     config = parse_config("drivers:\n  ssh: {hosts: [a, b], port_range: 40000..40100}\n"
