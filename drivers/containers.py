@@ -33,6 +33,10 @@ from egd.errors import BadRequest, Forbidden
 from egd.remote import LaunchListener, RemoteKernel
 from egd.service import AsyncMultiService
 
+#: The labels of every kernel's pod or container: the driver's ``label`` setting, the kernel id, its user.
+LABEL_DRIVER = "egd.jupyter.org/driver"
+LABEL_KERNEL = "egd.jupyter.org/kernel-id"
+LABEL_USER = "egd.jupyter.org/user"
 #: Where the bundle is in the container.
 BUNDLE_DIR = "/var/run/egd-launch"
 SECRETS_NAME = "launch.json"
@@ -71,6 +75,18 @@ def _gpus(value: str, what: str) -> int:
     if not value.strip().isdigit() or len(value.strip()) > 3:
         raise BadRequest(f"{what} must be a whole number of GPUs")
     return int(value)
+
+
+def manifest(what: str) -> Checker:
+    """A checker of a mapping setting that is a template of the engine's own (``what`` says which, for the
+    message): a Pod manifest, a container's create body."""
+    def check(value: Any, path: str, problems: list[str]) -> Any:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: must be a mapping ({what})")
+            return None
+        return value
+
+    return check
 
 
 def _volume_offers(value: Any, path: str, problems: list[str]) -> Any:

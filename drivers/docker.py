@@ -41,12 +41,16 @@ from egd.checks import Checker, number, optional, seconds, settings_of, text
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivers.containers import (
     BUNDLE_DIR,
+    LABEL_DRIVER,
+    LABEL_KERNEL,
+    LABEL_USER,
     ContainerDriver,
     ContainerSettings,
     KernelContainer,
     bundle_files,
     kernel_container,
     launcher_command,
+    manifest,
 )
 from egd.drivers.http_api import ApiError, ApiUnavailable, JsonApi, LineStream, ServerTLS
 from egd.egprotocol import EgKernel
@@ -57,9 +61,6 @@ from egd.util import describe, shield
 
 log = Logger()
 
-LABEL_DRIVER = "egd.jupyter.org/driver"
-LABEL_KERNEL = "egd.jupyter.org/kernel-id"
-LABEL_USER = "egd.jupyter.org/user"
 #: Event actions that mean a kernel's container has ended (or is gone): podman says ``remove`` where dockerd says
 #: ``destroy``.
 _ENDING = ("die", "destroy", "remove", "oom")
@@ -88,13 +89,6 @@ def _volume_offers_ok(offers: Mapping[str, Any]) -> list[str]:
         if not isinstance(offer.get("read_only", False), bool):
             found.append(f"{where}.read_only: must be true or false")
     return found
-
-
-def _mapping(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, dict):
-        problems.append(f"{path}: must be a mapping (a body of POST /containers/create)")
-        return None
-    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +121,7 @@ class DockerSettings(ContainerSettings):
         "tls_key": optional(text),
         "api_version": text,
         "network": optional(text),
-        "container_template": _mapping,
+        "container_template": manifest("a body of POST /containers/create"),
         "stop_timeout": number(0, 3600, integer=True),
         "request_timeout": seconds,
     }
@@ -735,6 +729,29 @@ class DockerDriver(ContainerDriver):
             await self.remove_container(track)
 
     # -- re-attaching ---------------------------------------------------------------------------------------
+
+    def sweep_unknown(self, known: frozenset[str], older_than: float) -> Deferred[int]:
+        """Remove this driver's kernel containers that belong to no kernel in ``known`` or in progress here and
+        were created more than ``older_than`` seconds ago; how many."""
+        async def sweep() -> int:
+            api = self._api()
+            filters = json.dumps({"label": [f"{LABEL_DRIVER}={self._label}"]})
+            _, found = await api.call("GET", "/containers/json", {"all": "1", "filters": filters})
+            removed = 0
+            for container in found or []:
+                kernel_id = str((container.get("Labels") or {}).get(LABEL_KERNEL) or "")
+                created = container.get("Created")
+                age = self._reactor.seconds() - created if isinstance(created, (int, float)) else 0.0
+                if kernel_id in known or kernel_id in self._tracks or age < older_than:
+                    continue
+                log.warn("kernel {kernel_id}: container {name} belongs to no kernel egd knows (a launch cut short); "
+                         "removing it", kernel_id=kernel_id, name=(container.get("Names") or ["?"])[0])
+                await self.delete_container(str(container.get("Id")))
+                removed += 1
+            return removed
+
+        return Deferred.fromCoroutine(sweep())
+
 
     def reattach(self, kernel_id: str, state: Mapping[str, Any], connection_info: dict[str, Any]) -> Deferred[Any]:
         """The kernel a previous gateway started, found by its labels, if its launcher answers a signed ping;

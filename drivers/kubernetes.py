@@ -26,6 +26,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import yaml
@@ -38,12 +39,16 @@ from egd.checks import Checker, number, optional, seconds, settings_of, strings,
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequest
 from egd.drivers.containers import (
     BUNDLE_DIR,
+    LABEL_DRIVER,
+    LABEL_KERNEL,
+    LABEL_USER,
     ContainerDriver,
     ContainerSettings,
     KernelContainer,
     bundle_files,
     kernel_container,
     launcher_command,
+    manifest,
 )
 from egd.drivers.http_api import ApiError, ApiUnavailable
 from egd.drivers.kube_api import KubeAPI, find_credentials
@@ -56,28 +61,14 @@ from egd.util import describe
 
 log = Logger()
 
-LABEL_DRIVER = "egd.jupyter.org/driver"
-LABEL_KERNEL = "egd.jupyter.org/kernel-id"
-LABEL_USER = "egd.jupyter.org/user"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _LABEL_VALUE_BAD = re.compile(r"[^A-Za-z0-9_.-]")
-#: Waiting reasons of a kernel container that say the pod will not start by itself.
-_STUCK = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError",
-          "CreateContainerError", "RunContainerError")
-
 
 def _namespace_mode(value: Any, path: str, problems: list[str]) -> Any:
     if value not in ("shared", "per-kernel", "per-user"):
         problems.append(f"{path}: must be shared, per-kernel or per-user")
-        return None
-    return value
-
-
-def _mapping(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, dict):
-        problems.append(f"{path}: must be a mapping (a Pod manifest)")
         return None
     return value
 
@@ -127,7 +118,7 @@ class KubernetesSettings(ContainerSettings):
         "termination_grace_seconds": number(0, 3600, integer=True),
         "request_timeout": seconds,
         "delete_timeout": seconds,
-        "pod_template": _mapping,
+        "pod_template": manifest("a Pod manifest"),
     }
 
     def problems(self) -> list[str]:
@@ -711,6 +702,32 @@ class KubernetesDriver(ContainerDriver):
 
     # -- re-attaching ---------------------------------------------------------------------------------------
 
+    def sweep_unknown(self, known: frozenset[str], older_than: float) -> Deferred[int]:
+        """Delete this driver's kernel pods (with their Secrets, and a per-kernel namespace) that belong to no
+        kernel in ``known`` or in progress here and are older than ``older_than`` seconds; how many."""
+        async def sweep() -> int:
+            api = self._api()
+            path = f"/api/v1/namespaces/{self._namespace}/pods" if self.settings.namespace_mode == "shared" and \
+                not self.settings.allowed_namespaces else "/api/v1/pods"
+            _, data = await api.call("GET", path, {"labelSelector": f"{LABEL_DRIVER}={self._label}"})
+            removed = 0
+            for pod in (data or {}).get("items") or []:
+                meta = pod.get("metadata") or {}
+                kernel_id = str((meta.get("labels") or {}).get(LABEL_KERNEL) or "")
+                if kernel_id in known or kernel_id in self._tracks or _age(meta, self._reactor) < older_than:
+                    continue
+                log.warn("kernel {kernel_id}: pod {namespace}/{name} belongs to no kernel egd knows (a launch cut "
+                         "short); deleting it", kernel_id=kernel_id, namespace=meta.get("namespace"),
+                         name=meta.get("name"))
+                track = PodTrack(kernel_id, str(meta.get("namespace")), str(meta.get("name")))
+                namespace_of_kernel = str(meta.get("namespace")) == f"{self.settings.namespace_prefix}{kernel_id}"
+                await self.remove(track, namespace_of_kernel and self.settings.namespace_mode == "per-kernel")
+                removed += 1
+            return removed
+
+        return Deferred.fromCoroutine(sweep())
+
+
     def reattach(self, kernel_id: str, state: Mapping[str, Any], connection_info: dict[str, Any]) -> Deferred[Any]:
         """The kernel a previous gateway started, found by its label, if its launcher answers a signed ping;
         ``LookupError`` otherwise (a pod left behind is deleted)."""
@@ -757,6 +774,15 @@ class KubernetesDriver(ContainerDriver):
             return kernel
 
         return Deferred.fromCoroutine(reattach())
+
+
+def _age(meta: Mapping[str, Any], clock: IDriverReactor) -> float:
+    """Seconds since an object was created (0 when its creation time cannot be read)."""
+    try:
+        created = datetime.strptime(str(meta.get("creationTimestamp")), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return 0.0
+    return clock.seconds() - created.replace(tzinfo=timezone.utc).timestamp()
 
 
 def _amount(quantity: str) -> float:

@@ -143,6 +143,12 @@ class KernelDriver(Protocol):
     :data:`CONSTRUCTOR_KEYWORDS`), with ``settings`` an instance of its ``settings_type``; the constructor
     checks what only the running host can tell (a ``ValueError`` naming the setting) and starts nothing.
 
+    Optional: ``sweep_unknown(known, older_than) -> Deferred[int]``, called once after a restarted gateway has
+    re-attached its recorded kernels (only with a state store): remove the driver's kernels that no record knows
+    (``known``: the ids of every recorded kernel, of every gateway sharing the store) and that are older than
+    ``older_than`` seconds (the longest a launch may take): the launches a crash of egd cut short. Drivers that
+    can list their kernels by a label (``kubernetes``, ``docker``) have it.
+
     Optional: a class attribute ``kernels_apart = True`` says that each kernel runs apart from the others (a
     container or pod of its own), so that kernels cannot read each other's files even when they run as one
     account; users are then apart without impersonation (``egd.tenancy``).

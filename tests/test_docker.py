@@ -539,3 +539,29 @@ def test_events_stream_resumes_and_catches_what_happened_meanwhile(host: DockerE
         relay.close()
         for left in host.containers(f"{LABEL_DRIVER}={label}"):
             host.api("DELETE", f"/containers/{left['Id']}?force=1")
+
+
+def test_container_of_a_launch_cut_short_is_removed_at_the_next_start(dockerd: DockerEngine, tmp_path: Path) -> None:
+    """A kernel container of this driver that no recorded kernel owns and that is older than any launch (what a
+    crash of egd mid-launch leaves) is removed when the next egd with the state store starts; a younger one is
+    not."""
+    label = unique_label("sweep")
+
+    def stray(kernel_id: str) -> str:
+        return dockerd.run_container({"Image": IMAGE, "Cmd": ["python3", "-c", "import time; time.sleep(600)"],
+                                      "Labels": {LABEL_DRIVER: label, LABEL_KERNEL: kernel_id},
+                                      "HostConfig": {"Init": True}})
+
+    old = stray("stray-old")
+    time.sleep(12)
+    new = stray("stray-new")
+    state = {"path": str(tmp_path / "state.sqlite"), "on_stop": "shutdown"}
+    gw = docker_gateway(dockerd, tmp_path, label, state=state,
+                        kernels={"launch_timeout": 10, "max_launch_timeout": 10})
+    try:
+        wait_until(lambda: old not in driver_containers(dockerd), 30, 0.5, what="the stray container to go")
+        assert "belongs to no kernel egd knows" in gw.log()
+        assert new in driver_containers(dockerd)
+    finally:
+        gw.stop()
+        dockerd.api("DELETE", f"/containers/{new}?force=1")

@@ -52,6 +52,7 @@ def kube_gateway(cluster: KubeCluster, tmp: Path, state: dict[str, Any] | None =
     specs = tmp / "specs"
     write_spec(specs, "kube_python", 90)
     write_spec(specs, "kube_huge", 8, max_cpus=1000)
+    write_spec(specs, "kube_missing_image", 8, image="localhost/egd-missing:none")
     return GatewayProcess({
         "kernels": {"kernelspec_dirs": [str(KERNELSPECS), str(specs)], "launch_timeout": 90,
                     "heartbeat_interval": 1, "max_launch_timeout": 300},
@@ -113,7 +114,11 @@ def test_kernel_pod_runs_code_and_is_deleted_with_its_secret(client: GatewayClie
     labels = pod["metadata"]["labels"]
     assert labels["egd.jupyter.org/kernel-id"] == kernel_id and labels["egd.jupyter.org/user"] == "alice"
     assert pod["status"]["phase"] == "Running" and pod["spec"]["nodeName"] == "egd-node-0"
-    assert "secret" not in json.dumps(pod["spec"]["containers"][0].get("env") or [])
+    container = pod["spec"]["containers"][0]
+    assert not container.get("env"), "the kernel's environment (and secrets) must not be in the pod's spec"
+    assert pod["spec"]["volumes"][-1]["secret"]["secretName"] == name and "--secrets-file" in container["command"]
+    _, secret = kube.request("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]
     sock = client.connect(kernel_id)
     out = sock.execute("import os, socket; print(socket.gethostname(), os.getuid(), os.environ['KERNEL_USERNAME'])")
     sock.close()
@@ -188,6 +193,34 @@ def test_unschedulable_pod_shows_its_reason_then_times_out(client: GatewayClient
     assert "Unschedulable" in resp.json["message"] and "Insufficient cpu" in resp.json["message"]
     wait_until(lambda: not kernel_pods(kube), 30, 0.5, what="the Pending pod to be deleted")
     assert not kernel_secrets(kube)
+
+
+def test_image_the_node_lacks_is_named_in_the_503(client: GatewayClient, kube: KubeCluster) -> None:
+    """An image the node does not have (and may not pull) keeps the pod Pending with the kubelet's reason, which
+    the 503 at the launch timeout carries; the pod and its Secret are deleted."""
+    resp = client.request("POST", "/api/kernels", {"name": "kube_missing_image"})
+    assert resp.status == 503, resp.json
+    assert "ErrImageNeverPull" in resp.json["message"] and "egd-missing" in resp.json["message"], resp.json
+    wait_until(lambda: not kernel_pods(kube), 30, 0.5, what="the Pending pod to be deleted")
+    assert not kernel_secrets(kube)
+
+
+def test_allowed_namespace_is_honoured(kube: KubeCluster, tmp_path: Path) -> None:
+    """KERNEL_NAMESPACE naming a namespace of allowed_namespaces puts the pod there (followed by the cluster-wide
+    watch); egd does not delete that namespace."""
+    kube.create_namespace("egd-team-a")
+    gw = kube_gateway(kube, tmp_path, allowed_namespaces=["egd-team-a"])
+    try:
+        kernel_id = gw.client.start_kernel("kube_python", env={"KERNEL_NAMESPACE": "egd-team-a"})
+        assert pod_of(gw.client, kernel_id)[0] == "egd-team-a"
+        sock = gw.client.connect(kernel_id)
+        assert sock.execute("print(6 * 7)").stdout.strip() == "42"
+        sock.close()
+        assert gw.client.delete_kernel(kernel_id) == 204
+        assert not kernel_pods(kube, "egd-team-a")
+        assert kube.request("GET", "/api/v1/namespaces/egd-team-a")[1]["status"]["phase"] == "Active"
+    finally:
+        gw.stop()
 
 
 @pytest.mark.parametrize(("env", "status", "named"), [
@@ -276,3 +309,33 @@ def test_jupyter_server_drives_a_kubernetes_kernel(kube_gw: GatewayProcess, kube
         assert not kernel_pods(kube)
     finally:
         server.stop()
+
+
+def test_pod_of_a_launch_cut_short_is_deleted_at_the_next_start(kube: KubeCluster, tmp_path: Path) -> None:
+    """A kernel pod of this driver that no recorded kernel owns and that is older than any launch (what a crash
+    of egd mid-launch leaves) is deleted when the next egd with the state store starts; a younger one is not."""
+    def stray(name: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "labels": {"egd.jupyter.org/driver": "egdtest",
+                                                      "egd.jupyter.org/kernel-id": name}},
+                "spec": {"nodeSelector": {"type": "real"}, "terminationGracePeriodSeconds": 1,
+                         "securityContext": {"runAsUser": 1000},
+                         "containers": [{"name": "kernel", "image": KERNEL_IMAGE, "imagePullPolicy": "Never",
+                                         "command": ["python3", "-c", "import time; time.sleep(600)"]}]}}
+
+    assert kube.request("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", stray("stray-old"))[0] == 201
+    time.sleep(12)
+    assert kube.request("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", stray("stray-new"))[0] == 201
+    state = {"path": str(tmp_path / "state.sqlite"), "on_stop": "shutdown"}
+    gw = GatewayProcess({
+        "kernels": {"kernelspec_dirs": [str(KERNELSPECS)], "launch_timeout": 10, "max_launch_timeout": 10},
+        "drivers": {"local": {}, "kubernetes": kube_settings(kube)}, "state": state})
+    try:
+        wait_until(lambda: kube.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods/stray-old")[0] == 404, 30,
+                   0.5, what="the stray pod to be deleted")
+        assert "belongs to no kernel egd knows" in gw.log()
+        assert kube.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods/stray-new")[0] == 200
+    finally:
+        gw.stop()
+        kube.request("DELETE", f"/api/v1/namespaces/{NAMESPACE}/pods/stray-new", {"gracePeriodSeconds": 0})
+

@@ -98,7 +98,8 @@ class KernelManager(Service):
         self.readiness.add("drivers", services_running(lambda: drivers.names, "drivers"))
         self.readiness.add("kernels", self._accepts_work)
         self._admission = Admission(lambda: self._config, self.kernels, specs, drivers, self.metrics)
-        self._records = KernelRecords(store, self.kernels, reactor, specs, drivers, self._build)
+        self._records = KernelRecords(store, self.kernels, reactor, specs, drivers, self._build,
+                                      orphan_age=config.kernels.max_launch_timeout)
         self._sharing: GatewaySharing | None = None
         if store is not None:
             self.readiness.add("store", lambda: store.problem)

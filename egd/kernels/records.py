@@ -57,9 +57,11 @@ class KernelRecords(Service):
     kernel manager: its write check runs while the store is open."""
 
     def __init__(self, store: StateStore | None, kernels: dict[str, Kernel], clock: IReactorTime,
-                 specs: KernelSpecStore, drivers: DriverRegistry, build: _KernelBuilder) -> None:
+                 specs: KernelSpecStore, drivers: DriverRegistry, build: _KernelBuilder,
+                 orphan_age: float = 300.0) -> None:
         """``kernels``: the manager's table (read, and written by :meth:`reattach`); ``build``: how the manager
-        builds a kernel."""
+        builds a kernel; ``orphan_age``: how old a driver's kernel must be (the longest a launch may take) before a
+        kernel no record knows counts as left behind."""
         self.name = "records"
         self.store = store
         #: This process among the gateways sharing a store.
@@ -76,6 +78,7 @@ class KernelRecords(Service):
         #: Kernels whose record could not be deleted (the store failed): deleted when it works again.
         self._undeleted: set[str] = set()
         self._store_check: ResilientLoop | None = None
+        self._orphan_age = orphan_age
 
     def saved(self, kernel_id: str) -> bool:
         """Whether this gateway wrote the record of ``kernel_id`` (and has not let go of it since)."""
@@ -164,6 +167,25 @@ class KernelRecords(Service):
         if records:
             log.info("state: {count} kernel(s) recorded by the previous gateway; re-attaching", count=len(records))
         await DeferredList([ensureDeferred(self.reattach(r)) for r in records], consumeErrors=True)
+        await self._sweep(frozenset(r.kernel_id for r in records))
+
+    async def _sweep(self, known: frozenset[str]) -> None:
+        """Drivers that can list their kernels (``sweep_unknown``) remove those no record knows and that are older
+        than any launch: a launch cut short by a crash of egd left them (its kernel was not recorded yet). Kernels
+        of other gateways sharing the store are known to it; a launch in flight is younger."""
+        for name, driver in self._drivers.names.items():
+            sweep = getattr(driver, "sweep_unknown", None)
+            if sweep is None:
+                continue
+            try:
+                removed = await maybeDeferred(sweep, known, self._orphan_age)
+            except Exception as exc:
+                log.warn("driver {driver}: could not look for kernels left behind: {why}", driver=name,
+                         why=describe(exc))
+                continue
+            if removed:
+                log.warn("driver {driver}: removed {count} kernel(s) left behind by an earlier gateway's launches",
+                         driver=name, count=removed)
 
     async def reattach(self, record: KernelRecord) -> Kernel | None:
         """Adopt the kernel of ``record`` into the table (None, and the record forgotten, when it is gone)."""
