@@ -472,7 +472,8 @@ def missing_driver(driver: str, configured: Iterable[str]) -> str:
     """What a kernelspec needs that this gateway lacks, in words (``driver``: its driver's name)."""
     if driver.endswith("ProcessProxy"):
         return (f"Enterprise Gateway's {driver}, for which egd has no driver (egd runs EG's LocalProcessProxy, "
-                "DistributedProcessProxy and YarnClusterProcessProxy kernelspecs)")
+                "DistributedProcessProxy, YarnClusterProcessProxy, KubernetesProcessProxy, DockerProcessProxy and "
+                "DockerSwarmProcessProxy kernelspecs)")
     return f"the {driver!r} driver, which is not in drivers (configured: {', '.join(sorted(configured))})"
 
 

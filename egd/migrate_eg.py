@@ -108,7 +108,8 @@ _ENV_ONLY: dict[str, str | None] = {
     "EG_REMOTE_PWD": "egd logs in to ssh hosts with keys (or the ssh_config the operator gives), never a password",
     "EG_ENABLE_TUNNELING": "egd does not tunnel kernel ports over ssh: the gateway connects to the kernels' ports "
                            "(narrow them with port_range for firewalls)",
-    "EG_RESPONSE_ADDR_ANY": "egd's launch listener binds drivers.<name>.callback_host itself",
+    "EG_RESPONSE_ADDR_ANY": "egd's launch listener binds drivers.<name>.callback_host itself (the kubernetes and "
+                            "docker drivers: callback_bind, 0.0.0.0 for every address)",
     "EG_RESPONSE_PORT_RETRIES": "egd binds callback_port or fails to start (0 picks any free port)",
     "EG_PROHIBITED_LOCAL_IPS": "egd does not guess its own address: drivers.<name>.callback_host names it",
     "EG_MIN_PORT_RANGE_SIZE": "egd needs at least 20 ports in a port_range and binds directly in it",
@@ -126,21 +127,25 @@ _ENV_ONLY: dict[str, str | None] = {
     "EG_REDACTION_MASK": "egd never logs kernel environment values, so there is nothing to redact",
     "EG_SSH_LOG_LEVEL": "egd uses no SSH library (it runs the ssh command); logging.level covers egd",
     "EG_YARN_LOG_LEVEL": "egd uses no YARN client library; logging.level covers egd",
-    "EG_KUBERNETES_LOG_LEVEL": "egd has no Kubernetes driver",
-    "EG_DOCKER_LOG_LEVEL": "egd has no Docker driver",
+    "EG_KUBERNETES_LOG_LEVEL": "egd uses no Kubernetes client library (it calls the API server itself); "
+                               "logging.level covers egd",
+    "EG_DOCKER_LOG_LEVEL": "egd uses no Docker client library (it calls the Engine API itself); logging.level "
+                           "covers egd",
     "EG_YARN_CERT_BUNDLE": _NO_EQUIVALENT + " (the RM addresses are drivers.yarn.resource_managers)",
     "EG_YARN_MUTUAL_AUTHENTICATION": "Kerberos (SPNEGO to the ResourceManager) is not supported by egd yet",
-    "EG_NAMESPACE": "egd has no Kubernetes driver", "EG_SHARED_NAMESPACE": "egd has no Kubernetes driver",
-    "EG_KERNEL_CLUSTER_ROLE": "egd has no Kubernetes driver",
-    "EG_DEFAULT_KERNEL_SERVICE_ACCOUNT_NAME": "egd has no Kubernetes driver",
-    "EG_POD_TEMPLATE_DIR": "egd has no Kubernetes driver",
-    "EG_KERNEL_IMAGE": "egd has no container driver", "EG_KERNEL_EXECUTOR_IMAGE": "egd has no container driver",
-    "EG_MIRROR_WORKING_DIRS": "egd has no container driver",
-    "EG_PROHIBITED_UIDS": "egd has no container driver (local impersonation has drivers.local.prohibited_uids)",
-    "EG_PROHIBITED_GIDS": "egd has no container driver",
+    "EG_NAMESPACE": None, "EG_SHARED_NAMESPACE": None, "EG_DEFAULT_KERNEL_SERVICE_ACCOUNT_NAME": None,
+    "EG_KERNEL_CLUSTER_ROLE": "egd binds no role in kernel namespaces (EG bound this one, by default cluster-admin, "
+                              "to the kernel's service account): kernel pods get no API token unless their pod "
+                              "template sets automountServiceAccountToken, and a role for "
+                              "drivers.kubernetes.service_account is the operator's to bind",
+    "EG_POD_TEMPLATE_DIR": "egd builds kernel pods from a structured Pod manifest (drivers.kubernetes.pod_template, "
+                           "or a kernelspec's pod_template; docs/kubernetes.rst), never from a Jinja template: "
+                           "write your template's additions (volumes, node selector, tolerations) as one",
+    "EG_KERNEL_IMAGE": None,
+    "EG_KERNEL_EXECUTOR_IMAGE": "Spark on Kubernetes (EG's spark_*_kubernetes kernelspecs) is not supported by egd",
+    "EG_MIRROR_WORKING_DIRS": None, "EG_PROHIBITED_UIDS": None, "EG_PROHIBITED_GIDS": None,
     "EG_ALTERNATE_SIGINT": "EG reads it from a kernelspec's env, not from its own environment",
-    "EG_DOCKER_NETWORK": "egd has no Docker driver", "EG_DOCKER_MODE": "egd has no Docker driver",
-    "EG_REMOVE_CONTAINER": "egd has no Docker driver",
+    "EG_DOCKER_NETWORK": None, "EG_DOCKER_MODE": None, "EG_REMOVE_CONTAINER": None,
 }
 #: Variables of EG's environment that are not EG settings but that egd's yarn driver takes as settings.
 _YARN_PROCESS_ENV = {"HADOOP_CONF_DIR": "hadoop_conf_dir", "YARN_CONF_DIR": "hadoop_conf_dir",
@@ -164,7 +169,17 @@ _CLASS_REASONS = {
 }
 
 #: EG process proxies and the egd driver of each; others have no egd driver.
-_PROXY_DRIVERS = {"LocalProcessProxy": "local", "DistributedProcessProxy": "ssh", "YarnClusterProcessProxy": "yarn"}
+_PROXY_DRIVERS = {"LocalProcessProxy": "local", "DistributedProcessProxy": "ssh", "YarnClusterProcessProxy": "yarn",
+                  "KubernetesProcessProxy": "kubernetes", "DockerProcessProxy": "docker",
+                  "DockerSwarmProcessProxy": "docker"}
+#: The drivers whose settings EG's settings may give, in the order their sections are written (and their
+#: callback ports given out).
+_REMOTE_DRIVERS = ("ssh", "yarn", "kubernetes", "docker")
+#: EG's scripts that create a kernel's pod or container from the gateway: egd's container drivers create it
+#: instead, for EG's kernelspecs whose argv runs one of them (the others run spark-submit: Spark on Kubernetes).
+_EG_CONTAINER_LAUNCHERS = ("launch_kubernetes.py", "launch_docker.py")
+#: EG's process_proxy.config keys egd's container drivers honour in an EG kernelspec.
+_CONTAINER_SPEC_KEYS = ("image_name", "authorized_users", "unauthorized_users")
 #: Spark settings egd's yarn driver sets itself (its own win over a kernelspec's spark_conf).
 _EGD_SPARK_CONF = {
     "spark.yarn.submit.waitAppCompletion", "spark.yarn.maxAppAttempts", "spark.yarn.am.waitTime", "spark.yarn.tags",
@@ -457,9 +472,15 @@ class Migration:
         #: Driver settings, written for the drivers the kernelspecs (or EG's global settings) need.
         self.ssh: dict[str, Any] = {}
         self.yarn: dict[str, Any] = {}
+        self.kubernetes: dict[str, Any] = {}
+        self.docker: dict[str, Any] = {}
         self.rms: list[tuple[str, str]] = []
         self.wants_ssh = False
         self.wants_yarn = False
+        self.wants_kubernetes = False
+        self.wants_docker = False
+        #: EG_RESPONSE_PORT and its source: each egd driver listens on a port of its own, given out in finish().
+        self.response_port: tuple[int, str] | None = None
         self.token: tuple[str, str] | None = None
         self.written_specs: dict[str, str] = {}
         #: Whether EG's config files were named with --config-file (then EG's own --config is not read).
@@ -478,7 +499,7 @@ class Migration:
 
     def put_driver(self, driver: str, key: str, value: Any, source: str) -> None:
         """Set a setting of ``drivers.<driver>`` (written if the driver is configured)."""
-        settings = self.ssh if driver == "ssh" else self.yarn
+        settings: dict[str, Any] = getattr(self, driver)
         previous = settings.get(key)
         if previous is not None and previous[0] == value:
             previous[1].append(source)
@@ -820,13 +841,69 @@ class Migration:
         elif name == "EG_KERNEL_LOG_DIR":
             self.put_driver("ssh", "log_dir", _text(v), v.source)
         elif name == "EG_RESPONSE_IP":
-            self.put_driver("ssh", "callback_host", _text(v), v.source)
-            self.put_driver("yarn", "callback_host", _text(v), v.source)
+            for driver in _REMOTE_DRIVERS:
+                self.put_driver(driver, "callback_host", _text(v), v.source)
         elif name == "EG_RESPONSE_PORT":
-            self.put_driver("ssh", "callback_port", _int(v), v.source)
-            self.put_driver("yarn", "callback_port", _int(v), v.source)
+            port = _int(v)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"not a port: {port}")
+            self.response_port = port, v.source
         elif name == "EG_YARN_SHUTDOWN_WAIT_TIME":
             self.put_driver("yarn", "kill_timeout", _float(v), v.source)
+        else:
+            self._container_env(name, v)
+
+    def _container_env(self, name: str, v: Value) -> None:
+        """EG's variables for its Kubernetes and Docker process proxies (EG 3.3's k8s.py, container.py,
+        docker_swarm.py and launch_docker.py)."""
+        if name == "EG_NAMESPACE":
+            self.put_driver("kubernetes", "namespace", _text(v).strip(), v.source)
+        elif name == "EG_SHARED_NAMESPACE":
+            # EG's default (false) creates a namespace for each kernel; true puts every kernel in EG_NAMESPACE.
+            self.put_driver("kubernetes", "namespace_mode", "shared" if _bool(v) else "per-kernel", v.source)
+        elif name == "EG_DEFAULT_KERNEL_SERVICE_ACCOUNT_NAME":
+            self.put_driver("kubernetes", "service_account", _text(v).strip(), v.source)
+        elif name == "EG_KERNEL_IMAGE":
+            # EG's image for a kernelspec without image_name: the drivers' default image.
+            for driver in ("kubernetes", "docker"):
+                self.put_driver(driver, "image", _text(v).strip(), v.source)
+        elif name == "EG_DOCKER_NETWORK":
+            self.put_driver("docker", "network", _text(v).strip(), v.source)
+        elif name == "EG_MIRROR_WORKING_DIRS":
+            if not _bool(v):
+                self.report.carry(v.source, "nothing (false, EG's default: EG did not give kernels "
+                                  "KERNEL_WORKING_DIR)")
+                return
+            self.report.drop(v.source, "egd has no such setting: a kernel always gets the client's "
+                             "KERNEL_WORKING_DIR, and egd's launcher changes to it when that directory exists in the "
+                             "container (egd's own kernelspecs); EG's images start where their image says. Mount "
+                             "the directories with the pod or container template (volumes) and set workingDir "
+                             "there")
+        elif name in ("EG_PROHIBITED_UIDS", "EG_PROHIBITED_GIDS"):
+            kind = name[len("EG_PROHIBITED_"):-1]  # UID or GID
+            ids = _list(v)
+            if not all(i.lstrip("-").isdigit() for i in ids):
+                raise ValueError(f"not a list of numeric ids: {v.value!r}")
+            others = sorted({int(i) for i in ids} - {0})
+            root = f"egd refuses KERNEL_{kind} 0 (root) unless drivers.kubernetes/docker.allow_root"
+            if not others:
+                self.report.carry(v.source, f"nothing ({root}; KERNEL_{kind} is honoured only with allow_uid)")
+                return
+            self.report.drop(v.source, f"egd has no list of prohibited ids: {root}, and honours KERNEL_{kind} only "
+                             f"with drivers.kubernetes/docker.allow_uid (off), then any id but 0; "
+                             f"{', '.join(map(str, others))} would not be refused")
+        elif name == "EG_DOCKER_MODE":
+            if _text(v).strip().lower() == "docker":
+                self.report.carry(v.source, "nothing (docker: egd creates plain containers)")
+                return
+            self.report.drop(v.source, "egd creates no Swarm services: every kernel, also of a DockerSwarmProcessProxy "
+                             "kernelspec, is a plain container of the engine at drivers.docker.url")
+        elif name == "EG_REMOVE_CONTAINER":
+            if _bool(v):
+                self.report.carry(v.source, "nothing (true: egd always removes a kernel's container)")
+                return
+            self.report.drop(v.source, "egd always removes a kernel's container when the kernel ends (keeping its "
+                             "log's last lines as the failure detail)")
         else:  # pragma: no cover - every name of _ENV_ONLY is handled above
             self.report.drop(v.source, _NO_EQUIVALENT)
 
@@ -879,8 +956,11 @@ class Migration:
         class_name = str(proxy["class_name"]).rsplit(".", 1)[-1]
         driver = _PROXY_DRIVERS.get(class_name)
         if driver is None:
-            self.report.drop(where, f"its process proxy {class_name} has no egd driver (egd has local, ssh and "
-                             "yarn); kernelspec not written")
+            self.report.drop(where, f"its process proxy {class_name} has no egd driver (egd has local, ssh, yarn, "
+                             "kubernetes and docker); kernelspec not written")
+            return
+        if driver in ("kubernetes", "docker"):
+            self._container_spec(name, spec_dir, spec, proxy, driver)
             return
         proxy_config = dict(proxy.get("config") or {})
         if str(proxy_config.get("yarn_endpoint_security_enabled", "")).lower() == "true":
@@ -909,6 +989,19 @@ class Migration:
             self._keep_eg_spec(name, spec_dir, spec, proxy, driver)
             return
         self._write_spec(name, spec_dir, native, how)
+
+    def _container_spec(self, name: str, spec_dir: Path, spec: dict[str, Any], proxy: dict[str, Any],
+                        driver: str) -> None:
+        """An EG Kubernetes or Docker kernelspec: kept as EG's (egd's driver creates the pod or container EG's
+        launch script would, from ``image_name``), or not written when it runs Spark on Kubernetes."""
+        argv = [str(a) for a in spec["argv"]]
+        if not any(os.path.basename(a) in _EG_CONTAINER_LAUNCHERS for a in argv):
+            self.report.drop(f"kernelspec {name}", f"its argv runs {os.path.basename(argv[0]) if argv else 'nothing'}, "
+                             f"not EG's {' or '.join(_EG_CONTAINER_LAUNCHERS)}: Spark on Kubernetes (spark-submit to "
+                             "the API server) is not supported by egd; kernelspec not written")
+            return
+        setattr(self, f"wants_{driver}", True)
+        self._keep_eg_spec(name, spec_dir, spec, proxy, driver)
 
     def _spec_config(self, name: str, driver: str, proxy_config: dict[str, Any]) -> dict[str, Any]:
         """EG's ``process_proxy.config`` as egd's ``metadata.egd.config`` keys; the rest reported."""
@@ -1135,9 +1228,23 @@ class Migration:
         reduced to the keys egd honours."""
         kept = {}
         where = f"kernelspec {name}: metadata.process_proxy.config"
+        containers = driver in ("kubernetes", "docker")
         for key, value in (proxy.get("config") or {}).items():
-            if key in ("remote_hosts", "port_range", "authorized_users", "unauthorized_users", "yarn_endpoint",
-                       "alt_yarn_endpoint"):
+            if containers and key in _CONTAINER_SPEC_KEYS:
+                kept[key] = value
+                self.report.carry(f"{where}.{key}", f"kept in {SPECS_NAME}/{spec_dir.name}/kernel.json")
+            elif containers and key == "executor_image_name":
+                self.report.drop(f"{where}.{key}", "Spark on Kubernetes (Spark executors in pods) is not supported "
+                                 "by egd; left out of the copied kernel.json")
+            elif containers and key == "port_range":
+                self.report.drop(f"{where}.{key}", f"egd's {driver} driver gives EG's launcher its own port range "
+                                 f"(drivers.{driver}.port_range, else kernels.port_range); left out of the copied "
+                                 "kernel.json")
+            elif containers:
+                self.report.drop(f"{where}.{key}", f"not a process_proxy.config key egd's {driver} driver honours; "
+                                 "left out of the copied kernel.json")
+            elif key in ("remote_hosts", "port_range", "authorized_users", "unauthorized_users", "yarn_endpoint",
+                         "alt_yarn_endpoint"):
                 kept[key] = value
                 self.report.carry(f"{where}.{key}", f"kept in {SPECS_NAME}/{spec_dir.name}/kernel.json")
                 if key in ("yarn_endpoint", "alt_yarn_endpoint") and isinstance(value, str):
@@ -1155,6 +1262,13 @@ class Migration:
         if "KERNEL_EXTRA_SPARK_OPTS" in json.dumps(spec.get("env") or {}):
             self.report.next_steps.append(f"kernelspec {name}: its env names KERNEL_EXTRA_SPARK_OPTS; egd refuses that "
                                           "variable from clients, so Spark options come from the kernelspec only")
+        if containers:
+            image = f"image_name {kept['image_name']}" if kept.get("image_name") else f"drivers.{driver}.image"
+            what, script = ("pod", "launch_kubernetes.py") if driver == "kubernetes" else ("container",
+                                                                                          "launch_docker.py")
+            self._write_spec(name, spec_dir, copy, f"kept as an EG kernelspec ({driver} driver, EG's launcher "
+                             f"protocol); egd creates the {what} EG's {script} would, from {image}", whole=True)
+            return
         self._write_spec(name, spec_dir, copy, f"kept as an EG kernelspec ({driver} driver, EG's launcher protocol); "
                          "egd runs its argv unchanged", whole=True)
 
@@ -1194,14 +1308,13 @@ class Migration:
                                  "kernels.cull_busy_timeout")
         self.raw["kernels"] = {**self.raw.get("kernels", {}),
                                "kernelspec_dirs": [str((self.output / SPECS_NAME).resolve())]}
+        self._response_port()
         drivers: dict[str, Any] = {"local": {}}
         if self.wants_ssh:
             drivers["ssh"] = self._driver_settings("ssh", self.ssh)
             drivers["ssh"].setdefault("hosts", ["localhost"])
             if "hosts" not in self.ssh:
                 self.report.next_steps.append("drivers.ssh.hosts is EG's default, [localhost]: list your hosts")
-        else:
-            self._unused_driver("ssh", self.ssh)
         if self.wants_yarn and self.rms:
             drivers["yarn"] = self._driver_settings("yarn", self.yarn)
             addresses = list(dict.fromkeys(address for address, _ in self.rms))
@@ -1209,22 +1322,78 @@ class Migration:
             for address, source in self.rms:
                 self.report.carry(source, f"drivers.yarn.resource_managers ({address})")
             self.sources["drivers.yarn.resource_managers"] = [source for _, source in self.rms]
-        else:
-            if self.wants_yarn:
-                self.report.next_steps.append("no YARN endpoint was given (EG_YARN_ENDPOINT or yarn_endpoint): "
-                                              "configure drivers.yarn.resource_managers to offer the yarn "
-                                              "kernelspecs")
-            self._unused_driver("yarn", self.yarn)
+        elif self.wants_yarn:
+            self.report.next_steps.append("no YARN endpoint was given (EG_YARN_ENDPOINT or yarn_endpoint): "
+                                          "configure drivers.yarn.resource_managers to offer the yarn "
+                                          "kernelspecs")
+        if self.wants_kubernetes:
+            if "namespace_mode" not in self.kubernetes:
+                # EG_SHARED_NAMESPACE unset: EG's default, a namespace for each kernel (egd's default is shared).
+                self.kubernetes["namespace_mode"] = ("per-kernel", ["EG's default of EG_SHARED_NAMESPACE (false: a "
+                                                                    "namespace per kernel)"])
+            drivers["kubernetes"] = self._driver_settings("kubernetes", self.kubernetes)
+        if self.wants_docker:
+            drivers["docker"] = self._driver_settings("docker", self.docker)
+        self._unused_drivers(drivers)
         self.raw["drivers"] = drivers
         self._prune()
+        self._driver_next_steps()
+
+    def _response_port(self) -> None:
+        """EG_RESPONSE_PORT: EG had one response port for every process proxy; each egd driver listens on a port
+        of its own, so the first driver written gets EG's port and each next one the port after."""
+        if self.response_port is None:
+            return
+        port, source = self.response_port
+        wanted = [d for d in _REMOTE_DRIVERS if getattr(self, f"wants_{d}") and (d != "yarn" or self.rms)]
+        for driver in wanted or list(_REMOTE_DRIVERS):  # none written: reported as not needed
+            self.put_driver(driver, "callback_port", port, source)
+            if port:  # 0: each driver picks a free port
+                port += 1
+        if len(wanted) > 1 and self.response_port[0]:
+            last = self.response_port[0] + len(wanted) - 1
+            self.report.next_steps.append(f"each egd driver listens on a callback port of its own: EG_RESPONSE_PORT "
+                                          f"{self.response_port[0]} and the next ones, to {last}, are "
+                                          f"drivers.{'/'.join(wanted)}.callback_port; open them for the kernels "
+                                          "as EG's was")
+
+    def _driver_next_steps(self) -> None:
+        """What the operator still has to do for each driver written."""
+        drivers = self.raw["drivers"]
         for name, where in (("ssh", "every ssh host"), ("yarn", "the cluster's nodes")):
-            if name not in self.raw["drivers"]:
+            if name not in drivers:
                 continue
             self.report.next_steps.append(f"copy egd's launcher (kernel_launcher.py and launcher_protocol.py, in one "
                                           f"directory) to drivers.{name}.launcher_path on {where}")
-            if "callback_host" not in self.raw["drivers"][name]:
+            if "callback_host" not in drivers[name]:
                 self.report.next_steps.append(f"set drivers.{name}.callback_host to an address of this gateway that "
                                               f"{where} can reach (EG found one itself; egd's default is 127.0.0.1)")
+        if "kubernetes" in drivers:
+            settings = drivers["kubernetes"]
+            if "callback_host" not in settings:
+                self.report.next_steps.append('set drivers.kubernetes.callback_host to an address of this gateway the '
+                                              'kernel pods reach: "${POD_IP}" when egd runs in the cluster with the '
+                                              "Deployment of conf/kubernetes/ (EG used its pod's address; egd's "
+                                              "default is 127.0.0.1)")
+            self.report.next_steps.append("drivers.kubernetes.kubeconfig is null: inside a pod egd uses its service "
+                                          "account, elsewhere $KUBECONFIG or ~/.kube/config; give egd's account the "
+                                          "RBAC of conf/kubernetes/rbac.yaml"
+                                          + ("" if settings.get("namespace_mode") == "shared" else
+                                             " and rbac-namespaces.yaml (namespace_mode "
+                                             f"{settings.get('namespace_mode')} creates namespaces)"))
+            self.report.next_steps.append("EG let clients name any existing namespace with KERNEL_NAMESPACE; egd only "
+                                          "those of drivers.kubernetes.allowed_namespaces (none by default)")
+        for name in ("kubernetes", "docker"):
+            if name not in drivers:
+                continue
+            if name == "docker" and "callback_host" not in drivers[name]:
+                self.report.next_steps.append("set drivers.docker.callback_host to an address of this gateway the "
+                                              "containers reach (the bridge's, often 172.17.0.1 on docker0; egd's "
+                                              "default is 127.0.0.1)")
+            self.report.next_steps.append(f"EG let clients choose any image with KERNEL_IMAGE and honoured KERNEL_UID "
+                                          f"and KERNEL_GID; egd's {name} driver allows only the kernelspec's "
+                                          f"image_name and drivers.{name}.image and images, and KERNEL_UID/GID only "
+                                          f"with drivers.{name}.allow_uid (docs/{name}.rst)")
 
     def _driver_settings(self, driver: str, settings: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -1242,10 +1411,23 @@ class Migration:
                 result[key] = value
         return result
 
-    def _unused_driver(self, driver: str, settings: dict[str, Any]) -> None:
-        for _key, (_value, sources) in settings.items():
-            for source in sources:
-                self.report.drop(source, f"no kernelspec needs the {driver} driver, so it is not configured")
+    def _unused_drivers(self, written: Mapping[str, Any]) -> None:
+        """Settings of the drivers not written are reported (once per source), unless the same source went to a
+        driver written too (EG's one EG_RESPONSE_IP for every process proxy, say)."""
+        used = {source for name in written if name in _REMOTE_DRIVERS
+                for _value, sources in getattr(self, name).values() for source in sources}
+        unused: dict[str, list[str]] = {}
+        for name in _REMOTE_DRIVERS:
+            if name in written:
+                continue
+            for _value, sources in getattr(self, name).values():
+                for source in sources:
+                    if source not in used and name not in unused.setdefault(source, []):
+                        unused[source].append(name)
+        for source, names in unused.items():
+            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            self.report.drop(source, f"no kernelspec needs the {listed} driver, so "
+                             + ("it is" if len(names) == 1 else "they are") + " not configured")
 
     def _prune(self) -> None:
         """Take out (and report) every value egd's own checks refuse, until the config is valid."""
@@ -1291,7 +1473,7 @@ class Migration:
 
     def _written_key(self, path: str) -> str | None:
         """The written key (``section.key`` or ``drivers.name.key``) a problem's path is about."""
-        path = re.sub(r"\[\d+\]$", "", path)
+        path = re.sub(r"\[\d+\]$", "", path.split(" ", 1)[0])  # "drivers.kubernetes.namespace 'x'": the key
         parts = path.split(".")
         key = ".".join(parts[:3] if parts[0] == "drivers" else parts[:2])
         section = self.raw.get(parts[0])

@@ -245,25 +245,39 @@ def test_forged_payload_from_another_address_is_refused(ssh_lab: SshLab, tmp_pat
 # -- EG classes without an egd driver ---------------------------------------------------------------------------
 
 def test_eg_class_without_driver_is_a_clear_error(eg_specs: Path, tmp_path: Path) -> None:
-    """EG's kubernetes, docker and conductor specs name process proxies egd has no driver for: check-config
-    names each with the class, ``egd kernelspecs`` marks them, and a start answers 503 naming the class."""
+    """EG's conductor and Spark operator specs name process proxies egd has no driver for: check-config names
+    each with the class, ``egd kernelspecs`` marks them, and a start answers 503 naming the class. EG's
+    kubernetes and docker specs need egd's ``kubernetes`` and ``docker`` drivers (named when not configured),
+    and EG's Spark-on-Kubernetes specs (``run.sh``, not ``launch_kubernetes.py``) are named as not supported."""
     config = tmp_path / "egd.yaml"
     config.write_text(json.dumps({"kernels": {"kernelspec_dirs": [str(eg_specs)]}}))
     done = subprocess.run([sys.executable, "-m", "egd", "check-config", str(config)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 1
-    assert re.search(r"python_kubernetes.*KubernetesProcessProxy.*egd has no driver", done.stderr)
     assert re.search(r"spark_python_conductor_cluster.*ConductorClusterProcessProxy.*egd has no driver", done.stderr)
+    assert re.search(r"spark_python_operator.*SparkOperatorProcessProxy.*egd has no driver", done.stderr)
+    assert re.search(r"'python_kubernetes' needs the 'kubernetes' driver, which is not in drivers", done.stderr)
+    assert re.search(r"'python_docker' needs the 'docker' driver, which is not in drivers", done.stderr)
+    assert not re.search(r"(Kubernetes|Docker|DockerSwarm)ProcessProxy.*egd has no driver", done.stderr)
+    assert re.search(r"'spark_python_kubernetes': .*runs run\.sh \(Spark on Kubernetes .*not supported\)",
+                     done.stderr)
     assert "Traceback" not in done.stderr
     listed = subprocess.run([sys.executable, "-m", "egd", "kernelspecs", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)
-    line = next(li for li in listed.stdout.splitlines() if li.startswith("python_docker "))
-    assert "DockerSwarmProcessProxy" in line and "egd has no driver" in line
+    lines = {li.split()[0]: li for li in listed.stdout.splitlines() if li.strip()}
+    assert lines["python_docker"].split()[1] == "docker"  # EG's DockerSwarmProcessProxy: egd's docker driver
+    assert "needs the 'docker' driver" in lines["python_docker"]
+    assert lines["python_kubernetes"].split()[1] == "kubernetes"
+    assert "ConductorClusterProcessProxy" in lines["spark_python_conductor_cluster"]
+    assert "egd has no driver" in lines["spark_python_conductor_cluster"]
     gw = GatewayProcess({"kernels": {"kernelspec_dirs": [str(eg_specs)]}})
     try:
+        resp = gw.client.request("POST", "/api/kernels", {"name": "spark_python_conductor_cluster"})
+        assert resp.status == 503
+        assert "ConductorClusterProcessProxy" in resp.json["message"]
         resp = gw.client.request("POST", "/api/kernels", {"name": "python_kubernetes"})
         assert resp.status == 503
-        assert "KubernetesProcessProxy" in resp.json["message"]
+        assert "'kubernetes' driver" in resp.json["message"]
         assert not gw.client.request("GET", "/api/kernels").json
     finally:
         gw.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,9 @@ def carried(report: str) -> str:
 
 @pytest.fixture(scope="module")
 def eg_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """EG's kernelspecs as its Makefile assembles them, as an operator edited two of them: per-spec hosts and
-    users on python_distributed, resources and Spark settings in spark_python_yarn_cluster's SPARK_OPTS."""
+    """EG's kernelspecs as its Makefile assembles them, as an operator edited some of them: per-spec hosts and
+    users on python_distributed, resources and Spark settings in spark_python_yarn_cluster's SPARK_OPTS, users,
+    a port range and a Spark executor image on python_tf_kubernetes."""
     dest = egdist.assemble(tmp_path_factory.mktemp("eg") / "kernels")
     distributed = dest / "python_distributed" / "kernel.json"
     spec = json.loads(distributed.read_text())
@@ -100,6 +102,11 @@ def eg_kernels(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                   " --conf spark.executor.memoryOverhead=1g --conf spark.sql.shuffle.partitions=64"
                                   " --archives env.zip")
     cluster.write_text(json.dumps(spec))
+    tf_kubernetes = dest / "python_tf_kubernetes" / "kernel.json"
+    spec = json.loads(tf_kubernetes.read_text())
+    spec["metadata"]["process_proxy"]["config"].update({"authorized_users": "alice", "port_range": "42000..42100",
+                                                        "executor_image_name": "elyra/kernel-spark-py:3.3.0"})
+    tf_kubernetes.write_text(json.dumps(spec))
     return dest
 
 
@@ -122,6 +129,20 @@ def migrated(eg_kernels: Path,
         "EG_PORT_RANGE=40000..41000",
         "EG_RESPONSE_IP=10.0.0.1",
         "EG_RESPONSE_PORT=8877",
+        "EG_NAMESPACE=eg-kernels",
+        "EG_SHARED_NAMESPACE=True",
+        "EG_DEFAULT_KERNEL_SERVICE_ACCOUNT_NAME=kernel-sa",
+        "EG_KERNEL_CLUSTER_ROLE=kernel-controller",
+        "EG_POD_TEMPLATE_DIR=/etc/eg/templates",
+        "EG_KERNEL_IMAGE=elyra/kernel-py:3.3.0",
+        "EG_KERNEL_EXECUTOR_IMAGE=elyra/kernel-spark-py:3.3.0",
+        "EG_MIRROR_WORKING_DIRS=true",
+        "EG_PROHIBITED_UIDS=0,65534",
+        "EG_PROHIBITED_GIDS=0",
+        "EG_DOCKER_NETWORK=eg-net",
+        "EG_DOCKER_MODE=swarm",
+        "EG_REMOVE_CONTAINER=True",
+        "EG_KUBERNETES_LOG_LEVEL=DEBUG",
         "EG_SSH_PORT=2222",
         "EG_REMOTE_USER=jupyter",
         "EG_KERNEL_LOG_DIR=/var/log/eg-kernels",
@@ -172,7 +193,7 @@ def test_migrated_config_passes_check_config(migrated: tuple[Path, subprocess.Co
     assert result.returncode == 0, result.stderr
     checked = egd("check-config", str(out / "egd.yaml"))
     assert checked.returncode == 0, checked.stderr
-    assert "drivers: local, ssh, yarn" in checked.stdout
+    assert "drivers: local, ssh, yarn, kubernetes, docker" in checked.stdout
     assert "listening on 0.0.0.0:8889" in checked.stdout
 
 
@@ -200,14 +221,21 @@ def test_settings_land_where_egd_has_them(migrated: tuple[Path, subprocess.Compl
     ssh = config["drivers"]["ssh"]
     assert ssh["hosts"] == ["node1", "node2"] and ssh["placement"] == "least-connection"
     assert ssh["impersonation"] is True and ssh["user"] == "jupyter" and ssh["log_dir"] == "/var/log/eg-kernels"
+    # EG had one response port; each egd driver listens on its own: EG's, then the next ones.
     assert (ssh["callback_host"], ssh["callback_port"]) == ("10.0.0.1", 8877)
     assert ssh["ssh_options"] == ["Port=2222"]
     yarn = config["drivers"]["yarn"]
     assert yarn["resource_managers"] == ["http://rm1.example.org:8088", "http://rm2.example.org:8088",
                                          "http://rm3.example.org:8088"]
     assert yarn["impersonation"] is True and yarn["kill_timeout"] == 20.0
+    assert (yarn["callback_host"], yarn["callback_port"]) == ("10.0.0.1", 8878)
     assert yarn["hadoop_conf_dir"] == "/etc/hadoop/conf"
     assert yarn["spark_home"] == "/usr/hdp/current/spark2-client" and yarn["python"] == "/opt/conda/bin/python"
+    assert config["drivers"]["kubernetes"] == {
+        "callback_host": "10.0.0.1", "namespace": "eg-kernels", "namespace_mode": "shared",
+        "service_account": "kernel-sa", "image": "elyra/kernel-py:3.3.0", "callback_port": 8879}
+    assert config["drivers"]["docker"] == {"callback_host": "10.0.0.1", "image": "elyra/kernel-py:3.3.0",
+                                           "network": "eg-net", "callback_port": 8880}
     # The token is not in the YAML but in an env file only its owner reads.
     assert "s3cret" not in (out / "egd.yaml").read_text()
     assert (out / "egd.env").read_text().splitlines()[-1] == "EGD_AUTH_TOKEN=s3cret-token-of-32-characters-xx"
@@ -216,7 +244,7 @@ def test_settings_land_where_egd_has_them(migrated: tuple[Path, subprocess.Compl
 
 def test_kernelspecs_are_listed_with_their_drivers(migrated: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     """``egd kernelspecs`` on the written config lists EG's specs that egd can run, each with its driver; the ones
-    whose process proxy has no egd driver are not written."""
+    whose process proxy has no egd driver, and Spark on Kubernetes, are not written."""
     out, _ = migrated
     listed = egd("kernelspecs", "--config", str(out / "egd.yaml"), "--json")
     assert listed.returncode == 0, listed.stderr
@@ -226,8 +254,14 @@ def test_kernelspecs_are_listed_with_their_drivers(migrated: tuple[Path, subproc
         "python_distributed": "ssh", "spark_python_yarn_cluster": "yarn",  # native egd kernelspecs
         "spark_python_yarn_client": "ssh", "spark_r_yarn_client": "ssh", "spark_scala_yarn_client": "ssh",
         "spark_r_yarn_cluster": "yarn", "spark_scala_yarn_cluster": "yarn",
+        # EG's Kubernetes, Docker and DockerSwarm kernelspecs, kept as EG's
+        "python_kubernetes": "kubernetes", "python_tf_kubernetes": "kubernetes",
+        "python_tf_gpu_kubernetes": "kubernetes", "r_kubernetes": "kubernetes", "scala_kubernetes": "kubernetes",
+        "python_docker": "docker", "python_tf_docker": "docker", "python_tf_gpu_docker": "docker",
+        "r_docker": "docker", "scala_docker": "docker",
     }
-    assert not any("kubernetes" in name or "docker" in name or "conductor" in name for name in specs)
+    assert not any((name.startswith("spark_") and name.endswith("_kubernetes")) or "conductor" in name
+                   or "operator" in name for name in specs)
 
 
 def test_native_kernelspecs(migrated: tuple[Path, subprocess.CompletedProcess[str]], eg_kernels: Path) -> None:
@@ -260,6 +294,71 @@ def test_native_kernelspecs(migrated: tuple[Path, subprocess.CompletedProcess[st
     assert (out / "kernelspecs" / "spark_R_yarn_cluster" / "bin" / "run.sh").is_file()
 
 
+def test_container_kernelspecs_are_kept_as_eg_kernelspecs(
+        migrated: tuple[Path, subprocess.CompletedProcess[str]], eg_kernels: Path) -> None:
+    """EG's python_kubernetes and python_docker (DockerSwarmProcessProxy) are copied whole as EG's kernelspecs, for
+    egd's kubernetes and docker drivers: argv unchanged, ``image_name`` kept; of the rest of
+    ``process_proxy.config`` only what egd honours (``authorized_users``) stays."""
+    out, _ = migrated
+    for name, proxy in (("python_kubernetes", "KubernetesProcessProxy"), ("python_docker", "DockerSwarmProcessProxy")):
+        original = json.loads((eg_kernels / name / "kernel.json").read_text())
+        kept = json.loads((out / "kernelspecs" / name / "kernel.json").read_text())
+        assert kept["metadata"]["process_proxy"]["class_name"].endswith(proxy)
+        assert kept["metadata"]["process_proxy"]["config"] == {"image_name": "elyra/kernel-py:VERSION"}
+        assert kept["argv"] == original["argv"] and "egd" not in kept["metadata"]
+    tf = json.loads((out / "kernelspecs" / "python_tf_kubernetes" / "kernel.json").read_text())
+    assert tf["metadata"]["process_proxy"]["config"] == {"image_name": "elyra/kernel-tf-py:VERSION",
+                                                         "authorized_users": "alice"}
+    assert not (out / "kernelspecs" / "spark_python_kubernetes").exists()
+    listed = egd("kernelspecs", "--config", str(out / "egd.yaml"))
+    line = next(li for li in listed.stdout.splitlines() if li.startswith("python_kubernetes "))
+    assert "kubernetes" in line and "cannot start" not in line
+
+
+def test_kubernetes_only_deployment(eg_kernels: Path, tmp_path: Path) -> None:
+    """An EG deployment on Kubernetes (the Helm chart's variables, EG_SHARED_NAMESPACE unset): the kubernetes driver
+    is written with EG's default, a namespace per kernel; EG_NAMESPACE and the service account land in it; a
+    namespace egd refuses is reported with egd's message; Spark on Kubernetes is left out with its reason; the
+    written file passes ``egd check-config``."""
+    specs = tmp_path / "kernels"
+    for name in ("python_kubernetes", "spark_python_kubernetes", "python_docker"):
+        shutil.copytree(eg_kernels / name, specs / name)
+    env_file = tmp_path / "eg.env"
+    env_file.write_text("EG_NAMESPACE=enterprise-gateway\nEG_DEFAULT_KERNEL_SERVICE_ACCOUNT_NAME=default\n"
+                        "EG_KERNEL_CLUSTER_ROLE=cluster-admin\nEG_RESPONSE_PORT=8877\nEG_DOCKER_NETWORK=bridge\n"
+                        "EG_SSH_PORT=2222\n")
+    out = tmp_path / "out"
+    result = egd("migrate-eg", "-o", str(out), "--env-file", str(env_file), "--kernelspec-dir", str(specs))
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((out / "egd.yaml").read_text())
+    assert config["drivers"]["kubernetes"] == {"namespace": "enterprise-gateway", "service_account": "default",
+                                               "callback_port": 8877, "namespace_mode": "per-kernel"}
+    assert config["drivers"]["docker"] == {"network": "bridge", "callback_port": 8878}
+    assert "ssh" not in config["drivers"]
+    report = report_of(out)
+    assert "EG's default of EG_SHARED_NAMESPACE (false: a namespace per kernel) -> drivers.kubernetes.namespace_mode" \
+        in carried(report)
+    missing = not_carried(report)
+    assert "EG_SSH_PORT: no kernelspec needs the ssh driver, so it is not configured" in missing
+    assert re.search(r"kernelspec spark_python_kubernetes: its argv runs run\.sh, .*Spark on Kubernetes .*not "
+                     r"supported by egd; kernelspec not written", missing)
+    assert "rbac-namespaces.yaml (namespace_mode per-kernel creates namespaces)" in report
+    assert "set drivers.kubernetes.callback_host" in report and "set drivers.docker.callback_host" in report
+    checked = egd("check-config", str(out / "egd.yaml"))
+    assert checked.returncode == 0, checked.stderr
+    assert "drivers: local, kubernetes, docker" in checked.stdout
+    listed = json.loads(egd("kernelspecs", "--config", str(out / "egd.yaml"), "--json").stdout)
+    assert (listed["python_kubernetes"]["driver"], listed["python_docker"]["driver"]) == ("kubernetes", "docker")
+
+    env_file.write_text("EG_NAMESPACE=Not_A_Namespace\nEG_SHARED_NAMESPACE=true\n")
+    result = egd("migrate-eg", "-o", str(out), "--force", "--env-file", str(env_file), "--kernelspec-dir", str(specs))
+    assert result.returncode == 0, result.stderr
+    assert "EG_NAMESPACE: egd refuses the value: drivers.kubernetes.namespace 'Not_A_Namespace': not a valid " \
+        "namespace name" in not_carried(report_of(out))
+    assert yaml.safe_load((out / "egd.yaml").read_text())["drivers"]["kubernetes"] == {"namespace_mode": "shared"}
+    assert egd("check-config", str(out / "egd.yaml")).returncode == 0
+
+
 def test_report_names_what_was_not_carried_over(migrated: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     """Printed and written: every setting that could not be carried over, with the reason; never a secret."""
     out, result = migrated
@@ -278,8 +377,17 @@ def test_report_names_what_was_not_carried_over(migrated: tuple[Path, subprocess
         ("c.EnterpriseGatewayApp.dynamic_config_interval", "SIGHUP"),
         ("command line --port_retries", "never tries the next port"),
         ("command line --RemoteMappingKernelManager.kernel_info_timeout", "no equivalent"),
-        ("kernelspec python_kubernetes", "KubernetesProcessProxy has no egd driver"),
-        ("kernelspec python_docker", "DockerSwarmProcessProxy has no egd driver"),
+        ("kernelspec spark_python_kubernetes", "argv runs run.sh, not EG's launch_kubernetes.py or launch_docker.py: "
+                                               "Spark on Kubernetes (spark-submit to the API server) is not supported"),
+        ("python_tf_kubernetes: metadata.process_proxy.config.executor_image_name", "Spark on Kubernetes"),
+        ("python_tf_kubernetes: metadata.process_proxy.config.port_range", "drivers.kubernetes.port_range"),
+        ("EG_KERNEL_CLUSTER_ROLE", "egd binds no role in kernel namespaces"),
+        ("EG_POD_TEMPLATE_DIR", "never from a Jinja template"),
+        ("EG_KERNEL_EXECUTOR_IMAGE", "Spark on Kubernetes"),
+        ("EG_MIRROR_WORKING_DIRS", "KERNEL_WORKING_DIR"),
+        ("EG_PROHIBITED_UIDS", "65534 would not be refused"),
+        ("EG_DOCKER_MODE", "egd creates no Swarm services"),
+        ("EG_KUBERNETES_LOG_LEVEL", "logging.level"),
         ("kernelspec spark_python_conductor_cluster", "ConductorClusterProcessProxy has no egd driver"),
         ("kernelspec spark_python_operator", "SparkOperatorProcessProxy has no egd driver"),
         ("python_distributed: metadata.process_proxy.config.mystery", "no egd equivalent"),
@@ -295,6 +403,17 @@ def test_report_names_what_was_not_carried_over(migrated: tuple[Path, subprocess
         assert lines and why in lines[0], (what, why, missing)
     assert "s3cret" not in report and "s3cret" not in result.stderr
     assert "EG_AUTH_TOKEN (value not shown) -> EGD_AUTH_TOKEN in egd.env" in carried(report)
+    done = carried(report)
+    for line in ("EG_NAMESPACE -> drivers.kubernetes.namespace",
+                 "EG_SHARED_NAMESPACE -> drivers.kubernetes.namespace_mode",
+                 "EG_DEFAULT_KERNEL_SERVICE_ACCOUNT_NAME -> drivers.kubernetes.service_account",
+                 "EG_KERNEL_IMAGE -> drivers.kubernetes.image", "EG_KERNEL_IMAGE -> drivers.docker.image",
+                 "EG_DOCKER_NETWORK -> drivers.docker.network", "EG_RESPONSE_IP -> drivers.docker.callback_host",
+                 "EG_RESPONSE_PORT -> drivers.kubernetes.callback_port",
+                 "EG_PROHIBITED_GIDS -> nothing (egd refuses KERNEL_GID 0 (root) unless",
+                 "EG_REMOVE_CONTAINER -> nothing (true: egd always removes"):
+        assert line in done, (line, done)
+    assert "8877 and the next ones, to 8880, are drivers.ssh/yarn/kubernetes/docker.callback_port" in report
 
 
 def test_values_egd_refuses_are_reported_and_left_out(eg_kernels: Path, tmp_path: Path) -> None:
@@ -306,7 +425,7 @@ def test_values_egd_refuses_are_reported_and_left_out(eg_kernels: Path, tmp_path
                         "EG_IMPERSONATION_ENABLED=1\nEG_SSH_PORT=2222\n")
     out = tmp_path / "out"
     result = egd("migrate-eg", "-o", str(out), "--env-file", str(env_file),
-                 "--kernelspec-dir", str(eg_kernels / "python_kubernetes"),
+                 "--kernelspec-dir", str(eg_kernels / "spark_python_conductor_cluster"),
                  "--kernelspec-dir", str(eg_kernels / "spark_python_yarn_cluster"))
     assert result.returncode == 0, result.stderr
     missing = not_carried(report_of(out))
@@ -315,7 +434,8 @@ def test_values_egd_refuses_are_reported_and_left_out(eg_kernels: Path, tmp_path
     assert "EG_IP: egd refuses the value: server.ip: not an IP address" in missing
     assert "EG_IMPERSONATION_ENABLED: not carried over: must be true or false, got '1'" in missing
     assert "EG_SSH_PORT: no kernelspec needs the ssh driver" in missing
-    assert "kernelspec python_kubernetes: its process proxy KubernetesProcessProxy has no egd driver" in missing
+    assert ("kernelspec spark_python_conductor_cluster: its process proxy ConductorClusterProcessProxy has no egd "
+            "driver") in missing
     # No YARN endpoint: the yarn spec is written, but left out until drivers.yarn is configured.
     assert re.search(r"kernelspec spark_python_yarn_cluster \(.*\): needs the 'yarn' driver, which is not configured",
                      missing)

@@ -93,7 +93,7 @@ class KernelManager(Service):
         self._accepting = True
         self._policy = _policy(config.kernels, config.server)
         #: This gateway's metrics (in a registry of its own) and the checks behind GET /readyz.
-        self.metrics = GatewayMetrics(self.list, lambda: drivers.names)
+        self.metrics = GatewayMetrics(self.list, lambda: drivers.names if drivers is not None else {})
         self.readiness = Readiness()
         self.readiness.add("drivers", services_running(lambda: drivers.names, "drivers"))
         self.readiness.add("kernels", self._accepts_work)
