@@ -38,23 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from jupyter_client import BlockingKernelClient  # noqa: E402
+from yarnbench import timed_start  # noqa: E402  # (this directory is on sys.path: the script's own)
 
-from tests.client import GatewayClient  # noqa: E402
 from tests.conftest import GatewayProcess  # noqa: E402
 from tests.kubecluster import KERNEL_IMAGE, KubeCluster  # noqa: E402
 from tests.test_kubernetes import NAMESPACE, kube_settings, write_spec  # noqa: E402
 
 _API_REQUESTS = re.compile(r'^egd_driver_api_requests_total\{driver="kubernetes"\} ([0-9.e+]+)$', re.M)
-
-
-def timed_start(client: GatewayClient, spec: str, timeout: float) -> tuple[str, float]:
-    """(kernel id, seconds from POST to kernel_info_reply over the WebSocket)."""
-    started = time.monotonic()
-    kernel_id = client.start_kernel(spec)
-    sock = client.connect(kernel_id, timeout=timeout)
-    sock.wait_for(sock.request("kernel_info_request", {}), timeout)
-    sock.close()
-    return kernel_id, time.monotonic() - started
 
 
 def bare_pod(cluster: KubeCluster, n: int) -> tuple[float, float]:

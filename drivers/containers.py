@@ -25,12 +25,13 @@ from typing import Any, ClassVar
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from egd.checks import Checker, boolean, number, optional, strings, text
-from egd.driverapi import IDriverReactor, LaunchRequest
+from egd.driverapi import ExitStatus, IDriverReactor, LaunchRequest
 from egd.drivers.http_api import JsonApi
 from egd.drivertools import DEFAULT_LAUNCHER, LAUNCHER_FILES, LauncherSettings, impersonated_user
+from egd.egprotocol import EgKernel
 from egd.egspecs import eg_port_range
 from egd.errors import BadRequest, Forbidden
-from egd.remote import LaunchListener, RemoteKernel
+from egd.remote import LaunchListener, Registration, RemoteKernel, reattach_remote
 from egd.service import AsyncMultiService
 
 #: The labels of every kernel's pod or container: the driver's ``label`` setting, the kernel id, its user.
@@ -365,6 +366,35 @@ class ContainerDriver(AsyncMultiService):
     def _unregister(self, kernel: RemoteKernel) -> None:
         self.listener.unregister(kernel.registration)
 
+    async def remove_kernel_of(self, kernel_id: str) -> None:
+        """Remove the container or pod of a kernel (its launcher did not answer, or an EG kernel is stopped)."""
+        raise NotImplementedError
+
+    async def _force_kill(self, kernel: RemoteKernel) -> None:
+        await self.remove_kernel_of(kernel.registration.kernel_id)
+
+    async def _force_kill_eg(self, kernel: EgKernel) -> None:
+        await self.remove_kernel_of(kernel.kernel_id)
+
+    def launched(self, kernel_id: str, registration: Registration, info: dict[str, Any], key: str,
+                 where: str) -> RemoteKernel | EgKernel:
+        """The handle of a kernel whose launcher reported: egd's launcher (signals and shutdown through its control
+        port), or EG's (its comm port; nothing more comes from it, so its registration goes)."""
+        if registration.eg:
+            self.listener.unregister(registration)
+            return EgKernel(self._reactor, kernel_id, info, where, lambda _: None, self._force_kill_eg, poll=False)
+        return RemoteKernel(self._reactor, registration, info, key, where, self._unregister, self._force_kill)
+
+    async def reattached(self, kernel_id: str, state: Mapping[str, Any], key: str,
+                         where: str) -> RemoteKernel | EgKernel:
+        """The handle of a kernel a previous gateway launched (``state``: its handle's persistent state), if its
+        launcher answers; ``LookupError`` otherwise."""
+        if state.get("protocol") == "eg":
+            return await EgKernel.reattached(self._reactor, kernel_id, state, where, lambda _: None,
+                                             self._force_kill_eg, poll=False)
+        return await reattach_remote(self._reactor, self.listener, kernel_id, state, key, self._unregister,
+                                     self._force_kill)
+
     async def eg_environment(self, request: LaunchRequest, extra: Mapping[str, str]) -> dict[str, str]:
         """The environment of an EG kernel image's ``bootstrap-kernel.sh``, as EG's ``launch_kubernetes.py`` and
         ``launch_docker.py`` give it: the kernel's environment, ``extra``, and where to report
@@ -379,3 +409,36 @@ class ContainerDriver(AsyncMultiService):
                 "RESPONSE_ADDRESS": f"{callback[0]}:{callback[1]}", "PUBLIC_KEY": public_key,
                 "PORT_RANGE": eg_port_range(self._port_range),
                 "KERNEL_SPARK_CONTEXT_INIT_MODE": request.env.get("KERNEL_SPARK_CONTEXT_INIT_MODE", mode)}
+
+
+class ContainerKernel:
+    """What a kernel in a container or pod shares with its kind (:class:`egd.driverapi.LaunchedKernel`): its
+    launcher's handle (egd's or EG's), the end, signals through the launcher, and EG's shutdown notice.
+    Subclasses say where it runs, how it is killed and removed, and what is recorded."""
+
+    def __init__(self, remote: RemoteKernel | EgKernel, kernel_id: str, user: str) -> None:
+        self.remote = remote
+        self.kernel_id = kernel_id
+        self.user = user
+        self.connection_info = remote.connection_info
+        self.exited: Deferred[ExitStatus] = Deferred()
+
+    def _ended(self, status: ExitStatus) -> ExitStatus:
+        if isinstance(self.remote, EgKernel):
+            self.remote.ended(status)
+        if not self.exited.called:
+            self.exited.callback(status)
+        return status
+
+    def shutdown_requested(self) -> None:
+        """An EG launcher must be told of the shutdown too (see :class:`egd.egprotocol.EgKernel`)."""
+        if isinstance(self.remote, EgKernel):
+            self.remote.shutdown_requested()
+
+    def signal(self, signum: int) -> Deferred[None]:
+        """Through the launcher beside the kernel (egd's control port, or EG's comm port)."""
+        return self.remote.signal(signum)
+
+    def launcher_note(self) -> str:
+        """`` (EG launcher)`` for a kernel of EG's launcher (for :meth:`describe`)."""
+        return " (EG launcher)" if isinstance(self.remote, EgKernel) else ""

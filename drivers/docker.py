@@ -45,6 +45,7 @@ from egd.drivers.containers import (
     LABEL_KERNEL,
     LABEL_USER,
     ContainerDriver,
+    ContainerKernel,
     ContainerSettings,
     KernelContainer,
     bundle_files,
@@ -56,7 +57,7 @@ from egd.drivers.http_api import ApiError, ApiUnavailable, JsonApi, LineStream, 
 from egd.egprotocol import EgKernel
 from egd.egspecs import uses_eg_protocol
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout, ServiceUnavailable
-from egd.remote import Registration, RemoteKernel, await_report, launcher_arguments, reattach_remote
+from egd.remote import Registration, RemoteKernel, await_report, launcher_arguments
 from egd.util import describe, shield
 
 log = Logger()
@@ -257,17 +258,14 @@ class ContainerTrack:
             self.ended.callback(status)
 
 
-class DockerKernel:
+class DockerKernel(ContainerKernel):
     """A kernel in a container (:class:`egd.driverapi.LaunchedKernel`)."""
 
     def __init__(self, driver: DockerDriver, remote: RemoteKernel | EgKernel, track: ContainerTrack,
                  user: str) -> None:
+        super().__init__(remote, track.kernel_id, user)
         self._driver = driver
-        self.remote = remote
         self.track = track
-        self.user = user
-        self.connection_info = remote.connection_info
-        self.exited: Deferred[ExitStatus] = Deferred()
         self._finishing: Deferred[None] | None = None
         remote.exited.addCallback(self._ending)
         track.ended.addCallback(self._ending)
@@ -283,30 +281,14 @@ class DockerKernel:
             self._finishing.addBoth(lambda _: self._ended(status))
         return status
 
-    def _ended(self, status: ExitStatus) -> ExitStatus:
-        if isinstance(self.remote, EgKernel):
-            self.remote.ended(status)
-        if not self.exited.called:
-            self.exited.callback(status)
-        return status
-
-    def shutdown_requested(self) -> None:
-        """An EG launcher must be told of the shutdown too (see :class:`egd.egprotocol.EgKernel`)."""
-        if isinstance(self.remote, EgKernel):
-            self.remote.shutdown_requested()
-
     def describe(self) -> str:
         """Container and address."""
-        eg = " (EG launcher)" if isinstance(self.remote, EgKernel) else ""
-        return f"container {self.track.name} ({self.track.id[:12]}, {self.remote.connection_info['ip']}){eg}"
+        return (f"container {self.track.name} ({self.track.id[:12]}, {self.connection_info['ip']})"
+                f"{self.launcher_note()}")
 
     def failure_detail(self) -> str:
         """What the driver last learnt of the container."""
         return self.track.reason
-
-    def signal(self, signum: int) -> Deferred[None]:
-        """Through the launcher in the container."""
-        return self.remote.signal(signum)
 
     def kill(self) -> Deferred[None]:
         """The launcher ends the kernel, then the container is removed."""
@@ -517,14 +499,7 @@ class DockerDriver(ContainerDriver):
                                                       "failed", f, kernel_id=request.kernel_id))
             await removing
             raise
-        where = f"container {track.name}"
-        remote: RemoteKernel | EgKernel
-        if eg:
-            self.listener.unregister(registration)  # nothing more comes from an EG launcher
-            remote = EgKernel(self._reactor, request.kernel_id, info, where, lambda _: None, self._force_kill_eg,
-                              poll=False)
-        else:
-            remote = RemoteKernel(self._reactor, registration, info, key, where, self._unregister, self._force_kill)
+        remote = self.launched(request.kernel_id, registration, info, key, f"container {track.name}")
         kernel = DockerKernel(self, remote, track, user)
         self._kernels[request.kernel_id] = kernel
         log.info("kernel {kernel_id}: runs in {where}", kernel_id=request.kernel_id, where=kernel.describe())
@@ -716,15 +691,9 @@ class DockerDriver(ContainerDriver):
             if track.removed:
                 self._by_id.pop(track.id, None)
 
-    async def _force_kill_eg(self, kernel: EgKernel) -> None:
-        """An EG kernel ends with its container."""
-        track = self._tracks.get(kernel.kernel_id)
-        if track is not None:
-            await self.remove_container(track)
-
-    async def _force_kill(self, kernel: RemoteKernel) -> None:
-        """The launcher did not answer: the container goes."""
-        track = self._tracks.get(kernel.registration.kernel_id)
+    async def remove_kernel_of(self, kernel_id: str) -> None:
+        """The kernel's container goes."""
+        track = self._tracks.get(kernel_id)
         if track is not None:
             await self.remove_container(track)
 
@@ -775,13 +744,8 @@ class DockerDriver(ContainerDriver):
                 raise LookupError(f"its container {track.name} has ended ({how}); removed")
             self._tracks[kernel_id] = track
             try:
-                remote: RemoteKernel | EgKernel
-                if state["remote"].get("protocol") == "eg":
-                    remote = await EgKernel.reattached(self._reactor, kernel_id, state["remote"], track.name,
-                                                       lambda _: None, self._force_kill_eg, poll=False)
-                else:
-                    remote = await reattach_remote(self._reactor, self.listener, kernel_id, state["remote"],
-                                                   str(connection_info["key"]), self._unregister, self._force_kill)
+                remote = await self.reattached(kernel_id, state["remote"], str(connection_info["key"]),
+                                               f"container {track.name}")
             except LookupError as exc:
                 await self.remove(track)
                 raise LookupError(f"{exc}; container {track.name} removed") from None

@@ -43,6 +43,7 @@ from egd.drivers.containers import (
     LABEL_KERNEL,
     LABEL_USER,
     ContainerDriver,
+    ContainerKernel,
     ContainerSettings,
     KernelContainer,
     bundle_files,
@@ -56,7 +57,7 @@ from egd.drivers.kube_watch import PodWatcher
 from egd.egprotocol import EgKernel
 from egd.egspecs import uses_eg_protocol
 from egd.errors import BadRequest, Forbidden, LaunchFailed, LaunchTimeout, ServiceUnavailable
-from egd.remote import Registration, RemoteKernel, await_report, launcher_arguments, reattach_remote
+from egd.remote import Registration, RemoteKernel, await_report, launcher_arguments
 from egd.util import describe
 
 log = Logger()
@@ -239,18 +240,15 @@ class PodTrack:
                 self.progress(text_)
 
 
-class KubeKernel:
+class KubeKernel(ContainerKernel):
     """A kernel in a pod (:class:`egd.driverapi.LaunchedKernel`)."""
 
     def __init__(self, driver: KubernetesDriver, remote: RemoteKernel | EgKernel, track: PodTrack,
                  created_namespace: bool, user: str) -> None:
+        super().__init__(remote, track.kernel_id, user)
         self._driver = driver
-        self.remote = remote
         self.track = track
         self.created_namespace = created_namespace
-        self.user = user
-        self.connection_info = remote.connection_info
-        self.exited: Deferred[ExitStatus] = Deferred()
         remote.exited.addCallback(self._kernel_exited)
         track.ended.addCallback(self._pod_ended)
 
@@ -278,31 +276,15 @@ class KubeKernel:
             lambda f: log.failure("kernel {kernel_id}: deleting its pod failed", f, kernel_id=self.track.kernel_id))
         return status
 
-    def _ended(self, status: ExitStatus) -> ExitStatus:
-        if isinstance(self.remote, EgKernel):
-            self.remote.ended(status)
-        if not self.exited.called:
-            self.exited.callback(status)
-        return status
-
-    def shutdown_requested(self) -> None:
-        """An EG launcher must be told of the shutdown too (see :class:`egd.egprotocol.EgKernel`)."""
-        if isinstance(self.remote, EgKernel):
-            self.remote.shutdown_requested()
-
     def describe(self) -> str:
         """Pod, node and address."""
         node = (self.track.pod.get("spec") or {}).get("nodeName") or "?"
-        eg = " (EG launcher)" if isinstance(self.remote, EgKernel) else ""
-        return f"pod {self.track.namespace}/{self.track.name} on {node} ({self.remote.connection_info['ip']}){eg}"
+        return (f"pod {self.track.namespace}/{self.track.name} on {node} ({self.connection_info['ip']})"
+                f"{self.launcher_note()}")
 
     def failure_detail(self) -> str:
         """What the pod's status says last."""
         return self.track.reason
-
-    def signal(self, signum: int) -> Deferred[None]:
-        """Through the launcher in the pod (egd's, or EG's comm port)."""
-        return self.remote.signal(signum)
 
     def kill(self) -> Deferred[None]:
         """The launcher ends the kernel, then the pod is deleted (and awaited)."""
@@ -536,14 +518,7 @@ class KubernetesDriver(ContainerDriver):
                                                       kernel_id=request.kernel_id))
             await removing
             raise
-        where = f"pod {namespace}/{track.name}"
-        remote: RemoteKernel | EgKernel
-        if eg:
-            self.listener.unregister(registration)  # nothing more comes from an EG launcher
-            remote = EgKernel(self._reactor, request.kernel_id, info, where, lambda _: None, self._force_kill_eg,
-                              poll=False)
-        else:
-            remote = RemoteKernel(self._reactor, registration, info, key, where, self._unregister, self._force_kill)
+        remote = self.launched(request.kernel_id, registration, info, key, f"pod {namespace}/{track.name}")
         kernel = KubeKernel(self, remote, track, per_kernel, user)
         self._kernels[request.kernel_id] = kernel
         log.info("kernel {kernel_id}: runs in {where}", kernel_id=request.kernel_id, where=kernel.describe())
@@ -687,15 +662,8 @@ class KubernetesDriver(ContainerDriver):
             log.warn("kernel {kernel_id}: could not remove everything of pod {namespace}/{name}: {why}",
                      kernel_id=track.kernel_id, namespace=track.namespace, name=track.name, why=describe(exc))
 
-    async def _force_kill(self, kernel: RemoteKernel) -> None:
-        """The launcher did not answer: the pod goes."""
-        await self._delete_pod_of(kernel.registration.kernel_id)
-
-    async def _force_kill_eg(self, kernel: EgKernel) -> None:
-        """An EG kernel ends with its pod."""
-        await self._delete_pod_of(kernel.kernel_id)
-
-    async def _delete_pod_of(self, kernel_id: str) -> None:
+    async def remove_kernel_of(self, kernel_id: str) -> None:
+        """The kernel's pod goes."""
         track = self._tracks.get(kernel_id)
         if track is not None:
             await self.delete_pod(track)
@@ -756,15 +724,9 @@ class KubernetesDriver(ContainerDriver):
                 raise LookupError(f"its pod {namespace}/{track.name} has ended "
                                   f"({status.describe() if isinstance(status, ExitStatus) else 'ended'})")
             self._tracks[kernel_id] = track
-            remote_state = state["remote"]
             try:
-                remote: RemoteKernel | EgKernel
-                if remote_state.get("protocol") == "eg":
-                    remote = await EgKernel.reattached(self._reactor, kernel_id, remote_state, track.name,
-                                                       lambda _: None, self._force_kill_eg, poll=False)
-                else:
-                    remote = await reattach_remote(self._reactor, self.listener, kernel_id, remote_state,
-                                                   str(connection_info["key"]), self._unregister, self._force_kill)
+                remote = await self.reattached(kernel_id, state["remote"], str(connection_info["key"]),
+                                               f"pod {namespace}/{track.name}")
             except LookupError as exc:
                 await self.remove(track, created)
                 raise LookupError(f"{exc}; pod {namespace}/{track.name} deleted") from None

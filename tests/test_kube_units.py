@@ -145,3 +145,21 @@ def test_pod_is_built_as_data_from_the_template() -> None:
     assert kernel["securityContext"]["runAsNonRoot"] is True and spec["containers"][0] == {"name": "sidecar",
                                                                                           "image": "s"}
     assert pod["metadata"]["labels"]["egd.jupyter.org/user"] != "alice{{evil}}"
+
+
+def test_token_file_is_read_again_every_minute(tmp_path: Path) -> None:
+    """The in-cluster token (rotated in place by the kubelet) is read again after a minute, not per request."""
+    from twisted.internet.task import Clock
+
+    from egd.drivers.kube_api import KubeAPI, KubeCredentials
+
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    clock = Clock()
+    api = KubeAPI(clock, KubeCredentials(server="https://k:443", token_file=str(token)))  # type: ignore[arg-type]
+    assert api.headers()["Authorization"] == "Bearer first"
+    token.write_text("second\n")
+    clock.advance(30)
+    assert api.headers()["Authorization"] == "Bearer first"
+    clock.advance(31)
+    assert api.headers()["Authorization"] == "Bearer second"

@@ -340,3 +340,45 @@ def test_pod_of_a_launch_cut_short_is_deleted_at_the_next_start(kube: KubeCluste
         gw.stop()
         kube.request("DELETE", f"/api/v1/namespaces/{NAMESPACE}/pods/stray-new", {"gracePeriodSeconds": 0})
 
+
+
+def test_quota_refusal_is_a_503_at_once(kube: KubeCluster, tmp_path: Path) -> None:
+    """A ResourceQuota that allows no more pods: the API server refuses the kernel's pod, and the start fails at
+    once (not at the launch timeout) with 503 carrying its words; the launch Secret does not stay."""
+    kube.create_namespace("egd-quota")
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"},
+             "spec": {"hard": {"pods": "0"}}}
+    assert kube.request("POST", "/api/v1/namespaces/egd-quota/resourcequotas", quota)[0] == 201
+    gw = kube_gateway(kube, tmp_path, namespace="egd-quota")
+    try:
+        wait_until(lambda: kube.request("GET", "/api/v1/namespaces/egd-quota/resourcequotas/no-pods")[1]
+                   .get("status", {}).get("hard"), 30, 0.2, what="the quota to be in force")
+        began = time.monotonic()
+        resp = gw.client.request("POST", "/api/kernels", {"name": "kube_python"})
+        assert resp.status == 503, resp.json
+        assert "exceeded quota" in resp.json["message"], resp.json
+        assert time.monotonic() - began < 30
+        assert not kernel_secrets(kube, "egd-quota") and not kernel_pods(kube, "egd-quota")
+    finally:
+        gw.stop()
+
+
+def test_per_user_namespaces(kube: KubeCluster, tmp_path: Path) -> None:
+    """namespace_mode per-user: each user's kernels go to a namespace of their own (a user name that is not a DNS
+    label gets a hashed one), created at the first kernel and kept after the last."""
+    gw = kube_gateway(kube, tmp_path, namespace_mode="per-user", namespace_prefix="egdu-")
+    other = ""
+    try:
+        carol = gw.client.start_kernel("kube_python", env={"KERNEL_USERNAME": "carol"})
+        dave = gw.client.start_kernel("kube_python", env={"KERNEL_USERNAME": "dave.smith"})
+        assert pod_of(gw.client, carol)[0] == "egdu-carol"
+        other = pod_of(gw.client, dave)[0]
+        assert other.startswith("egdu-dave-smith-") and other != "egdu-carol"
+        for kernel_id in (carol, dave):
+            assert gw.client.delete_kernel(kernel_id) == 204
+        assert kube.request("GET", "/api/v1/namespaces/egdu-carol")[1]["status"]["phase"] == "Active"
+    finally:
+        gw.stop()
+        for namespace in ("egdu-carol", other):
+            if namespace:
+                kube.request("DELETE", f"/api/v1/namespaces/{namespace}")
