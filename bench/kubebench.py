@@ -88,7 +88,7 @@ def bare_pod(cluster: KubeCluster, n: int) -> tuple[float, float]:
 
 def api_requests(gw: GatewayProcess) -> float:
     """egd's count of its requests to the API server so far (from /metrics)."""
-    text = gw.client.request("GET", "/metrics").text
+    text = gw.client.request("GET", "/metrics").body.decode()
     match = _API_REQUESTS.search(text)
     assert match, "egd_driver_api_requests_total{driver=kubernetes} is not in /metrics"
     return float(match.group(1))
@@ -106,7 +106,7 @@ def main() -> int:
     sections = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="kubebench-"))
     results: dict[str, Any] = {"reps": args.reps}
-    cluster = KubeCluster(tmp / "k8s")
+    cluster = KubeCluster(tmp)
     gw = None
     passed = True
     try:

@@ -176,7 +176,8 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-                raise AssertionError(f"egd did not stop within {timeout}s after signal {sig}") from None
+                raise AssertionError(f"egd did not stop within {timeout}s after signal {sig}; its log ends:\n"
+                                     f"{self.log()[-4000:]}") from None
         self._log.close()
         return int(self.proc.returncode)
 

@@ -23,9 +23,13 @@ def test_200_kernel_pods_through_one_watch(kube_cluster: KubeCluster) -> None:
     that falls behind in a burst of 200 creations; it resumes from the last version seen, losing no event)."""
     kube_cluster.add_kwok_nodes(2)
     kube_cluster.create_namespace("egd-scale")
-    out = subprocess.run([sys.executable, "-m", "tests.kube_scale_probe", "--kubeconfig", str(kube_cluster.kubeconfig),
-                          "--namespace", "egd-scale", "--pods", "200", "--hold", "5"],
-                         cwd=REPO, capture_output=True, text=True, timeout=400)
+    try:
+        out = subprocess.run([sys.executable, "-m", "tests.kube_scale_probe", "--kubeconfig",
+                              str(kube_cluster.kubeconfig),
+                              "--namespace", "egd-scale", "--pods", "200", "--hold", "5"],
+                             cwd=REPO, capture_output=True, text=True, timeout=400)
+    finally:
+        kube_cluster.delete_kwok_nodes()
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["lists"] == 1 and figures["watch_requests"] <= 5, figures
