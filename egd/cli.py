@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import sys
 from dataclasses import replace
 from typing import Any, cast
@@ -227,6 +228,10 @@ def _run(args: argparse.Namespace) -> int:
         supervisor.stopping()  # first, so that systemd knows the stop is under way while kernels are stopped
         return gateway.stopService()
 
+    # A shell's background job (``egd run &`` in a script) inherits SIGINT ignored, and Twisted then leaves it
+    # ignored: kill -INT (Ctrl-C) would do nothing. egd stops on it as on SIGTERM, however it was started.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.addSystemEventTrigger("after", "shutdown", supervisor.stop)

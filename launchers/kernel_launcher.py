@@ -283,23 +283,29 @@ def _output_since(path: str, offset: int) -> bytes:
 
 
 def _die_with_parent(parent: int) -> Any:
-    """A ``preexec_fn`` that makes the child get SIGKILL when this launcher dies (Linux ``PR_SET_PDEATHSIG``).
+    """A ``preexec_fn`` that makes the child get SIGKILL when this launcher dies (Linux ``PR_SET_PDEATHSIG``),
+    with SIGINT (the interrupt) at its default.
 
     A launcher killed with SIGKILL cannot take its kernel along, and a kernel without its launcher cannot be
-    interrupted or stopped by the gateway: it must not run on as an orphan that still answers heartbeats. The
-    launcher is single-threaded, so a ``preexec_fn`` is safe here. None where prctl is not available.
+    interrupted or stopped by the gateway: it must not run on as an orphan that still answers heartbeats.
+    SIGINT ignored is inherited across exec: a launcher started from a shell's background job (a NodeManager or
+    sshd started with ``&``) would start kernels that cannot be interrupted, unless they set a handler themselves
+    as ipykernel does (a JVM such as Toree's does not). The launcher is single-threaded, so a ``preexec_fn`` is
+    safe here.
     """
     try:
         import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
     except (ImportError, OSError, AttributeError):
-        return None
+        prctl = None
 
     def arm() -> None:
-        prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the launcher died before the request took effect
-            os._exit(1)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the launcher died before the request took effect
+                os._exit(1)
 
     return arm
 
@@ -744,6 +750,7 @@ def exec_kernel(args: argparse.Namespace, env: dict[str, str], confirm: int | No
     if args.working_dir and os.path.isdir(args.working_dir):
         os.chdir(args.working_dir)
     _log(f"exec of the kernel: {args.kernel_argv[0]} ... ({len(args.kernel_argv)} arguments)")
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # an inherited "ignore" must not make the kernel deaf to interrupts
     try:
         os.execvpe(args.kernel_argv[0], args.kernel_argv, {**os.environ, **env})
     except OSError as exc:

@@ -53,6 +53,10 @@ def kube_gateway(cluster: KubeCluster, tmp: Path, state: dict[str, Any] | None =
     write_spec(specs, "kube_python", 90)
     write_spec(specs, "kube_huge", 8, max_cpus=1000)
     write_spec(specs, "kube_missing_image", 8, image="localhost/egd-missing:none")
+    write_spec(specs, "kube_crasher", 60)
+    crasher = json.loads((specs / "kube_crasher" / "kernel.json").read_text())
+    crasher["argv"] = ["python3", "-c", "import sys; print('kernel-says-goodbye', file=sys.stderr); sys.exit(3)"]
+    (specs / "kube_crasher" / "kernel.json").write_text(json.dumps(crasher))
     return GatewayProcess({
         "kernels": {"kernelspec_dirs": [str(KERNELSPECS), str(specs)], "launch_timeout": 90,
                     "heartbeat_interval": 1, "max_launch_timeout": 300},
@@ -203,6 +207,18 @@ def test_image_the_node_lacks_is_named_in_the_503(client: GatewayClient, kube: K
     assert resp.status == 503, resp.json
     assert "ErrImageNeverPull" in resp.json["message"] and "egd-missing" in resp.json["message"], resp.json
     wait_until(lambda: not kernel_pods(kube), 30, 0.5, what="the Pending pod to be deleted")
+    assert not kernel_secrets(kube)
+
+
+def test_kernel_that_exits_fails_the_start_with_its_words(client: GatewayClient, kube: KubeCluster) -> None:
+    """A kernel that exits at once fails the start quickly (not at the launch timeout) with what it wrote; its
+    pod and Secret are deleted."""
+    began = time.monotonic()
+    resp = client.request("POST", "/api/kernels", {"name": "kube_crasher"})
+    assert resp.status == 500, resp.json
+    assert "kernel-says-goodbye" in resp.json["message"], resp.json
+    assert time.monotonic() - began < 45
+    wait_until(lambda: not kernel_pods(kube), 30, 0.5, what="the failed kernel's pod to be deleted")
     assert not kernel_secrets(kube)
 
 
