@@ -49,7 +49,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -70,6 +69,7 @@ import pytest
 from tests import hoststate
 from tests.hoststate import HostState
 from tests.procs import cmdline, is_zombie_or_gone
+from tests.yarncluster import _free_ports  # one way to pick free loopback ports for a cluster's daemons
 
 HERE = Path(__file__).resolve().parent
 INSTALLER = HERE / "services" / "install-kubernetes.sh"
@@ -153,17 +153,6 @@ def _tail(text: str, n: int) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _run(argv: list[str], part: str, step: str, timeout: float = 120, **kw: Any) -> str:
