@@ -406,7 +406,6 @@ class DockerDriver(ContainerDriver):
         #: Tracks by container id, and the kernel's current track by kernel id.
         self._by_id: dict[str, ContainerTrack] = {}
         self._tracks: dict[str, ContainerTrack] = {}
-        self._kernels: dict[str, DockerKernel] = {}
         if reactor is not None:
             parsed = urlparse(settings.url)
             if parsed.scheme == "unix" and not os.path.exists(parsed.path):
@@ -501,7 +500,6 @@ class DockerDriver(ContainerDriver):
             raise
         remote = self.launched(request.kernel_id, registration, info, key, f"container {track.name}")
         kernel = DockerKernel(self, remote, track, user)
-        self._kernels[request.kernel_id] = kernel
         log.info("kernel {kernel_id}: runs in {where}", kernel_id=request.kernel_id, where=kernel.describe())
         return kernel
 
@@ -681,7 +679,6 @@ class DockerDriver(ContainerDriver):
         """Everything of a kernel: its container, and the driver's memory of it."""
         if self._tracks.get(track.kernel_id) is track:
             del self._tracks[track.kernel_id]
-            self._kernels.pop(track.kernel_id, None)
         try:
             await self.remove_container(track)
         except (ApiError, ApiUnavailable, ServiceUnavailable) as exc:
@@ -750,7 +747,6 @@ class DockerDriver(ContainerDriver):
                 await self.remove(track)
                 raise LookupError(f"{exc}; container {track.name} removed") from None
             kernel = DockerKernel(self, remote, track, str(state.get("user") or ""))
-            self._kernels[kernel_id] = kernel
             log.info("kernel {kernel_id}: re-attached to {where}", kernel_id=kernel_id, where=kernel.describe())
             return kernel
 

@@ -51,6 +51,8 @@ class PodWatcher:
         self._loop: Deferred[None] | None = None
         self._last_item = 0.0
         self._idle_check: Any = None
+        #: The stream said its resourceVersion is too old (410): the next round lists again.
+        self._gone = False
         #: Fires once the first list is in (pods known, watch about to start).
         self.synced: Deferred[None] = Deferred()
         self.lists = 0
@@ -132,8 +134,6 @@ class PodWatcher:
         if self._gone:
             self._gone = False
             raise ApiError(410, "the watch's resourceVersion is too old")
-
-    _gone = False
 
     def _schedule_idle_check(self) -> None:
         self._idle_check = self._reactor.callLater(IDLE_LIMIT, self._check_idle)

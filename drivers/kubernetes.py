@@ -322,7 +322,6 @@ class KubernetesDriver(ContainerDriver):
         self._label = label_value(settings.label)
         self._namespace = settings.namespace or "default"
         self._tracks: dict[str, PodTrack] = {}
-        self._kernels: dict[str, KubeKernel] = {}
         if reactor is not None:
             credentials = find_credentials(settings.kubeconfig, settings.context)
             self._namespace = settings.namespace or credentials.namespace
@@ -520,7 +519,6 @@ class KubernetesDriver(ContainerDriver):
             raise
         remote = self.launched(request.kernel_id, registration, info, key, f"pod {namespace}/{track.name}")
         kernel = KubeKernel(self, remote, track, per_kernel, user)
-        self._kernels[request.kernel_id] = kernel
         log.info("kernel {kernel_id}: runs in {where}", kernel_id=request.kernel_id, where=kernel.describe())
         return kernel
 
@@ -646,9 +644,6 @@ class KubernetesDriver(ContainerDriver):
         # A restart's new launch may have taken the kernel id's places already: only this pod's are freed.
         if self._tracks.get(track.kernel_id) is track:
             del self._tracks[track.kernel_id]
-        kernel = self._kernels.get(track.kernel_id)
-        if kernel is not None and kernel.track is track:
-            del self._kernels[track.kernel_id]
         api = self._api()
         try:
             if not track.deleted.called:
@@ -731,7 +726,6 @@ class KubernetesDriver(ContainerDriver):
                 await self.remove(track, created)
                 raise LookupError(f"{exc}; pod {namespace}/{track.name} deleted") from None
             kernel = KubeKernel(self, remote, track, created, str(state.get("user") or ""))
-            self._kernels[kernel_id] = kernel
             log.info("kernel {kernel_id}: re-attached to {where}", kernel_id=kernel_id, where=kernel.describe())
             return kernel
 

@@ -69,7 +69,7 @@ import pytest
 from tests import hoststate
 from tests.hoststate import HostState
 from tests.procs import cmdline, is_zombie_or_gone
-from tests.yarncluster import _free_ports  # one way to pick free loopback ports for a cluster's daemons
+from tests.yarncluster import _free_ports, _session_root  # shared by the clusters of the tests
 
 HERE = Path(__file__).resolve().parent
 INSTALLER = HERE / "services" / "install-kubernetes.sh"
@@ -906,13 +906,6 @@ serializeImagePulls: false
 # Registered both here and (re-exported) in conftest: share one cluster through a reference count.
 _shared: KubeCluster | None = None
 _users = 0
-
-
-def _session_root() -> Path:
-    """The test session's temporary root (conftest's), so its leak check covers the cluster's processes."""
-    conftest = sys.modules.get("tests.conftest")
-    root = getattr(conftest, "_ROOT", None)
-    return Path(root) if root else Path(tempfile.mkdtemp(prefix="egd-tests-k8s-"))
 
 
 def start_cluster(node: bool = True, kwok: bool = True) -> KubeCluster:
