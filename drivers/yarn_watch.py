@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from egd.drivers.polling import BatchPoller
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 
 log = Logger()
@@ -53,85 +54,22 @@ def _tags(app: dict[str, Any]) -> set[str]:
     return {t.strip() for t in str(raw).split(",") if t.strip()}
 
 
-class AppWatcher:
+class AppWatcher(BatchPoller[AppWatch]):
     """Polls the RM for every watched application at once."""
+
+    what = "YARN watcher"
 
     def __init__(self, reactor: IReactorTime, rm: ResourceManager, tag: str, user: str, interval: float,
                  fast_interval: float) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, interval, fast_interval)
         self._rm = rm
         self._tag = tag
         self._user = user
-        self._interval = interval
-        self._fast = fast_interval
-        self._watches: dict[str, AppWatch] = {}
-        self._pending: Any = None
-        self._running = False
-        self._polling: Deferred[None] | None = None
-        self.rounds = 0
         self.last_error = ""
 
-    def start(self) -> None:
-        """Begin polling (rounds happen only while something is watched)."""
-        self._running = True
-        self._schedule()
-
-    def stop(self) -> Deferred[None] | None:
-        """Stop polling; fires when a round in flight has finished."""
-        self._running = False
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
-        return self._polling
-
-    def watch(self, watch: AppWatch) -> AppWatch:
-        """Follow an application (found by the kernel-id tag unless ``app_id`` is set)."""
-        self._watches[watch.kernel_id] = watch
-        self.hurry()
-        return watch
-
-    def forget(self, watch: AppWatch) -> None:
-        """Stop following it."""
-        if self._watches.get(watch.kernel_id) is watch:
-            del self._watches[watch.kernel_id]
-
-    def hurry(self) -> None:
-        """Poll soon (someone is waiting for a state change)."""
-        if not self._running:
-            return
-        delay = self._fast
-        if self._pending is not None and self._pending.active():
-            remaining = self._pending.getTime() - self._reactor.seconds()
-            if remaining <= delay:
-                return
-            self._pending.cancel()
-        if self._polling is None:
-            self._pending = self._reactor.callLater(delay, self._round)
-
-    def _schedule(self) -> None:
-        if not self._running or (self._pending is not None and self._pending.active()):
-            return
-        urgent = any(w.urgent for w in self._watches.values())
-        self._pending = self._reactor.callLater(self._fast if urgent else self._interval, self._round)
-
-    def _round(self) -> None:
-        self._pending = None
-        if not self._watches:
-            self._schedule()
-            return
-        self._polling = Deferred.fromCoroutine(self._poll())
-        self._polling.addErrback(lambda f: log.failure("YARN watcher round failed", f))
-
-        def done(_: Any) -> None:
-            self._polling = None
-            self._schedule()
-
-        self._polling.addBoth(done)
-
-    async def _poll(self) -> None:
-        watches = list(self._watches.values())
+    async def poll(self, watches: list[AppWatch]) -> None:
+        """Ask the RM once for the applications with the driver's tag; hand each watch its own."""
         since = min(w.since_ms for w in watches) - _CLOCK_SLACK_MS
-        self.rounds += 1
         try:
             apps = await self._rm.apps(self._user, [self._tag], since)
         except (RMUnavailable, RMError) as exc:
@@ -174,7 +112,7 @@ class AppWatcher:
         return app
 
     def _deliver(self, watch: AppWatch, app: dict[str, Any]) -> None:
-        if self._watches.get(watch.kernel_id) is not watch:
+        if not self.watching(watch):
             return
         watch.missing = 0
         changed = (app.get("state"), app.get("diagnostics")) != (watch.report.get("state"),
