@@ -49,7 +49,14 @@ from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequ
 from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
-from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user, protocol_module_beside
+from egd.drivertools import (
+    LauncherSettings,
+    fill_placeholders,
+    impersonated_user,
+    parse_memory_mb,
+    positive_int,
+    protocol_module_beside,
+)
 from egd.egprotocol import EgKernel
 from egd.egspecs import check_shell_values, eg_port_range, eg_spark_opts_variable, uses_eg_protocol
 from egd.errors import BadRequest, LaunchFailed, LaunchTimeout
@@ -66,7 +73,6 @@ from egd.service import AsyncMultiService
 log = Logger()
 
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
-_SIZE = re.compile(r"^(\d{1,7})([mMgG]?)\Z")
 _DS_MAIN = "org.apache.hadoop.yarn.applications.distributedshell.ApplicationMaster"
 #: The classpath of a stock Hadoop installation (yarn.application.classpath's default plus the DS jar's folder).
 _DEFAULT_DS_CLASSPATH = "<CPS>".join([
@@ -137,21 +143,6 @@ class YarnSettings(LauncherSettings):
     }
 
 
-def parse_memory_mb(text: str, what: str) -> int:
-    """``"512m"``, ``"2g"`` or ``"1024"`` (MB) as megabytes; :class:`BadRequest` naming ``what`` otherwise."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise BadRequest(f"{what} must be a size such as 512m or 2g")
-    number, unit = int(match.group(1)), match.group(2).lower()
-    return number * 1024 if unit == "g" else number
-
-
-def _positive_int(text: str, what: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1 or len(text.strip()) > 6:
-        raise BadRequest(f"{what} must be a positive whole number")
-    return int(text)
-
-
 @dataclass(frozen=True)
 class Resources:
     """What one kernel asks YARN for, validated against its kernelspec's limits."""
@@ -187,7 +178,7 @@ def kernel_resources(env: Mapping[str, str], config: Mapping[str, Any], default_
         return value
 
     def cores(name: str) -> int:
-        value = _positive_int(env.get(name) or str(config.get(name.lower()[7:], 1)), name)
+        value = positive_int(env.get(name) or str(config.get(name.lower()[7:], 1)), name)
         if value > max_cores:
             raise BadRequest(f"{name} must be at most {max_cores} for this kernelspec")
         return value
@@ -198,7 +189,7 @@ def kernel_resources(env: Mapping[str, str], config: Mapping[str, Any], default_
         raise BadRequest("KERNEL_EXTRA_SPARK_OPTS is not supported: Spark options come from the kernelspec; ask "
                          "with KERNEL_DRIVER_MEMORY, KERNEL_EXECUTOR_MEMORY, KERNEL_NUM_EXECUTORS and the like")
     executors_text = env.get("KERNEL_NUM_EXECUTORS") or str(config.get("num_executors", 0))
-    executors = 0 if executors_text.strip() == "0" else _positive_int(executors_text, "KERNEL_NUM_EXECUTORS")
+    executors = 0 if executors_text.strip() == "0" else positive_int(executors_text, "KERNEL_NUM_EXECUTORS")
     max_executors = int(config.get("max_executors", 2))
     if executors > max_executors:
         raise BadRequest(f"KERNEL_NUM_EXECUTORS must be at most {max_executors} for this kernelspec")

@@ -18,11 +18,12 @@ from typing import ClassVar
 
 from egd import checks
 from egd.checks import Checker, Settings, boolean, listen_port, optional, strings, text
-from egd.errors import Forbidden
+from egd.errors import BadRequest, Forbidden
 from egd.launchers import launcher_protocol
 
 #: A user name a driver may log in or submit as when impersonating (POSIX portable, no leading dash or digit).
 _LOGIN_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
+_SIZE = re.compile(r"^(\d{1,7})([mMgG]?)\Z")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 #: The launcher of this egd installation: remote hosts need the same file at ``launcher_path``, with the
 #: protocol module beside it (:data:`LAUNCHER_FILES`). egd never imports the launcher script itself.
@@ -35,6 +36,22 @@ def fill_placeholders(argv: tuple[str, ...] | list[str], values: Mapping[str, st
     """A kernelspec's ``argv`` with ``{connection_file}``-style placeholders replaced from ``values``; unknown ones
     are kept, as jupyter_client and Enterprise Gateway do."""
     return [_PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), arg) for arg in argv]
+
+
+def parse_memory_mb(text: str, what: str) -> int:
+    """``"512m"``, ``"2g"`` or ``"1024"`` (MB) as megabytes; :class:`BadRequest` naming ``what`` otherwise."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise BadRequest(f"{what} must be a size such as 512m or 2g")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    return number * 1024 if unit == "g" else number
+
+
+def positive_int(text: str, what: str) -> int:
+    """A whole number from 1 to 999999; :class:`BadRequest` naming ``what`` otherwise."""
+    if not text.strip().isdigit() or int(text) < 1 or len(text.strip()) > 6:
+        raise BadRequest(f"{what} must be a positive whole number")
+    return int(text)
 
 
 def protocol_module_beside(launcher_path: str) -> str:

@@ -15,7 +15,8 @@ import pytest
 from twisted.internet import reactor
 
 from egd.driverapi import LaunchRequest
-from egd.drivers.yarn import Resources, YarnDriver, describe_app, kernel_resources, parse_memory_mb
+from egd.drivers.yarn import Resources, YarnDriver, describe_app, kernel_resources
+from egd.drivertools import parse_memory_mb
 from egd.errors import BadRequest
 from egd.kernels.specs import KernelSpecInfo
 
