@@ -56,6 +56,11 @@ def error_of(code: int, body: bytes) -> ApiError:
         data = None
     if isinstance(data, dict) and data.get("message"):
         return ApiError(code, str(data["message"])[:1000], str(data.get("reason") or ""))
+    # slurmrestd: {"errors": [{"error": "...", "description": "...", "error_number": N}]}
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if isinstance(errors, list) and errors and all(isinstance(e, dict) for e in errors):
+        words = "; ".join(" ".join(str(e.get(k) or "") for k in ("description", "error")).strip() for e in errors)
+        return ApiError(code, words[:1000] or f"HTTP {code}", str(errors[0].get("error_number") or ""))
     return ApiError(code, body[:300].decode("utf-8", "replace").strip() or f"HTTP {code}")
 
 
@@ -179,10 +184,11 @@ class JsonApi:
 
     async def call(self, method: str, path: str, params: Mapping[str, str] | None = None, body: Any = None,
                    content_type: str = "application/json", raw: bytes | None = None,
-                   ok: tuple[int, ...] = ()) -> tuple[int, Any]:
+                   ok: tuple[int, ...] = (), headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
         """``(status, decoded JSON or None)``; :class:`ApiError` for an error status not in ``ok``,
-        :class:`ApiUnavailable` when no answer came. ``raw`` sends bytes as they are (for example a tar)."""
-        headers = self.headers()
+        :class:`ApiUnavailable` when no answer came. ``raw`` sends bytes as they are (for example a tar);
+        ``headers`` are this request's own (another identity), over :meth:`headers`."""
+        headers = {**self.headers(), **(headers or {})}
         data = raw
         if body is not None:
             data = json.dumps(body).encode()
