@@ -71,11 +71,14 @@ class LaunchRequest:
 @dataclass(frozen=True)
 class ExitStatus:
     """How a kernel ended: an exit code, a signal number, or neither when unknown; ``lost`` when its host could
-    not be reached (the kernel may even still run there, cut off)."""
+    not be reached (the kernel may even still run there, cut off); ``final`` when its resource manager ended it
+    for a reason a restart would not cure (a job cancelled by an operator, out of its time limit, on a failed
+    node): egd then declares the kernel dead with ``detail`` instead of restarting it."""
 
     code: int | None = None
     signal: int | None = None
     lost: bool = False
+    final: bool = False
     #: What the resource manager said about the end (for example YARN's diagnostics).
     detail: str = ""
 

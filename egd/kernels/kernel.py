@@ -627,18 +627,20 @@ class Kernel:
     def _exited(self, status: ExitStatus, handle: LaunchedKernel) -> ExitStatus:
         if handle is self._handle and self.state is KernelState.RUNNING:
             log.warn("kernel {kernel_id} {how} unexpectedly", kernel_id=self.id, how=status.describe())
-            if status.lost:
-                # Its host is unreachable: the kernel's state is gone with it; say so rather than hang.
-                self._background.run(self._lose(handle), f"declaring kernel {self.id} dead")
+            if status.lost or status.final:
+                # Its host is unreachable, or its resource manager ended it for good: the kernel's state is gone
+                # with it; say so rather than hang or queue a new one.
+                self._background.run(self._lose(handle, status), f"declaring kernel {self.id} dead")
             else:
                 self._background.run(self._auto_restart(handle, status), f"automatic restart of kernel {self.id}")
         return status
 
-    async def _lose(self, handle: LaunchedKernel) -> None:
+    async def _lose(self, handle: LaunchedKernel, status: ExitStatus) -> None:
         async with self._lock:
             if handle is self._handle and self.state is KernelState.RUNNING:
                 await self._release(handle, graceful=False)
-                self._die(f"its host is unreachable ({handle.describe()})")
+                self._die(f"its host is unreachable ({handle.describe()})" if status.lost
+                          else status.detail or status.describe())
 
     async def _auto_restart(self, handle: LaunchedKernel, status: ExitStatus) -> None:
         async with self._lock:
