@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import containerhosts, kubecluster, pgserver, sshhosts, yarncluster
+from tests import containerhosts, kubecluster, pgserver, slurmcluster, sshhosts, yarncluster
 from tests.client import GatewayClient
 
 # Remote hosts for the ssh tests (network namespaces with their own sshd), built once per session when asked.
@@ -36,15 +36,17 @@ kube_cluster = kubecluster.kube_cluster
 #: Container engines for the docker tests: Debian's dockerd, podman's Docker-compatible service, and both.
 dockerd = containerhosts.dockerd
 podman_api = containerhosts.podman_api
+#: A real Slurm cluster (slurmctld, three slurmd nodes in network namespaces, slurmrestd, munge) for the slurm tests.
+slurm_cluster = slurmcluster.slurm_cluster
 engine = containerhosts.engine
 
-#: Areas whose session fixtures start container engines or a Kubernetes node (daemons that keep using CPU and
-#: change host networking until the session ends): their tests run last, in this order.
-_LAST_AREAS = ("docker", "kubernetes")
+#: Areas whose session fixtures start a Slurm cluster, container engines or a Kubernetes node (daemons that keep
+#: running and change host networking until the session ends): their tests run last, in this order.
+_LAST_AREAS = ("slurm", "docker", "kubernetes")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the container and Kubernetes tests after all others (stable order within each group)."""
+    """Run the Slurm, container and Kubernetes tests after all others (stable order within each group)."""
     def group(item: pytest.Item) -> int:
         for index, marker in enumerate(_LAST_AREAS, start=1):
             if item.get_closest_marker(marker) is not None:

@@ -75,6 +75,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     from dataclasses import fields
 
     from egd.config import AuthConfig, KernelsConfig, LoggingConfig, ServerConfig, StateConfig
+    from egd.drivers.slurm import SlurmSettings
     from egd.drivers.ssh import SshSettings
     from egd.drivers.yarn import DistributedShellSettings, YarnSettings
 
@@ -85,7 +86,8 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
             assert f"{field.name}:" in text, field.name
     # and the driver examples every setting of their driver
     for name, classes in (("ssh-pool.yaml", (SshSettings,)),
-                          ("yarn-cluster.yaml", (YarnSettings, DistributedShellSettings))):
+                          ("yarn-cluster.yaml", (YarnSettings, DistributedShellSettings)),
+                          ("slurm-cluster.yaml", (SlurmSettings,))):
         example = (REPO / "conf" / name).read_text()
         for cls in classes:
             for field in fields(cls):
@@ -141,7 +143,7 @@ def test_cli_check_config_checks_driver_settings(tmp_path: Path) -> None:
     bad.write_text("drivers:\n  ssh: {hosts: [a], placment: least-connection}\n")
     result = egd("check-config", str(bad))
     assert result.returncode == 1 and "drivers.ssh.placment: unknown setting" in result.stderr
-    for name in ("ssh-pool.yaml", "yarn-cluster.yaml"):
+    for name in ("ssh-pool.yaml", "yarn-cluster.yaml", "slurm-cluster.yaml"):
         example = egd("check-config", str(REPO / "conf" / name))
         assert example.returncode == 0, example.stderr
     bad.write_text("drivers:\n  yarn: {resource_managers: [rm1:8088]}\n")

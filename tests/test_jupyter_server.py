@@ -53,7 +53,8 @@ REPLY_TIMEOUT = 30
 class JupyterServer:
     """A ``jupyter server`` subprocess that manages its kernels through an egd gateway."""
 
-    def __init__(self, gateway_url: str, root: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(self, gateway_url: str, root: Path, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.notebooks = root / "notebooks"
         (self.notebooks / "work").mkdir(parents=True)
@@ -66,7 +67,9 @@ class JupyterServer:
         #: Whether :meth:`stop` had to SIGKILL the server.
         self.killed = False
         # A clean environment: no KERNEL_* of ours is forwarded to egd, no user or gateway config applies.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KERNEL_", "JUPYTER_", "JPY_"))}
+        # ``env``: the test's own additions (a KERNEL_USERNAME that Jupyter Server forwards, for example).
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("KERNEL_", "JUPYTER_", "JPY_"))}
+        env = {**clean, **(env or {})}
         env.update(JUPYTER_CONFIG_DIR=str(root / "config"), JUPYTER_DATA_DIR=str(root / "data"),
                    JUPYTER_RUNTIME_DIR=str(root / "runtime"))
         argv = [
