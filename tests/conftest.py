@@ -43,15 +43,19 @@ engine = containerhosts.engine
 #: Areas whose session fixtures start a Slurm cluster, container engines or a Kubernetes node (daemons that keep
 #: running and change host networking until the session ends): their tests run last, in this order.
 _LAST_AREAS = ("slurm", "docker", "kubernetes")
+_FIRST_IN_GROUP = ("tests/test_slurmcluster.py",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the Slurm, container and Kubernetes tests after all others (stable order within each group)."""
-    def group(item: pytest.Item) -> int:
+    def group(item: pytest.Item) -> tuple[int, int]:
+        # Within its group, the Slurm fixture's own tests come first: one of them needs the cluster's lock,
+        # which the session's cluster holds once a driver test has started it.
+        first = 0 if item.nodeid.startswith(_FIRST_IN_GROUP) else 1
         for index, marker in enumerate(_LAST_AREAS, start=1):
             if item.get_closest_marker(marker) is not None:
-                return index
-        return 0
+                return index, first
+        return 0, first
 
     items.sort(key=group)
 

@@ -20,12 +20,15 @@ from typing import Any
 
 import pytest
 
+from tests import test_any_kernel as any_kernel
 from tests.client import BackgroundStart, GatewayClient
 from tests.conftest import GatewayProcess, wait_until
 from tests.slurmcluster import SlurmCluster
 from tests.test_lifecycle import interrupt_sleep, statuses_until
 
 pytestmark = pytest.mark.slurm
+#: The registered kernelspecs of kernels that are not ipykernel (IRkernel), installed when missing.
+kernelspecs = any_kernel.kernelspecs
 
 ALICE, BOB = "egdslurm1", "egdslurm2"
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"}
@@ -55,9 +58,10 @@ def launcher_copy(cluster: SlurmCluster) -> Path:
 
 
 def slurm_gateway(cluster: SlurmCluster, tmp: Path, mode: str = "rest", state: dict[str, Any] | None = None,
-                  kernels: dict[str, Any] | None = None, **extra: Any) -> GatewayProcess:
-    """egd with the slurm driver in ``mode`` (rest: slurmrestd with the cluster's JWT key; cli: the commands) and
-    this module's kernelspecs."""
+                  kernels: dict[str, Any] | None = None, specs_dirs: tuple[Path, ...] = (),
+                  **extra: Any) -> GatewayProcess:
+    """egd with the slurm driver in ``mode`` (rest: slurmrestd with the cluster's JWT key; cli: the commands),
+    this module's kernelspecs and those in ``specs_dirs``."""
     specs = tmp / f"specs-{mode}"
     write_spec(specs, "slurm_python", cluster.python, 60, partitions=["debug", "short", "tiny"],
                time_limit="30", max_time_limit="1:00:00", memory="256m", max_cpus=2,
@@ -74,7 +78,8 @@ def slurm_gateway(cluster: SlurmCluster, tmp: Path, mode: str = "rest", state: d
     else:
         settings.update(slurm_conf=str(cluster.conf_path))
     return GatewayProcess({
-        "kernels": {"kernelspec_dirs": [str(specs)], "default_kernel_name": "slurm_python", "launch_timeout": 60,
+        "kernels": {"kernelspec_dirs": [str(specs), *map(str, specs_dirs)], "default_kernel_name": "slurm_python",
+                    "launch_timeout": 60,
                     "heartbeat_interval": 1, **(kernels or {})},
         "drivers": {"slurm": settings},
         **({"state": state} if state else {}),
@@ -364,3 +369,22 @@ def test_jupyter_server_drives_a_slurm_kernel(slurm_gw: GatewayProcess, cluster:
         assert cluster.job(job_id)["state"] not in LIVE  # type: ignore[index]
     finally:
         server.stop()
+
+
+def test_an_r_kernel_runs_as_a_slurm_job(cluster: SlurmCluster, kernelspecs: dict[str, dict[str, Any]],
+                                         tmp_path: Path) -> None:
+    """IRkernel (not ipykernel) as a Slurm job of the driver's user: a cell, an interrupted long cell, a restart
+    in a new job, and a delete that leaves nothing in squeue."""
+    any_kernel.write_spec(tmp_path / "any", "slurm_ir", kernelspecs["ir"], "slurm", launch_timeout=60,
+                          config={"memory": "256m"})
+    gw = slurm_gateway(cluster, tmp_path, specs_dirs=(tmp_path / "any",), impersonation=False,
+                       kernels=any_kernel.KERNEL_SETTINGS)
+    try:
+        kernel_id, host = any_kernel.exercise(gw.client, "slurm_ir", any_kernel.LANGUAGES["ir"])
+        assert host in cluster.nodes
+        job = cluster.job(job_of(gw.client, kernel_id))
+        assert job is not None and job["user"] == ALICE and job["state"] == "RUNNING"
+        assert gw.client.delete_kernel(kernel_id) == 204
+        assert not egd_jobs(cluster, kernel_id, live=True)
+    finally:
+        gw.stop()
