@@ -38,14 +38,14 @@ Usage::
 
 ``SlurmCluster`` cleans up what a crashed earlier run left (namespaces, the bridge, its veths, munged and
 slurmrestd, ``/etc/netns`` entries, its temporary directories, test users) before it builds anything; a lock file
-(``/run/egd-slurmlab.lock``) keeps two clusters on one machine from tearing each other down.
+(``/run/egd-slurmlab.lock``) keeps two clusters on one machine from tearing each other down. The network, the
+lock, the test users and that cleanup are shared with the ssh lab: tests/netlab.py.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import functools
 import hashlib
 import hmac
@@ -57,17 +57,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import netlab
 from tests.procs import cmdline, is_zombie_or_gone
 
 HERE = Path(__file__).resolve().parent
@@ -105,64 +105,12 @@ class SlurmClusterError(RuntimeError):
     """The cluster could not be installed, built, or torn down completely."""
 
 
-def _cmd(argv: Sequence[str], timeout: float = 30, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and proc.returncode != 0:
-        raise SlurmClusterError(f"{' '.join(argv)} exited with {proc.returncode}: "
-                                f"{proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
-
-
-def _exe(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
-
-
 def _environ(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/environ", "rb") as handle:
             return handle.read().replace(b"\0", b"\n").decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def _netns_pids(netns: str) -> list[int]:
-    proc = _cmd(["ip", "netns", "pids", netns], check=False)
-    return [int(p) for p in proc.stdout.split() if p.isdigit() and int(p) != os.getpid()]
-
-
-def _all_pids() -> list[int]:
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and int(entry) != os.getpid()]
-
-
-def _uid(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
-
-
-def _links() -> list[str]:
-    out = _cmd(["ip", "-o", "link", "show"], check=False).stdout
-    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
-
-
-def _kill_all(pids_of: Callable[[], list[int]], timeout: float = 3.0,
-              signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGKILL)) -> list[int]:
-    """Send each of ``signals`` to every pid ``pids_of()`` returns, waiting up to ``timeout`` s after each for
-    them to go; the pids still alive at the end."""
-    for sig in signals:
-        for pid in pids_of():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(is_zombie_or_gone(pid) for pid in pids_of()):
-                return []
-            time.sleep(0.02)
-    return [pid for pid in pids_of() if not is_zombie_or_gone(pid)]
 
 
 def _b64(data: bytes) -> str:
@@ -180,20 +128,13 @@ def hs256_token(key: bytes, user: str, lifespan: int = 600) -> str:
 
 def unavailable_reason() -> str | None:
     """Why this machine cannot run the cluster (before installing anything), or None if it can."""
-    if sys.platform != "linux":
-        return "the Slurm test cluster needs Linux network namespaces"
-    if os.geteuid() != 0:
-        return "the Slurm test cluster needs root (network namespaces, a bridge, munged, slurmd, users)"
-    for tool in ("ip", "nsenter", "unshare", "setpriv"):
-        if shutil.which(tool) is None:
-            return f"the Slurm test cluster needs `{tool}` (iproute2, util-linux)"
-    if not os.path.ismount("/sys/fs/cgroup"):
+    reason = netlab.unavailable_reason("the Slurm test cluster needs",
+                                       "network namespaces, a bridge, munged, slurmd, users",
+                                       ("ip", "nsenter", "unshare", "setpriv"))
+    if reason is None and not os.path.ismount("/sys/fs/cgroup"):
         # slurmd 22.05 always loads a cgroup plugin and is fatal without a cgroup filesystem there
         return "slurmd needs a cgroup filesystem mounted on /sys/fs/cgroup"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"`ip netns` does not work here: {probe.stderr.strip()}"
-    return None
+    return reason
 
 
 def installed() -> bool:
@@ -203,24 +144,12 @@ def installed() -> bool:
 
 def install() -> None:
     """Run tests/services/install-slurm.sh (a no-op when everything is installed)."""
-    proc = subprocess.run(["sh", str(INSTALLER)], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not installed():
-        raise SlurmClusterError(f"{INSTALLER} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    netlab.run_installer(INSTALLER, 900, installed, SlurmClusterError)
 
 
 def lock_busy() -> bool:
     """Whether another process holds the cluster lock right now (a cluster runs, or is being built)."""
-    try:
-        fd = os.open(LOCK_PATH, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # releases the flock if it was taken
-    return False
+    return netlab.lock_busy(LOCK_PATH)
 
 
 def _free_port() -> int:
@@ -258,8 +187,12 @@ class SlurmCluster:
         self.created_users: list[str] = []
         self.timings: dict[str, float] = {}
         self._procs: dict[str, subprocess.Popen] = {}  # "munged", "slurmctld", "slurmrestd", node names
-        self._lock_fd: int | None = None
-        self._started = False
+        # SIGKILL at once in the namespaces: the cluster's state is thrown away, and slurmstepd would sit out a
+        # SIGTERM
+        self._net = netlab.NetLab(what="Slurm test cluster", error=SlurmClusterError, bridge=BRIDGE, subnet=SUBNET,
+                                  netns_pattern=rf"{CTL_NETNS}|{NODE_PREFIX}\d+", veth_prefix=VETH_PREFIX,
+                                  lock_path=LOCK_PATH, tmp_prefix=TMP_PREFIX, user_marker=USER_MARKER,
+                                  kill_signals=(signal.SIGKILL,))
 
     # ------------------------------------------------------------------ paths
     @property
@@ -315,18 +248,18 @@ class SlurmCluster:
     def start(self, ready_timeout: float = 30) -> SlurmCluster:
         """Clean up leftovers of a crashed run, build the network, write keys and slurm.conf, start munged,
         slurmctld, the slurmds and slurmrestd, and wait until every node is idle and the REST API answers."""
-        if self._started:
+        if self._net.held:
             return self
         t0 = time.monotonic()
-        self._lock()
-        self._started = True  # from here on close() may tear down: this cluster holds the lock
+        self._net.lock(self.lock_timeout)  # from here on close() may tear down: this cluster holds the lock
         self.cleanup_leftovers()
         t1 = time.monotonic()
-        self.root = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
-        self.root.chmod(0o755)  # munge socket, slurm.conf and shared_dir: test users need to traverse it
-        self._check_subnet_free()
+        self.root = self._net.make_dir()  # 0755: munge socket, slurm.conf and shared_dir are for test users too
+        self._net.check_subnet_free()
         self._write_files()
-        self._build_network()
+        # the names each namespace sees as /etc/hosts (bind mount, see _in_netns)
+        self._net.write_names(self._net_hosts())
+        self._net.build(self._net_hosts())
         t2 = time.monotonic()
         self._start_munged()
         t3 = time.monotonic()
@@ -341,42 +274,6 @@ class SlurmCluster:
                             start=t4 - t0)
         return self
 
-    def _lock(self) -> None:
-        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
-                    os.close(fd)
-                    raise SlurmClusterError(f"another Slurm test cluster holds {LOCK_PATH} (pid {holder or '?'}) "
-                                            f"after {self.lock_timeout}s") from None
-                time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
-
-    def _check_subnet_free(self) -> None:
-        out = _cmd(["ip", "-o", "-4", "addr", "show"]).stdout
-        for line in out.splitlines():
-            if f" {SUBNET}." in line:
-                raise SlurmClusterError(f"{SUBNET}.0/24 is already in use on this machine (not by a previous "
-                                        f"Slurm test cluster): {line}")
-
-    @staticmethod
-    def _write(path: Path, text: str, mode: int = 0o644) -> None:
-        path.write_text(text)
-        path.chmod(mode)
-
     def _write_files(self) -> None:
         for sub, mode in (("etc", 0o755), ("state", 0o700), ("spool", 0o755), ("log", 0o755), ("run", 0o755),
                           ("shared", 0o755), ("jobs", 0o1777)):
@@ -388,19 +285,11 @@ class SlurmCluster:
         self.jwt_key_path.chmod(0o600)
         self.rest_port = _free_port()
         self.rest_url = f"http://127.0.0.1:{self.rest_port}"
-        self._write(self.conf_path, self._slurm_conf())
+        netlab.write_file(self.conf_path, self._slurm_conf())
         # without File= the gpu plugin reports 0 GPUs and slurmctld drains the node (INVALID_REG)
-        self._write(self.root / "etc" / "gres.conf",
-                    "AutoDetect=off\n" + "".join(f"NodeName={node} Name=gpu File=/dev/null Count=1\n"
-                                                 for node in self.gpu_nodes))
-        # Each namespace's names; the processes in it see this file as /etc/hosts (bind mount, see _in_netns).
-        hosts = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback", f"{GATEWAY_IP} gateway",
-                 f"{CTL_IP} {CTL_NETNS}", *(f"{ip} {node}" for node, ip in self.node_ips.items())]
-        for ns in [CTL_NETNS, *self.nodes]:
-            etc = Path("/etc/netns") / ns
-            etc.mkdir(parents=True, exist_ok=True)
-            self._write(etc / "hosts", "\n".join(hosts) + "\n")
-            self._write(etc / "resolv.conf", "nameserver 127.0.0.1\n")  # never the real DNS server
+        netlab.write_file(self.root / "etc" / "gres.conf",
+                          "AutoDetect=off\n" + "".join(f"NodeName={node} Name=gpu File=/dev/null Count=1\n"
+                                                       for node in self.gpu_nodes))
 
     def _slurm_conf(self) -> str:
         r = self.root
@@ -461,19 +350,11 @@ class SlurmCluster:
             "",
         ])
 
-    def _build_network(self) -> None:
-        _cmd(["ip", "link", "add", BRIDGE, "type", "bridge"])
-        _cmd(["ip", "addr", "add", f"{GATEWAY_IP}/24", "dev", BRIDGE])
-        _cmd(["ip", "link", "set", BRIDGE, "up"])
-        for index, (ns, ip) in enumerate([(CTL_NETNS, CTL_IP), *self.node_ips.items()]):
-            veth = f"{VETH_PREFIX}{index}"
-            _cmd(["ip", "netns", "add", ns])
-            _cmd(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-            _cmd(["ip", "link", "set", veth, "master", BRIDGE])
-            _cmd(["ip", "link", "set", veth, "up"])
-            _cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _cmd(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0"])
-            _cmd(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    def _net_hosts(self) -> list[netlab.NetHost]:
+        # veth egd-sv0 for the controller, egd-svN for node egd-snN
+        return [netlab.NetHost(CTL_NETNS, f"{VETH_PREFIX}0", CTL_IP),
+                *(netlab.NetHost(node, f"{VETH_PREFIX}{i}", self.node_ips[node])
+                  for i, node in enumerate(self.nodes, start=1))]
 
     @staticmethod
     def _in_netns(ns: str, argv: Sequence[str]) -> list[str]:
@@ -488,14 +369,8 @@ class SlurmCluster:
 
     def _spawn(self, name: str, ns: str | None, argv: Sequence[str], env: dict[str, str] | None = None,
                log: Path | None = None) -> subprocess.Popen:
-        log = log or self.log_dir / f"{name}.out"
         full = self._in_netns(ns, argv) if ns else list(argv)
-        with open(log, "ab") as handle:
-            handle.write(f"--- starting {name} at {time.strftime('%H:%M:%S')}\n".encode())
-            handle.flush()
-            # a new session: ^C on pytest must not kill the daemons before the teardown does
-            proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                    env=env or self.env, start_new_session=True)
+        proc = netlab.spawn_logged(name, full, log or self.log_dir / f"{name}.out", env or self.env)
         self._procs[name] = proc
         return proc
 
@@ -511,7 +386,7 @@ class SlurmCluster:
         shutil.chown(munge, "munge", "munge")
         munge.chmod(0o755)  # clients of any uid need x on the socket's directory
         key = munge / "munge.key"
-        _cmd(["mungekey", "--create", f"--keyfile={key}"])
+        self._net.cmd(["mungekey", "--create", f"--keyfile={key}"])
         shutil.chown(key, "munge", "munge")
         key.chmod(0o600)
         self._spawn("munged", None, ["setpriv", "--reuid=munge", "--regid=munge", "--clear-groups", MUNGED, "-F",
@@ -541,7 +416,7 @@ class SlurmCluster:
                                          f"127.0.0.1:{self.rest_port}"], env=env,
                     log=self.log_dir / "slurmrestd.log")
         # for cleanup_leftovers: slurmrestd writes no pid file of its own
-        self._write(self.root / "run" / "slurmrestd.pid", f"{self._procs['slurmrestd'].pid}\n")
+        netlab.write_file(self.root / "run" / "slurmrestd.pid", f"{self._procs['slurmrestd'].pid}\n")
 
     def _check_daemons(self, names: Iterable[str]) -> None:
         for name in names:
@@ -727,7 +602,7 @@ class SlurmCluster:
         the jobs' processes."""
         daemon = self._procs.get(node)
         slurmd = daemon.pid if daemon is not None else None
-        return [(pid, cmdline(pid)) for pid in _netns_pids(self.netns_of(node))
+        return [(pid, cmdline(pid)) for pid in netlab.netns_pids(self.netns_of(node))
                 if pid != slurmd and not is_zombie_or_gone(pid)]
 
     def slurmd_pid(self, node: str) -> int | None:
@@ -737,7 +612,8 @@ class SlurmCluster:
 
     def kill_node(self, name: str, timeout: float = 5) -> None:
         """The node dies: SIGKILL every process in its namespace (slurmd, slurmstepd, the jobs' processes)."""
-        left = _kill_all(functools.partial(_netns_pids, self.netns_of(name)), timeout, (signal.SIGKILL,))
+        ns = self.netns_of(name)
+        left = netlab.kill_all(lambda: netlab.netns_pids(ns), timeout, (signal.SIGKILL,))
         proc = self._procs.get(name)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -788,148 +664,79 @@ class SlurmCluster:
         Created (``useradd -r -m``, bash, marked in GECOS) if missing and deleted again by ``close()``; an existing
         account is kept as it is.
         """
-        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", name) or name == "root":
-            raise ValueError(f"bad test user name {name!r}")
-        if not self._started:
-            raise SlurmClusterError("ensure_user() needs a started cluster")
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            _cmd(["useradd", "-r", "-m", "-s", "/bin/bash", "-c", USER_MARKER, name])
+        if self._net.add_user(name, "-r"):
             self.created_users.append(name)
         return pwd.getpwnam(name)
-
-    @staticmethod
-    def _delete_user(name: str) -> list[str]:
-        try:
-            uid = pwd.getpwnam(name).pw_uid
-        except KeyError:
-            return []
-        _kill_all(lambda: [pid for pid in _all_pids() if _uid(pid) == uid])
-        proc = _cmd(["userdel", "-r", "-f", name], check=False)
-        # userdel -r exits 12 when it could not remove the mail spool, which useradd -m did not create
-        if proc.returncode not in (0, 12):
-            return [f"userdel {name}: {proc.stderr.strip()}"]
-        return []
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Kill every daemon and every process in the namespaces, delete namespaces, /etc/netns entries, links,
         created users and the root directory. Collects errors and raises SlurmClusterError if anything is left."""
-        if not self._started:
+        if not self._net.held:
             return
         errors: list[str] = []
         try:
-            rest = self._procs.pop("slurmrestd", None)
-            if rest is not None:
-                errors += [f"slurmrestd {p} left" for p in _kill_all(lambda: [] if rest.poll() is not None
-                                                                      else [rest.pid])]
-            errors += self._remove_network()
-            munged = self._procs.pop("munged", None)
-            if munged is not None:
-                errors += [f"munged {p} left" for p in _kill_all(lambda: [] if munged.poll() is not None
-                                                                  else [munged.pid])]
+            for name in ("slurmrestd", "munged"):  # the daemons in the root namespace
+                proc = self._procs.pop(name, None)
+                if proc is not None:
+                    errors += [f"{name} {pid} left" for pid in netlab.kill_all(functools.partial(_running, proc))]
+            errors += self._net.tear_down(self.created_users, self.root)
             for proc in self._procs.values():
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(1)  # reap: their namespaces' processes are gone
             self._procs.clear()
-            for name in self.created_users:
-                errors += self._delete_user(name)
-            self.created_users.clear()
-            shutil.rmtree(self.root, ignore_errors=True)
             # while the lock is held, anything of any cluster on this machine is this one's
             errors += [f"left after teardown: {item}" for item in self.leftovers()]
         finally:
-            self._started = False
-            self._unlock()
+            self._net.unlock()
         if errors:
             raise SlurmClusterError("Slurm test cluster teardown incomplete: " + "; ".join(errors))
 
-    @staticmethod
-    def _remove_network(netnss: Sequence[str] | None = None) -> list[str]:
-        errors = []
-        if netnss is None:
-            netnss = [CTL_NETNS, *(f"{NODE_PREFIX}{i}" for i in (1, 2, 3))]
-        for ns in netnss:
-            if os.path.exists(f"/run/netns/{ns}"):
-                # SIGKILL at once: the cluster's state is thrown away, and slurmstepd would sit out a SIGTERM
-                left = _kill_all(functools.partial(_netns_pids, ns), signals=(signal.SIGKILL,))
-                if left:
-                    errors.append(f"processes left in {ns}: {left}")
-                proc = _cmd(["ip", "netns", "del", ns], check=False)
-                if proc.returncode != 0:
-                    errors.append(f"ip netns del {ns}: {proc.stderr.strip()}")
-            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.rmdir("/etc/netns")  # only if empty: other tools may keep entries there
-        links = [link for link in _links() if re.fullmatch(rf"{VETH_PREFIX}\d+", link)]
-        if BRIDGE in _links():
-            links.append(BRIDGE)
-        for link in links:  # a veth goes with its namespace, unless a process pinned the namespace
-            proc = _cmd(["ip", "link", "del", link], check=False)
-            if proc.returncode != 0 and "Cannot find device" not in proc.stderr:
-                errors.append(f"ip link del {link}: {proc.stderr.strip()}")
-        return errors
-
     def cleanup_leftovers(self) -> None:
         """Remove what an earlier cluster that crashed (or was killed) left. Call only while holding the lock."""
-        prefix = os.path.join(tempfile.gettempdir(), TMP_PREFIX)
-        errors: list[str] = []
-        listed = _cmd(["ip", "netns", "list"], check=False).stdout.split("\n")
-        netnss = [line.split()[0] for line in listed
-                  if re.match(rf"({CTL_NETNS}|{NODE_PREFIX}\d+)(\s|$)", line)]
-        if os.path.isdir("/etc/netns"):
-            netnss += [d for d in os.listdir("/etc/netns") if re.fullmatch(rf"{CTL_NETNS}|{NODE_PREFIX}\d+", d)]
-        errors += self._remove_network(sorted(set(netnss)))
-
-        # munged and slurmrestd run in the root namespace: by their pid files, then any such daemon of ours
-        # (found by its socket path or SLURM_CONF under our temporary prefix) whose pid file is gone
-        def strays() -> list[int]:
-            found = []
-            for pid in _all_pids():
-                exe = _exe(pid)
-                if exe == MUNGED and prefix in cmdline(pid):
-                    found.append(pid)
-                elif exe in (SLURMRESTD, SLURMCTLD, SLURMD) and f"SLURM_CONF={prefix}" in _environ(pid):
-                    found.append(pid)
-            return found
-
-        for pidfile in [*Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*/munge/munged.pid"),
-                        *Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*/run/slurmrestd.pid")]:
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(pidfile.read_text().split()[0])
-                if _exe(pid) in (MUNGED, SLURMRESTD):
-                    _kill_all(lambda pid=pid: [] if is_zombie_or_gone(pid) else [pid])  # type: ignore[misc]
-        left = _kill_all(strays)
-        if left:
-            errors.append(f"daemons of an earlier cluster left: {left}")
-        for entry in pwd.getpwall():
-            if entry.pw_gecos == USER_MARKER:
-                errors += self._delete_user(entry.pw_name)
-        for path in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
-        if errors:
-            raise SlurmClusterError("could not clean up an earlier Slurm test cluster: " + "; ".join(errors))
+        self._net.cleanup(_kill_stray_daemons)
 
     def leftovers(self) -> list[str]:
         """What of any cluster is still on this machine (namespaces, links, /etc/netns, daemons, users, dirs)."""
-        found = []
-        listed = _cmd(["ip", "netns", "list"], check=False).stdout
-        found += [f"netns {line.split()[0]}" for line in listed.splitlines()
-                  if re.match(rf"({CTL_NETNS}|{NODE_PREFIX}\d+)(\s|$)", line)]
-        found += [f"link {link}" for link in _links() if link == BRIDGE or re.fullmatch(rf"{VETH_PREFIX}\d+", link)]
-        if os.path.isdir("/etc/netns"):
-            found += [f"/etc/netns/{d}" for d in os.listdir("/etc/netns")
-                      if re.fullmatch(rf"{CTL_NETNS}|{NODE_PREFIX}\d+", d)]
         prefix = os.path.join(tempfile.gettempdir(), TMP_PREFIX)
-        for pid in _all_pids():
-            exe = _exe(pid)
+        found = self._net.leftovers()
+        for pid in netlab.all_pids():
+            exe = netlab.exe(pid)
             if exe in (MUNGED, SLURMRESTD, SLURMCTLD, SLURMD) or exe.endswith("/slurmstepd"):
                 if prefix in cmdline(pid) or prefix in _environ(pid):
                     found.append(f"process {pid} {cmdline(pid)}")
-        found += [f"user {e.pw_name}" for e in pwd.getpwall() if e.pw_gecos == USER_MARKER]
-        found += [f"dir {p}" for p in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*")]
         return found
+
+
+def _running(proc: subprocess.Popen) -> list[int]:
+    """``[proc.pid]`` while the process runs, ``[]`` once it has exited (and is reaped: polling reaps it)."""
+    return [] if proc.poll() is not None else [proc.pid]
+
+
+def _kill_stray_daemons() -> list[str]:
+    # The daemons of a crashed cluster outside its namespaces (munged, slurmrestd; those inside die with the
+    # namespaces): by their pid files, then any such daemon of ours (found by its socket path or SLURM_CONF under
+    # our temporary prefix) whose pid file is gone.
+    prefix = os.path.join(tempfile.gettempdir(), TMP_PREFIX)
+
+    def strays() -> list[int]:
+        found = []
+        for pid in netlab.all_pids():
+            exe = netlab.exe(pid)
+            if exe == MUNGED and prefix in cmdline(pid):
+                found.append(pid)
+            elif exe in (SLURMRESTD, SLURMCTLD, SLURMD) and f"SLURM_CONF={prefix}" in _environ(pid):
+                found.append(pid)
+        return found
+
+    for pidfile in [*Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*/munge/munged.pid"),
+                    *Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*/run/slurmrestd.pid")]:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().split()[0])
+            if netlab.exe(pid) in (MUNGED, SLURMRESTD):
+                netlab.kill_all(lambda pid=pid: [] if is_zombie_or_gone(pid) else [pid])  # type: ignore[misc]
+    left = netlab.kill_all(strays)
+    return [f"daemons of an earlier cluster left: {left}"] if left else []
 
 
 def _usable(state: str) -> bool:

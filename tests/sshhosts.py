@@ -35,29 +35,27 @@ Usage::
 
 ``SshLab`` cleans up what a crashed earlier run left (namespaces ``egdhN``, the bridge, its sshds, temporary
 directories and test users it created) before it builds anything; a lock file (``/run/egd-sshlab.lock``) keeps two
-labs on one machine from tearing each other down.
+labs on one machine from tearing each other down. The network, the lock, the test users and that cleanup are
+shared with the Slurm cluster fixture: tests/netlab.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
 import os
 import pwd
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import netlab
 from tests.procs import cmdline, is_zombie_or_gone
 
 SSHD = "/usr/sbin/sshd"
@@ -88,61 +86,14 @@ class LabError(RuntimeError):
     """The lab could not be built, or could not be torn down completely."""
 
 
-def _cmd(argv: Sequence[str], timeout: float = 30, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and proc.returncode != 0:
-        raise LabError(f"{' '.join(argv)} exited with {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
-
-
-def _exe(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
-
-
-def _netns_pids(netns: str) -> list[int]:
-    proc = _cmd(["ip", "netns", "pids", netns], check=False)
-    return [int(p) for p in proc.stdout.split() if p.isdigit()]
-
-
-def _kill_all(pids_of: Callable[[], list[int]], timeout: float = 3.0) -> list[int]:
-    """SIGTERM every pid ``pids_of()`` returns, then SIGKILL what is left; the pids still alive at the end."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids_of():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(is_zombie_or_gone(pid) for pid in pids_of()):
-                return []
-            time.sleep(0.02)
-    return [pid for pid in pids_of() if not is_zombie_or_gone(pid)]
-
-
 def unavailable_reason() -> str | None:
     """Why this machine cannot run the lab, or None if it can."""
-    if sys.platform != "linux":
-        return "ssh hosts need Linux network namespaces"
-    if os.geteuid() != 0:
-        return "ssh hosts need root (network namespaces, a bridge, sshd)"
-    for tool in ("ip", "unshare"):
-        if shutil.which(tool) is None:
-            return f"ssh hosts need `{tool}` (iproute2, util-linux)"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"`ip netns` does not work here: {probe.stderr.strip()}"
-    return None
+    return netlab.unavailable_reason("ssh hosts need", "network namespaces, a bridge, sshd", ("ip", "unshare"))
 
 
 def install() -> None:
     """Run tests/services/install-ssh.sh (a no-op when sshd, ssh and ssh-keygen are there)."""
-    proc = subprocess.run(["sh", str(INSTALLER)], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not os.access(SSHD, os.X_OK):
-        raise LabError(f"{INSTALLER} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    netlab.run_installer(INSTALLER, 600, lambda: os.access(SSHD, os.X_OK), LabError)
 
 
 class SshHost:
@@ -220,8 +171,7 @@ class SshHost:
         "sshd" means the listener and its per-connection processes (anything whose executable is sshd); zombies
         are left out too. What remains are the commands run over ssh (their shells and children) and ``run()``'s.
         """
-        return [pid for pid in _netns_pids(self.netns)
-                if pid != os.getpid() and _exe(pid) != SSHD and not is_zombie_or_gone(pid)]
+        return [pid for pid in netlab.netns_pids(self.netns) if netlab.exe(pid) != SSHD and not is_zombie_or_gone(pid)]
 
     def processes_matching(self, text: str) -> list[tuple[int, str]]:
         """``(pid, cmdline)`` of the host's processes (as in ``pids()``) whose command line contains ``text``."""
@@ -235,11 +185,11 @@ class SshHost:
     # ------------------------------------------------------------------ failures
     def link_down(self) -> None:
         """Take the host off the network (its veth link down): connections to it hang or fail, as to a dead host."""
-        _cmd(["ip", "link", "set", self.veth, "down"])
+        self.lab._net.cmd(["ip", "link", "set", self.veth, "down"])
 
     def link_up(self) -> None:
         """Put the host back on the network."""
-        _cmd(["ip", "link", "set", self.veth, "up"])
+        self.lab._net.cmd(["ip", "link", "set", self.veth, "up"])
 
     def stop_sshd(self, timeout: float = 5) -> None:
         """Stop the host's sshd (SIGTERM, then SIGKILL). Sessions already open keep running, as with a real sshd."""
@@ -263,8 +213,7 @@ class SshHost:
             return
         # A private mount namespace for the host, so a lean .bashrc can be bind-mounted over root's (see the
         # module docstring) without any effect outside it; a UTS namespace for the hostname.  ip netns exec,
-        # unshare and sh all exec: the Popen pid is sshd's.  A new session: ^C on pytest must not kill it
-        # before the teardown does.
+        # unshare and sh all exec: the Popen pid is sshd's.
         script = ('hostname "$1" && { [ -z "$2" ] || mount --bind "$2" "$3"; } && '
                   'exec "$4" -D -e -f "$5"')
         bashrc_target = self.lab.root_bashrc
@@ -272,11 +221,7 @@ class SshHost:
                 "--", "sh", "-c", script, "sh", self.name,
                 str(self.lab.host_bashrc_path) if bashrc_target else "", bashrc_target or "",
                 SSHD, str(self.sshd_config_path)]
-        with open(self.sshd_log_path, "ab") as log:
-            log.write(f"--- starting sshd at {time.strftime('%H:%M:%S')}\n".encode())
-            log.flush()
-            self._sshd = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+        self._sshd = netlab.spawn_logged("sshd", argv, self.sshd_log_path)
 
 
 class SshLab:
@@ -302,8 +247,9 @@ class SshLab:
         self.root_bashrc: str | None = None
         self.created_users: list[str] = []
         self.timings: dict[str, float] = {}
-        self._lock_fd: int | None = None
-        self._started = False
+        self._net = netlab.NetLab(what="ssh lab", error=LabError, bridge=BRIDGE, subnet=SUBNET,
+                                  netns_pattern=rf"{HOST_PREFIX}\d+", veth_prefix=VETH_PREFIX, lock_path=LOCK_PATH,
+                                  tmp_prefix=TMP_PREFIX, user_marker=USER_MARKER)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -341,19 +287,19 @@ class SshLab:
     # ------------------------------------------------------------------ bring-up
     def start(self, ready_timeout: float = 10) -> SshLab:
         """Clean up leftovers of a crashed run, build the network, write keys and configs, start every sshd."""
-        if self._started:
+        if self._net.held:
             return self
         t0 = time.monotonic()
-        self._lock()
-        self._started = True  # from here on close() may tear down: this lab holds the lock
+        self._net.lock(self.lock_timeout)  # from here on close() may tear down: this lab holds the lock
         self.cleanup_leftovers()
         t1 = time.monotonic()
-        self.dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
-        self.dir.chmod(0o755)  # sshd reads authorized_keys as the target user: non-root users need the path
+        self.dir = self._net.make_dir()  # 0755: sshd reads authorized_keys as the target user
         self.hosts = [SshHost(self, i) for i in range(1, self.n_hosts + 1)]
-        self._check_subnet_free()
+        net_hosts = [netlab.NetHost(host.netns, host.veth, host.ip) for host in self.hosts]
+        self._net.check_subnet_free()
         self._write_files()
-        self._build_network()
+        self._net.write_names(net_hosts)
+        self._net.build(net_hosts)
         t2 = time.monotonic()
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir (systemd makes it)
         for host in self.hosts:
@@ -363,79 +309,38 @@ class SshLab:
         self.timings.update(cleanup=t1 - t0, files_and_network=t2 - t1, sshd_ready=t3 - t2, start=t3 - t0)
         return self
 
-    def _lock(self) -> None:
-        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
-                    os.close(fd)
-                    raise LabError(f"another ssh lab holds {LOCK_PATH} (pid {holder or '?'}) after "
-                                   f"{self.lock_timeout}s") from None
-                time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
-
-    def _check_subnet_free(self) -> None:
-        out = _cmd(["ip", "-o", "-4", "addr", "show"]).stdout
-        for line in out.splitlines():
-            if f" {SUBNET}." in line:
-                raise LabError(f"{SUBNET}.0/24 is already in use on this machine (not by a previous lab): {line}")
-
     def _write_files(self) -> None:
         keys = self.dir / "keys"
         keys.mkdir(mode=0o700)
         auth = self.dir / "authorized_keys"
         auth.mkdir(mode=0o755)
-        _cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "egd-sshlab", "-f", str(self.key_path)])
+        self._net.cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "egd-sshlab", "-f", str(self.key_path)])
         pubkey = self.key_path.with_suffix(".pub").read_text()
-        self._write(auth / self.user, pubkey)
+        netlab.write_file(auth / self.user, pubkey)
         known = []
         for host in self.hosts:
-            _cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.name, "-f", str(host.host_key_path)])
+            self._net.cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.name, "-f",
+                           str(host.host_key_path)])
             key_type, key_blob = host.host_key_path.with_suffix(".pub").read_text().split()[:2]
             known.append(f"{host.name},{host.ip} {key_type} {key_blob}\n")
-            self._write(host.sshd_config_path, self._sshd_config(host))
-            _cmd([SSHD, "-t", "-f", str(host.sshd_config_path)])
-        self._write(self.known_hosts_path, "".join(known))
+            netlab.write_file(host.sshd_config_path, self._sshd_config(host))
+            self._net.cmd([SSHD, "-t", "-f", str(host.sshd_config_path)])
+        netlab.write_file(self.known_hosts_path, "".join(known))
         config = [f"Host {host.name}\n  HostName {host.ip}\n" for host in self.hosts]
         patterns = " ".join([*(h.name for h in self.hosts), *(h.ip for h in self.hosts)])
         config.append(f"Host {patterns}\n  User {self.user}\n  Port {SshHost.ssh_port}\n"
                       f"  IdentityFile {self.key_path}\n  UserKnownHostsFile {self.known_hosts_path}\n")
         config += [f"  {key} {value}\n" for key, value in SSH_OPTIONS.items()]
-        self._write(self.ssh_config_path, "".join(config))
+        netlab.write_file(self.ssh_config_path, "".join(config))
         try:
             home = pwd.getpwnam(self.user).pw_dir
         except KeyError:
             home = "/root"
         bashrc = os.path.join(home, ".bashrc")
         self.root_bashrc = bashrc if os.path.isfile(bashrc) and not os.path.islink(bashrc) else None
-        self._write(self.host_bashrc_path,
-                    "# egd ssh lab: ~/.bashrc of root on the test hosts (bind-mounted in each host's mount\n"
-                    "# namespace). The machine's own one runs pyenv init, ~130 ms for every ssh command.\n")
-        hosts = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback", f"{GATEWAY_IP} gateway"]
-        hosts += [f"{h.ip} {h.name}" for h in self.hosts]
-        for host in self.hosts:
-            etc = Path("/etc/netns") / host.netns
-            etc.mkdir(parents=True, exist_ok=True)
-            self._write(etc / "hosts", "\n".join(hosts) + "\n")
-            self._write(etc / "resolv.conf", "nameserver 127.0.0.1\n")  # never the real DNS server
-
-    @staticmethod
-    def _write(path: Path, text: str, mode: int = 0o644) -> None:
-        path.write_text(text)
-        path.chmod(mode)
+        netlab.write_file(self.host_bashrc_path,
+                          "# egd ssh lab: ~/.bashrc of root on the test hosts (bind-mounted in each host's mount\n"
+                          "# namespace). The machine's own one runs pyenv init, ~130 ms for every ssh command.\n")
 
     def _sshd_config(self, host: SshHost) -> str:
         # No comments at the ends of lines (a config error for sshd). StrictModes no: the files live under /tmp.
@@ -461,20 +366,6 @@ class SshLab:
             "Subsystem sftp internal-sftp",
             "",
         ])
-
-    def _build_network(self) -> None:
-        _cmd(["ip", "link", "add", BRIDGE, "type", "bridge"])
-        _cmd(["ip", "addr", "add", f"{GATEWAY_IP}/24", "dev", BRIDGE])
-        _cmd(["ip", "link", "set", BRIDGE, "up"])
-        for host in self.hosts:
-            ns = host.netns
-            _cmd(["ip", "netns", "add", ns])
-            _cmd(["ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-            _cmd(["ip", "link", "set", host.veth, "master", BRIDGE])
-            _cmd(["ip", "link", "set", host.veth, "up"])
-            _cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _cmd(["ip", "-n", ns, "addr", "add", f"{host.ip}/24", "dev", "eth0"])
-            _cmd(["ip", "-n", ns, "link", "set", "eth0", "up"])
 
     def wait_ready(self, hosts: Sequence[SshHost], timeout: float = 10) -> None:
         """Wait until every host in ``hosts`` answers a real ``ssh ... true``; LabError after ``timeout`` s."""
@@ -523,18 +414,11 @@ class SshLab:
         existing account is kept, and only unlocked (``usermod -p '*'``) if it is locked, as sshd refuses locked
         accounts when PAM is off.
         """
-        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", name) or name == self.user:
-            raise ValueError(f"bad test user name {name!r}")
-        if not self._started:
-            raise LabError("ensure_user() needs a started lab")
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            _cmd(["useradd", "-m", "-s", "/bin/bash", "-c", USER_MARKER, name])
+        if self._net.add_user(name):
             self.created_users.append(name)
         if self._shadow_password(name).startswith("!"):
-            _cmd(["usermod", "-p", "*", name])
-        self._write(self.dir / "authorized_keys" / name, self.key_path.with_suffix(".pub").read_text())
+            self._net.cmd(["usermod", "-p", "*", name])
+        netlab.write_file(self.dir / "authorized_keys" / name, self.key_path.with_suffix(".pub").read_text())
         return pwd.getpwnam(name)
 
     @staticmethod
@@ -550,7 +434,7 @@ class SshLab:
     def close(self) -> None:
         """Kill sshd and every process in the hosts, delete namespaces, /etc/netns entries, bridge, created users
         and the temporary directory. Collects errors and raises LabError at the end if anything is left."""
-        if not self._started:
+        if not self._net.held:
             return
         errors: list[str] = []
         try:
@@ -559,89 +443,24 @@ class SshLab:
                     host.stop_sshd(timeout=3)
                 except Exception as exc:  # keep tearing down
                     errors.append(f"stopping sshd on {host.name}: {exc!r}")
-            errors += self._remove_hosts([h.netns for h in self.hosts], [h.veth for h in self.hosts])
-            for name in self.created_users:
-                errors += self._delete_user(name)
-            self.created_users.clear()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            errors += self._net.tear_down(self.created_users, self.dir)
         finally:
-            self._started = False
-            self._unlock()
+            self._net.unlock()
         if errors:
             raise LabError("ssh lab teardown incomplete: " + "; ".join(errors))
 
-    @staticmethod
-    def _remove_hosts(netnss: Sequence[str], veths: Sequence[str]) -> list[str]:
-        errors = []
-        for ns in netnss:
-            if os.path.exists(f"/run/netns/{ns}"):
-                left = _kill_all(functools.partial(_netns_pids, ns))
-                if left:
-                    errors.append(f"processes left in {ns}: {left}")
-                proc = _cmd(["ip", "netns", "del", ns], check=False)
-                if proc.returncode != 0:
-                    errors.append(f"ip netns del {ns}: {proc.stderr.strip()}")
-            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
-        try:
-            os.rmdir("/etc/netns")  # only if empty: other tools may keep entries there
-        except OSError:
-            pass
-        existing = set(_links())
-        for link in [*veths, BRIDGE]:  # a veth goes with its namespace, unless a process pinned the namespace
-            if link in existing:
-                proc = _cmd(["ip", "link", "del", link], check=False)
-                # A veth goes away with its namespace asynchronously: gone by now is what was wanted.
-                if proc.returncode != 0 and "Cannot find device" not in proc.stderr:
-                    errors.append(f"ip link del {link}: {proc.stderr.strip()}")
-        return errors
-
-    @staticmethod
-    def _delete_user(name: str) -> list[str]:
-        try:
-            uid = pwd.getpwnam(name).pw_uid
-        except KeyError:
-            return []
-        _kill_all(lambda: [pid for pid in _all_pids() if _uid(pid) == uid])
-        proc = _cmd(["userdel", "-r", "-f", name], check=False)
-        # userdel -r exits 12 when it could not remove the mail spool, which useradd -m did not create
-        if proc.returncode not in (0, 12):
-            return [f"userdel {name}: {proc.stderr.strip()}"]
-        return []
-
     def cleanup_leftovers(self) -> None:
         """Remove what an earlier lab that crashed (or was killed) left behind. Call only while holding the lock."""
-        prefix = os.path.join(tempfile.gettempdir(), TMP_PREFIX)
-        stray_sshd = [pid for pid in _all_pids() if _exe(pid) == SSHD and prefix in (cmdline(pid) or "")]
-        _kill_all(lambda: [p for p in stray_sshd if not is_zombie_or_gone(p)])
-        listed = _cmd(["ip", "netns", "list"], check=False).stdout.split("\n")
-        netnss = [line.split()[0] for line in listed if re.match(rf"{HOST_PREFIX}\d+(\s|$)", line)]
-        if os.path.isdir("/etc/netns"):
-            netnss += [d for d in os.listdir("/etc/netns") if re.fullmatch(rf"{HOST_PREFIX}\d+", d)]
-        veths = [link for link in _links() if re.fullmatch(rf"{VETH_PREFIX}\d+", link)]
-        errors = self._remove_hosts(sorted(set(netnss)), veths)
-        for entry in pwd.getpwall():
-            if entry.pw_gecos == USER_MARKER:
-                errors += self._delete_user(entry.pw_name)
-        for path in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
-        if errors:
-            raise LabError("could not clean up an earlier ssh lab: " + "; ".join(errors))
+        self._net.cleanup(_kill_stray_sshds)
 
 
-def _links() -> list[str]:
-    out = _cmd(["ip", "-o", "link", "show"], check=False).stdout
-    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
-
-
-def _all_pids() -> list[int]:
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and int(entry) != os.getpid()]
-
-
-def _uid(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
+def _kill_stray_sshds() -> list[str]:
+    # An sshd of a crashed lab that is not in one of its namespaces any more (those die with the namespaces):
+    # recognised by its config file under the lab's temporary prefix.
+    prefix = os.path.join(tempfile.gettempdir(), TMP_PREFIX)
+    strays = [pid for pid in netlab.all_pids() if netlab.exe(pid) == SSHD and prefix in cmdline(pid)]
+    left = netlab.kill_all(lambda: [p for p in strays if not is_zombie_or_gone(p)])
+    return [f"sshd of an earlier lab left: {left}"] if left else []
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -33,3 +33,20 @@ no_service_start() {
     chmod 755 /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 }
+
+# install_missing NAME WHAT PKG...: the common middle of an install-*.sh that collected the packages it misses.
+# With no PKG it says that WHAT is already there and exits the script (0), without touching apt; otherwise, as
+# root and with services kept from starting (no_service_start), it installs the packages and returns, so that the
+# script can check the result.
+install_missing() {
+    name=$1
+    what=$2
+    shift 2
+    if [ $# -eq 0 ]; then
+        echo "$name: $what already installed"
+        exit 0
+    fi
+    need_root "$name" "$@"
+    no_service_start "$name"
+    apt_install "$name" "$@"
+}

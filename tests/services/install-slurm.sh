@@ -28,18 +28,8 @@ need useradd || missing="$missing passwd"
 need ip || missing="$missing iproute2"
 need nsenter || missing="$missing util-linux"
 need setpriv || missing="$missing util-linux"
-if [ -z "$missing" ]; then
-    echo "install-slurm: slurm-wlm, slurmrestd, munge, the jwt plugin and python3-ipykernel are already installed"
-    exit 0
-fi
-
 # shellcheck disable=SC2086  # word splitting of the package list is intended
-need_root install-slurm $missing
-
-no_service_start install-slurm
-
-# shellcheck disable=SC2086
-apt_install install-slurm $missing
+install_missing install-slurm "slurm-wlm, slurmrestd, munge, the jwt plugin and python3-ipykernel are" $missing
 
 for f in /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/slurmrestd /usr/sbin/munged; do
     need "$f" || { echo "install-slurm: $f still missing after apt-get" >&2; exit 1; }

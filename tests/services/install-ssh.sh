@@ -17,18 +17,8 @@ need ssh || missing="$missing openssh-client"
 need ssh-keygen || missing="$missing openssh-client"
 need ip || missing="$missing iproute2"
 need unshare || missing="$missing util-linux"
-if [ -z "$missing" ]; then
-    echo "install-ssh: sshd, ssh, ssh-keygen, ip and unshare are already installed"
-    exit 0
-fi
-
 # shellcheck disable=SC2086  # word splitting of the package list is intended
-need_root install-ssh $missing
-
-no_service_start install-ssh
-
-# shellcheck disable=SC2086
-apt_install install-ssh $missing
+install_missing install-ssh "sshd, ssh, ssh-keygen, ip and unshare are" $missing
 
 need /usr/sbin/sshd || { echo "install-ssh: /usr/sbin/sshd still missing after apt-get" >&2; exit 1; }
 # /run/sshd is sshd's privilege-separation directory; systemd would create it.
