@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Generic, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from egd.service import AsyncMultiService
 
 log = Logger()
 
@@ -113,3 +115,29 @@ class BatchPoller(Generic[W]):
     async def poll(self, watches: list[W]) -> None:
         """One round: ask once for all ``watches`` and deliver each its answer."""
         raise NotImplementedError
+
+
+class PollingDriver(AsyncMultiService):
+    """A driver whose kernels' jobs one :class:`BatchPoller` (``watcher``) follows: watching starts once its
+    children (the launch listener) have started; on stop, watching ends and the API client closes
+    (:meth:`close_api`) before the children stop. The jobs themselves keep running."""
+
+    watcher: BatchPoller[Any]
+
+    async def close_api(self) -> None:
+        """Release the resource manager's connections."""
+
+    def startService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Start the children (egd does not start when its listener cannot listen), then watching."""
+        return super().startService().addCallback(lambda _: self.watcher.start())
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
+        """Stop watching (a round in flight finishes), close the API client, stop the children."""
+        async def stop() -> None:
+            polling = self.watcher.stop()
+            if polling is not None:
+                await polling
+            await self.close_api()
+            await maybeDeferred(super(PollingDriver, self).stopService)
+
+        return Deferred.fromCoroutine(stop())

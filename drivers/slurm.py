@@ -30,12 +30,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from egd.checks import Checker, choice, optional, seconds, settings_of, string_map, text
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequest
+from egd.drivers.polling import PollingDriver
 from egd.drivers.slurm_api import (
     CliSlurm,
     JobRequest,
@@ -49,7 +50,6 @@ from egd.drivers.slurm_watch import JobWatch, JobWatcher
 from egd.drivertools import LauncherSettings, impersonated_user, parse_memory_mb, positive_int
 from egd.errors import BadRequest, Forbidden, LaunchFailed, LaunchTimeout
 from egd.remote import LaunchListener, Registration, RemoteKernel, await_report, launcher_arguments, reattach_remote
-from egd.service import AsyncMultiService
 from egd.util import wait_for
 
 log = Logger()
@@ -309,7 +309,7 @@ class SlurmKernel:
         self._driver.forget(self)
 
 
-class SlurmDriver(AsyncMultiService):
+class SlurmDriver(PollingDriver):
     """Launches kernels as Slurm batch jobs and watches them all with one request per interval."""
 
     settings_type = SlurmSettings
@@ -383,18 +383,11 @@ class SlurmDriver(AsyncMultiService):
             self._credentials()
         except ValueError as exc:
             return fail(exc)
-        return super().startService().addCallback(lambda _: self.watcher.start())
+        return super().startService()
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
-        """Stop watching, close Slurm's connections, stop the listener (the jobs keep running)."""
-        async def stop() -> None:
-            polling = self.watcher.stop()
-            if polling is not None:
-                await polling
-            await self.slurm.close()
-            await maybeDeferred(super(SlurmDriver, self).stopService)
-
-        return Deferred.fromCoroutine(stop())
+    async def close_api(self) -> None:
+        """Close slurmrestd's connections (the jobs keep running)."""
+        await self.slurm.close()
 
     # -- launching --------------------------------------------------------------------------------------
 

@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from egd.checks import Checker, Settings, build, number, optional, seconds, settings_of, string_map, text, urls
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchedKernel, LaunchRequest
+from egd.drivers.polling import PollingDriver
 from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
@@ -68,7 +69,6 @@ from egd.remote import (
     launcher_arguments,
     reattach_remote,
 )
-from egd.service import AsyncMultiService
 
 log = Logger()
 
@@ -267,7 +267,7 @@ class YarnKernel:
         self._driver.forget(self)
 
 
-class YarnDriver(AsyncMultiService):
+class YarnDriver(PollingDriver):
     """Launches kernels as YARN applications and watches them all with one RM request per interval."""
 
     settings_type = YarnSettings
@@ -311,18 +311,11 @@ class YarnDriver(AsyncMultiService):
         """Create the staging directory, start the listener (egd does not start when it cannot listen), then
         watching."""
         os.makedirs(self._staging, mode=0o700, exist_ok=True)
-        return super().startService().addCallback(lambda _: self.watcher.start())
+        return super().startService()
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
-        """Stop watching, close the RM connections, stop the listener."""
-        async def stop() -> None:
-            polling = self.watcher.stop()
-            if polling is not None:
-                await polling
-            await self.rm.close()
-            await maybeDeferred(super(YarnDriver, self).stopService)
-
-        return Deferred.fromCoroutine(stop())
+    async def close_api(self) -> None:
+        """Close the RM connections."""
+        await self.rm.close()
 
     # -- launching --------------------------------------------------------------------------------------
 
