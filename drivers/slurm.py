@@ -48,7 +48,7 @@ from egd.drivers.slurm_api import (
 )
 from egd.drivers.slurm_watch import JobWatch, JobWatcher
 from egd.drivertools import LauncherSettings, impersonated_user, parse_memory_mb, positive_int
-from egd.errors import BadRequest, Forbidden, LaunchFailed, LaunchTimeout
+from egd.errors import BadRequest, Forbidden, LaunchFailed, LaunchTimeout, ServiceUnavailable
 from egd.remote import LaunchListener, Registration, RemoteKernel, await_report, launcher_arguments, reattach_remote
 from egd.util import wait_for
 
@@ -418,8 +418,10 @@ class SlurmDriver(PollingDriver):
         try:
             try:
                 job_id = await self.slurm.submit(job)
-            except (SlurmError, SlurmUnavailable) as exc:
+            except SlurmError as exc:
                 raise LaunchFailed(f"Slurm refused the kernel's job: {exc}") from None
+            except SlurmUnavailable as exc:
+                raise ServiceUnavailable(f"Slurm did not take the kernel's job: {exc}") from None
             log.info("kernel {kernel_id}: submitted Slurm job {job} to partition {partition} as {user}",
                      kernel_id=request.kernel_id, job=job_id, partition=resources.partition or "(default)",
                      user=user)
@@ -432,6 +434,10 @@ class SlurmDriver(PollingDriver):
             info = await self._wait_ready(request, registration, watch, started)
         except BaseException:
             self.listener.unregister(registration)
+            if watch is None:
+                # The submission was cut short (the launch abandoned, or no answer came): it may have reached
+                # Slurm all the same. One look by the job's name, so that nothing is left queued.
+                watch = await self._submitted_after_all(job, request.kernel_id)
             if watch is not None:
                 await self.end_job(watch)
             raise
@@ -444,6 +450,20 @@ class SlurmDriver(PollingDriver):
         log.info("kernel {kernel_id}: Slurm job {job} runs it on {host}", kernel_id=request.kernel_id,
                  job=watch.job_id, host=info.get("hostname"))
         return kernel
+
+    async def _submitted_after_all(self, job: JobRequest, kernel_id: str) -> JobWatch | None:
+        """The watch of ``job`` if Slurm has it although its submission did not return its id."""
+        try:
+            found = [j for j in await self.slurm.jobs() if j.name == job.name and not j.final]
+        except (SlurmError, SlurmUnavailable) as exc:
+            log.warn("kernel {kernel_id}: cannot check whether its job reached Slurm: {why}", kernel_id=kernel_id,
+                     why=str(exc))
+            return None
+        if not found:
+            return None
+        log.warn("kernel {kernel_id}: {job} was submitted after all; cancelling it", kernel_id=kernel_id,
+                 job=found[0].describe())
+        return JobWatch(kernel_id, found[0].job_id, job.user, lambda _: None, report=found[0])
 
     async def _wait_ready(self, request: LaunchRequest, registration: Registration, watch: JobWatch,
                           started: float) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 
 from tests import test_any_kernel as any_kernel
 from tests.client import BackgroundStart, GatewayClient
-from tests.conftest import GatewayProcess, wait_until
+from tests.conftest import GatewayProcess, free_port, wait_until
 from tests.slurmcluster import SlurmCluster
 from tests.test_lifecycle import interrupt_sleep, statuses_until
 
@@ -74,9 +74,9 @@ def slurm_gateway(cluster: SlurmCluster, tmp: Path, mode: str = "rest", state: d
         "output": f"{cluster.job_dir}/egd-%j.out", **extra,
     }
     if mode == "rest":
-        settings.update(rest_url=cluster.rest_url, jwt_key_file=str(cluster.jwt_key_path))
+        settings = {"rest_url": cluster.rest_url, "jwt_key_file": str(cluster.jwt_key_path), **settings}
     else:
-        settings.update(slurm_conf=str(cluster.conf_path))
+        settings = {"slurm_conf": str(cluster.conf_path), **settings}
     return GatewayProcess({
         "kernels": {"kernelspec_dirs": [str(specs), *map(str, specs_dirs)], "default_kernel_name": "slurm_python",
                     "launch_timeout": 60,
@@ -386,5 +386,44 @@ def test_an_r_kernel_runs_as_a_slurm_job(cluster: SlurmCluster, kernelspecs: dic
         assert job is not None and job["user"] == ALICE and job["state"] == "RUNNING"
         assert gw.client.delete_kernel(kernel_id) == 204
         assert not egd_jobs(cluster, kernel_id, live=True)
+    finally:
+        gw.stop()
+
+
+def test_stop_abandons_a_pending_launch(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """SIGTERM while a kernel's job waits PENDING: the client gets a 503 at once, egd exits without waiting for the
+    launch timeout, and the job is cancelled, not left queued."""
+    blocker = cluster.run(["sbatch", "--parsable", "--partition=tiny", f"--chdir={cluster.job_dir}",
+                           "--output=/dev/null", "--wrap", "sleep 300"], user=BOB)
+    assert blocker.returncode == 0, blocker.stderr
+    blocker_id = int(blocker.stdout.strip().split(";")[0])
+    gw = slurm_gateway(cluster, tmp_path)
+    try:
+        cluster.wait_job_state(blocker_id, ["RUNNING"], 20)
+        start = BackgroundStart(gw.client, {"name": "slurm_tiny", "env": {"KERNEL_USERNAME": ALICE}})
+        jobs = wait_until(lambda: [j for j in egd_jobs(cluster) if j["state"] == "PENDING"], 20, 0.2,
+                          what="the kernel's job to wait in the queue")
+        began = time.monotonic()
+        assert gw.stop(timeout=30) == 0
+        assert time.monotonic() - began < 15
+        assert start.response(10).status == 503
+        states = {j["id"]: j["state"] for j in cluster.squeue([j["id"] for j in jobs])}
+        assert set(states.values()) == {"CANCELLED"}, states
+    finally:
+        gw.stop()
+        cluster.run(["scancel", str(blocker_id)])
+
+
+def test_slurm_that_does_not_answer_is_a_503(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """slurmrestd down (nothing listens at rest_url): a start is a 503 that says Slurm did not answer, quickly, and
+    egd serves on."""
+    gw = slurm_gateway(cluster, tmp_path, rest_url=f"http://127.0.0.1:{free_port()}", request_timeout=3)
+    try:
+        began = time.monotonic()
+        resp = gw.client.request("POST", "/api/kernels", {"name": "slurm_python",
+                                                          "env": {"KERNEL_USERNAME": ALICE}})
+        assert resp.status == 503 and "Slurm did not take the kernel's job" in resp.json["message"], resp.json
+        assert time.monotonic() - began < 10
+        assert gw.client.request("GET", "/api/kernels").status == 200
     finally:
         gw.stop()
