@@ -35,7 +35,10 @@ Sections (``--only``, comma separated)
     stream  an execute writing a single 10 MiB string to stdout: time until
             all bytes and idle arrived, MiB/s (median of 3 per repetition).
     conc    8 kernels, 8 client threads each doing 100 execute round trips at
-            the same time: aggregate executes/s and p99 latency.
+            the same time: aggregate executes/s and p99 latency, split into the
+            time inside the kernel's execute handler (its reply's
+            ``metadata.started`` to the reply's date) and the rest (client,
+            gateway, transport, and the wait before the kernel took it up).
     rss     VmRSS of the gateway process itself (not its kernels): before,
             peak (sampled every 0.1 s; VmHWM as well) and after.
 
@@ -390,8 +393,10 @@ class DirectConn(HeaderFactory):
                 for _ in range(256):
                     frames = sock.recv_multipart()
                     i = frames.index(DELIM)
-                    append((channel, loads(frames[i + 2])["msg_type"],
-                            loads(frames[i + 3]).get("msg_id"), loads(frames[i + 5])))
+                    header, content = loads(frames[i + 2]), loads(frames[i + 5])
+                    if header["msg_type"] == "execute_reply":
+                        note_kernel_time(content, header, loads(frames[i + 4]))
+                    append((channel, header["msg_type"], loads(frames[i + 3]).get("msg_id"), content))
                     if not sock.get(_EVENTS) & _POLLIN:
                         break
         return self.pending.popleft()
@@ -510,6 +515,8 @@ class WSConn(HeaderFactory):
                 raise ConnectionError("the gateway closed the WebSocket")
             else:
                 continue
+            if m["header"]["msg_type"] == "execute_reply":
+                note_kernel_time(m["content"], m["header"], m.get("metadata") or {})
             return (m.get("channel", "?"), m["header"]["msg_type"],
                     (m.get("parent_header") or {}).get("msg_id"), m["content"])
 
@@ -525,6 +532,18 @@ class WSConn(HeaderFactory):
 # ---------------------------------------------------------------------------
 # measurement building blocks
 # ---------------------------------------------------------------------------
+
+def note_kernel_time(content: dict, header: dict, metadata: dict) -> None:
+    """Put into an execute_reply's content (as ``_kernel_s``) how long the kernel itself took: from ipykernel's
+    ``metadata.started`` (it began the request) to the reply's ``header.date``. What a latency has beyond it was
+    spent outside the kernel (client, gateway, transport, and the wait before the kernel picked the request up)."""
+    try:
+        started = datetime.datetime.fromisoformat(str(metadata["started"]).replace("Z", "+00:00"))
+        replied = datetime.datetime.fromisoformat(str(header["date"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return
+    content["_kernel_s"] = (replied - started).total_seconds()
+
 
 def await_done(conn: Conn, mid: str, t0: float, timeout: float,
                on_msg: Callable[[Msg, float], None] | None = None,
@@ -1062,14 +1081,20 @@ def sec_conc(target: Target, args: argparse.Namespace) -> dict:
             for _ in range(3):
                 execute(k.conn, "1", 30)  # warm-up
 
+        inside: list[float] = []  # the kernel's own time of each execute (list.append is atomic)
+        outside: list[float] = []  # the rest: what the client, the gateway and the transport took
+
         def client(i: int) -> list[float]:
             conn = live[i].conn
             lat = []
             for _ in range(per):
-                _, t_idle, _ = execute(conn, "1", 60)
+                _, t_idle, reply = execute(conn, "1", 60)
                 if t_idle is None:
                     raise BenchError("execute without idle")
                 lat.append(t_idle)
+                if reply is not None and "_kernel_s" in reply:
+                    inside.append(reply["_kernel_s"])
+                    outside.append(max(0.0, t_idle - reply["_kernel_s"]))
             return lat
 
         s0 = cpu_snapshot(target)
@@ -1079,6 +1104,8 @@ def sec_conc(target: Target, args: argparse.Namespace) -> dict:
         out.update({"exec_errors": errors, "execs": len(flat), "wall_s": wall,
                     "execs_per_s": len(flat) / wall if wall else None,
                     "latency": summarize(flat)})
+        if inside:
+            out.update({"latency_in_kernel": summarize(inside), "latency_outside_kernel": summarize(outside)})
         if errors:
             raise BenchError(f"{len(errors)} clients failed: {errors[:3]}")
     finally:
@@ -1146,6 +1173,9 @@ METRICS = [
     ("conc: aggregate execs/s", "conc.execs_per_s", "exec/s", "high"),
     ("conc: latency median", "conc.latency.median_ms", "ms", "low"),
     ("conc: latency p99", "conc.latency.p99_ms", "ms", "low"),
+    ("conc: p99 in kernel handler", "conc.latency_in_kernel.p99_ms", "ms", "low"),
+    ("conc: p99 outside handler", "conc.latency_outside_kernel.p99_ms", "ms", "low"),
+    ("conc: median outside handler", "conc.latency_outside_kernel.median_ms", "ms", "low"),
     ("conc: client CPU", "conc.cpu.client_cpu_s", "s", "low"),
     ("conc: gateway CPU", "conc.cpu.gateway_cpu_s", "s", "low"),
     ("rss: before (idle, fresh)", "rss.before_kib", "KiB", "low"),
