@@ -110,7 +110,7 @@ class GatewayProcess:
 
     def __init__(self, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                  args: list[str] | None = None, https: bool = False, cafile: str | None = None,
-                 client_cert: tuple[str, str] | None = None) -> None:
+                 client_cert: tuple[str, str] | None = None, prefix: list[str] | None = None) -> None:
         GatewayProcess._count += 1
         self.dir = _ROOT / f"gateway-{GatewayProcess._count}"
         self.dir.mkdir()
@@ -136,7 +136,8 @@ class GatewayProcess:
         full_env.pop("EGD_PORT", None)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "egd", "run", "--config", str(self.config_path), *(args or [])],
+            # ``prefix``: a command egd runs under (prlimit, for one)
+            [*(prefix or []), sys.executable, "-m", "egd", "run", "--config", str(self.config_path), *(args or [])],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
         self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}{self.base_url}"
         context = None

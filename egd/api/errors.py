@@ -5,6 +5,7 @@ No traceback ever reaches a client: an unexpected failure is logged here and ans
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any
 
@@ -46,6 +47,13 @@ def render_failure(request: Any, failure: Failure) -> bytes:
             allowed = sorted({*(error.valid_methods or ()), "OPTIONS"})
             request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
         return error_response(request, error.code, error.name, message)
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        # The gateway, not the request, is short of something: say what, without a traceback.
+        log.error("{method} {path}: out of file descriptors ({why}); raise egd's open-file limit (LimitNOFILE=) "
+                  "or lower kernels.max_kernels", method=loggable(request.method), path=loggable(request.path),
+                  why=error.strerror)
+        return error_response(request, 503, "Service Unavailable",
+                              "The gateway has run out of file descriptors (its open-file limit); try again later")
     log.failure("unexpected error serving {method} {path}", failure, method=loggable(request.method),
                 path=loggable(request.path))
     return error_response(request, 500, "Internal Server Error",

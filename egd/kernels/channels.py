@@ -15,8 +15,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from egd.errors import ServiceUnavailable
 from egd.kernels import wire
-from egd.kernels.zmqio import ReactorZmqFactory, ZmqSocket, open_socket
+from egd.kernels.zmqio import ReactorZmqFactory, SocketUnavailable, ZmqSocket, open_socket
 
 log = Logger()
 
@@ -46,10 +47,16 @@ class KernelChannels:
         self._bad_signatures = 0
         identity = f"egd-{uuid.uuid4().hex}".encode()
         self._sockets: dict[str, ZmqSocket] = {}
-        for channel, kind in (("iopub", "sub"), ("shell", "dealer"), ("control", "dealer"), ("stdin", "dealer")):
-            self._sockets[channel] = open_socket(
-                factory, kind, _channel_address(connection_info, channel), self._receiver(channel),
-                identity if channel in ("shell", "stdin") else None)
+        try:
+            for channel, kind in (("iopub", "sub"), ("shell", "dealer"), ("control", "dealer"), ("stdin", "dealer")):
+                self._sockets[channel] = open_socket(
+                    factory, kind, _channel_address(connection_info, channel), self._receiver(channel),
+                    identity if channel in ("shell", "stdin") else None)
+        except SocketUnavailable as exc:
+            self.close()
+            # Out of file descriptors (or sockets): a condition of this gateway, not a fault of the request.
+            raise ServiceUnavailable(f"the gateway cannot open the kernel's sockets: {exc}; raise its open-file "
+                                     "limit (LimitNOFILE=) or lower kernels.max_kernels") from None
 
     def _receiver(self, channel: str) -> Callable[[list[bytes]], None]:
         def receive(frames: list[bytes]) -> None:
@@ -95,7 +102,10 @@ class Heartbeat:
         #: When the current window of silence began (an echo, or the last report).
         self._window_start = self._last_echo
         self._reported = False
-        self._socket = open_socket(factory, "dealer", _channel_address(connection_info, "hb"), self._echo)
+        try:
+            self._socket = open_socket(factory, "dealer", _channel_address(connection_info, "hb"), self._echo)
+        except SocketUnavailable as exc:
+            raise ServiceUnavailable(f"the gateway cannot open the kernel's heartbeat socket: {exc}") from None
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 

@@ -292,19 +292,26 @@ class Kernel:
         """Connect to a started kernel and wait until it is ready (released again if it is not)."""
         self._handle = handle
         self._iopub_seen = False
-        self._channels = KernelChannels(self._zmq, handle.connection_info, self.id, self._on_message)
         try:
+            # Inside the try: when even the sockets cannot be opened (no file descriptors left), the kernel that
+            # was just started must not be left running.
+            self._channels = KernelChannels(self._zmq, handle.connection_info, self.id, self._on_message)
             await self._wait_ready(handle, self._launch_timeout if timeout is None else timeout)
+            # A kernel whose process egd watches itself (a child, or a pidfd) is known dead the moment it ends, and
+            # a silent one is only ever found alive: pinging it would cost the gateway CPU for nothing (0.4 ms a
+            # ping, 7 % of a core for 500 kernels every 3 s).
+            if not getattr(handle, "observes_exit", False):
+                self._heartbeat = Heartbeat(self._zmq, handle.connection_info, self._clock,
+                                            self._policy.heartbeat_interval, self._policy.heartbeat_misses,
+                                            lambda silence: self._heartbeat_lost(handle, silence))
         except BaseException:
             await self._release(handle, graceful=False)
             raise
         self.reason = ""
         self.execution_state = "idle"  # it has just answered; later status messages keep this current
-        self._heartbeat = Heartbeat(self._zmq, handle.connection_info, self._clock,
-                                    self._policy.heartbeat_interval, self._policy.heartbeat_misses,
-                                    lambda silence: self._heartbeat_lost(handle, silence))
         self._silent_reported = False
-        self._heartbeat.start()
+        if self._heartbeat is not None:
+            self._heartbeat.start()
         handle.exited.addCallback(self._exited, handle)
         log.info("kernel {kernel_id} ({spec}) is ready: {where}", kernel_id=self.id, spec=self.spec.name,
                  where=handle.describe())

@@ -47,7 +47,9 @@ class ReactorZmqFactory(ZmqFactory):
         """A ZeroMQ context whose sockets are read on ``reactor``."""
         self.reactor = reactor
         super().__init__()
-        self.context.setsockopt(zmq.MAX_SOCKETS, 65536)
+        # A context option (Context.setsockopt would only set a default for new sockets): without it libzmq stops
+        # at 1023 sockets, about 250 kernels.
+        self.context.set(zmq.MAX_SOCKETS, self.context.get(zmq.SOCKET_LIMIT))
 
 
 class ZmqSocket(ZmqConnection):
@@ -117,11 +119,19 @@ class ZmqSocket(ZmqConnection):
             self.shutdown()
 
 
+class SocketUnavailable(Exception):
+    """ZeroMQ could not open a socket (the process is out of file descriptors, or the context of sockets)."""
+
+
 def open_socket(factory: ReactorZmqFactory, kind: str, address: str,
                 on_message: Callable[[list[bytes]], None], identity: bytes | None = None) -> ZmqSocket:
-    """Open and connect a socket of ``kind`` (``dealer`` or ``sub``) to ``address``."""
+    """Open and connect a socket of ``kind`` (``dealer`` or ``sub``) to ``address``; :class:`SocketUnavailable`
+    when ZeroMQ cannot open one."""
     socket_type = {"dealer": zmq.DEALER, "sub": zmq.SUB}[kind]
-    return ZmqSocket(factory, socket_type, address, on_message, identity)
+    try:
+        return ZmqSocket(factory, socket_type, address, on_message, identity)
+    except zmq.ZMQError as exc:
+        raise SocketUnavailable(str(exc)) from None
 
 
 def shutdown_factory(factory: ReactorZmqFactory) -> None:
