@@ -237,6 +237,9 @@ class _KernelProcess(protocol.ProcessProtocol):
 class LocalKernel:
     """A kernel process on this host."""
 
+    #: Its end is seen at once (SIGCHLD, or a pidfd after a restart of egd): egd needs no heartbeat for it.
+    observes_exit = True
+
     def __init__(self, driver: LocalDriver, pid: int, ended: Deferred[ExitStatus], tail: deque[bytes] | None,
                  connection_info: dict[str, Any], connection_file: str, ports: list[int],
                  private_dir: str | None = None, user: str | None = None) -> None:

@@ -99,6 +99,10 @@ class ExitStatus:
 class LaunchedKernel(Protocol):
     """A kernel a driver has started (or re-attached to).
 
+    Optional: a class attribute ``observes_exit = True`` says that ``exited`` fires the moment the kernel's process
+    ends (the local driver watches its children and, after a restart of egd, a pidfd): egd then does not ping the
+    kernel's heartbeat, which could tell it nothing more.
+
     Optional: a handle may define ``shutdown_requested() -> None``, called right after egd sent the kernel its
     ``shutdown_request`` (for launchers that must be told as well, such as Enterprise Gateway's)."""
 

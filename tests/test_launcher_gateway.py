@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +97,25 @@ def test_undelivered_interrupt_is_an_error(gw: GatewayProcess, running: tuple[st
         os.kill(pid, signal.SIGCONT)
     assert gw.client.request("POST", f"/api/kernels/{kernel_id}/interrupt", {}).status == 204
     assert sock.wait_for(msg, 15).reply["content"]["ename"] == "KeyboardInterrupt"
+
+
+def test_silent_but_alive_remote_kernel_is_not_killed(gw: GatewayProcess, running: tuple[str, KernelSocket]) -> None:
+    """A remote kernel that stops answering its heartbeat while its process lives (SIGSTOP here; IRkernel in a long
+    cell): egd asks its launcher, finds it alive, logs "busy, not dead" once and leaves it running; after SIGCONT
+    it answers as before, same process."""
+    kernel_id, sock = running
+    _, _, kernel_pid = where(sock)
+    before = gw.log().count("busy, not dead")
+    os.kill(kernel_pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: gw.log().count("busy, not dead") > before, 20, what="the silence to be noticed")
+        time.sleep(4)  # several more heartbeat windows
+        assert gw.client.kernel(kernel_id).json["execution_state"] != "dead"
+    finally:
+        os.kill(kernel_pid, signal.SIGCONT)
+    assert where(sock)[2] == kernel_pid
+    assert gw.log().count("busy, not dead") == before + 1
+    assert not [line for line in gw.log().splitlines() if kernel_id in line and "killing it" in line]
 
 
 def test_killed_launcher_is_noticed(gw: GatewayProcess, running: tuple[str, KernelSocket],
