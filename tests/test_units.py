@@ -324,3 +324,34 @@ def test_execution_state_follows_client_requests_only() -> None:
     assert kernel.execution_state == "busy"
     kernel._on_message("iopub", status("idle", client_request))
     assert kernel.execution_state == "idle"
+
+
+def test_listening_ports_from_netlink_and_from_proc_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which process listens on a kernel's ports: the netlink answer (NETLINK_SOCK_DIAG, listening sockets only)
+    and the /proc/net/tcp fallback find the same sockets, IPv4 and IPv6, and neither counts a socket that is bound
+    but not listening, or a connection."""
+    import os
+    import socket
+
+    from egd.kernels import ports
+
+    v4 = socket.socket()
+    v4.bind(("127.0.0.1", 0))
+    v4.listen()
+    v6 = socket.socket(socket.AF_INET6)
+    v6.bind(("::1", 0))
+    v6.listen()
+    bound = socket.socket()
+    bound.bind(("127.0.0.1", 0))
+    client = socket.create_connection(v4.getsockname()[:2])
+    wanted = {v4.getsockname()[1], v6.getsockname()[1], bound.getsockname()[1]}
+    try:
+        from_netlink = ports._listening_sockets(wanted)
+        assert from_netlink is not None and set(from_netlink) == wanted - {bound.getsockname()[1]}
+        monkeypatch.setattr(ports, "_listening_sockets", lambda _: None)  # as on a host without sock_diag
+        assert ports._listening(wanted) == from_netlink
+        assert ports.bound_by(os.getpid(), [v4.getsockname()[1], v6.getsockname()[1]]) is True
+        assert ports.bound_by(os.getpid(), [v4.getsockname()[1], bound.getsockname()[1]]) is False
+    finally:
+        for sock in (client, v4, v6, bound):
+            sock.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import struct
 
 
 class PortAllocator:
@@ -61,24 +62,82 @@ class PortAllocator:
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
 
 
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN = 10
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
+_REQUEST = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, extensions, states, socket id (any)
+_DIAG_MSG = struct.Struct("=BBBB2s46xIIIII")  # inet_diag_msg: family..retrans, sport, ..., uid, inode
+
+
+def _listening_sockets(ports: set[int]) -> dict[int, set[int]] | None:
+    """The socket inodes listening on each of ``ports``, asked of the kernel through NETLINK_SOCK_DIAG (only
+    listening TCP sockets come back, in binary: with hundreds of kernels ``/proc/net/tcp`` is thousands of rows of
+    text the kernel formats on every read); None when netlink cannot answer."""
+    found: dict[int, set[int]] = {}
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
+            for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+                body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)
+                sock.sendto(_HEADER.pack(_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP,
+                                         sequence, 0) + body, (0, 0))
+                done = False
+                while not done:
+                    data = sock.recv(1 << 16)
+                    offset = 0
+                    while offset + _HEADER.size <= len(data):
+                        length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
+                        if length < _HEADER.size:
+                            return None
+                        if kind == _NLMSG_DONE:
+                            done = True
+                            break
+                        if kind == _NLMSG_ERROR:
+                            return None
+                        if kind == _SOCK_DIAG_BY_FAMILY and length >= _HEADER.size + _DIAG_MSG.size:
+                            fields = _DIAG_MSG.unpack_from(data, offset + _HEADER.size)
+                            port = int.from_bytes(fields[4], "big")
+                            if port in ports:
+                                found.setdefault(port, set()).add(fields[-1])
+                        offset += (length + 3) & ~3
+    except OSError:
+        return None
+    return found
+
+
 def _listening(ports: set[int]) -> dict[int, set[int]] | None:
-    """The socket inodes listening on each of ``ports`` (any address), None without ``/proc/net/tcp``."""
+    """The socket inodes listening on each of ``ports`` (any address), None when this host cannot tell: from
+    netlink when it answers, else from ``/proc/net/tcp``.
+
+    With hundreds of kernels the tables hold thousands of rows (every kernel's listening ports and egd's
+    connections to them), and this runs while every launch waits: each port's listening rows are found with
+    ``str.find`` of their fixed text (local port, the all-zero remote address, state LISTEN), not by splitting
+    every row in Python.
+    """
+    answer = _listening_sockets(ports)
+    if answer is not None:
+        return answer
     found: dict[int, set[int]] = {}
     readable = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table, remote in (("/proc/net/tcp", "00000000:0000"), ("/proc/net/tcp6", "0" * 32 + ":0000")):
         try:
             with open(table) as handle:
-                rows = handle.read().splitlines()[1:]
+                text = handle.read()
         except OSError:
             continue
         readable = True
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 10 or fields[3] != _LISTEN:
-                continue
-            port = int(fields[1].rsplit(":", 1)[1], 16)
-            if port in ports:
-                found.setdefault(port, set()).add(int(fields[9]))
+        for port in ports:
+            needle = f":{port:04X} {remote} {_LISTEN} "
+            at = text.find(needle)
+            while at != -1:
+                start = text.rfind("\n", 0, at) + 1
+                end = text.find("\n", at)
+                fields = text[start:end if end != -1 else len(text)].split()
+                if len(fields) >= 10:
+                    found.setdefault(port, set()).add(int(fields[9]))
+                at = text.find(needle, at + len(needle))
     return found if readable else None
 
 
