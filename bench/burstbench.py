@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""burstbench -- many users at once on one egd: concurrent starts, and many clients executing at once.
+
+    python bench/burstbench.py --json out.json            # ipykernel (the default kernelspec)
+    python bench/burstbench.py --kernel mini              # bench/minikernel.py: the gateway, not kernel boots
+
+Sections
+    starts   one start at a time (POST -> kernel_info over the WebSocket, median of 5), then ``--starts`` (50)
+             starts at once from as many threads: how many succeed, their median and p90, and p90 / single. On a
+             2-core machine 50 ipykernels booting at once share the CPU for most of that time; the minikernel
+             shows what the gateway itself adds.
+    clients  ``--clients`` (50) WebSocket clients over ``--kernels`` (10) kernels, each doing ``--executes`` (100)
+             execute round trips at once, each printing a token of its own: lost messages (a request without its
+             reply, its idle or its output), misrouted ones (a shell reply to another client's request), the
+             latency median and p99.
+
+Exit status 0 when every start succeeded and no message was lost or misrouted, 1 otherwise, 2 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.scalebench import percentile, timed_start  # noqa: E402
+from tests.client import GatewayClient  # noqa: E402
+from tests.conftest import GatewayProcess  # noqa: E402
+
+
+def burst(client: GatewayClient, spec: str, count: int) -> tuple[list[str], list[float], list[str]]:
+    """``count`` starts released at once: (kernel ids, seconds each took, errors)."""
+    ids: list[str] = []
+    seconds: list[float] = []
+    errors: list[str] = []
+    barrier = threading.Barrier(count)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            kernel_id, took = timed_start(client, spec)
+        except Exception as exc:  # recorded: the others go on
+            errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        ids.append(kernel_id)
+        seconds.append(took)
+
+    threads = [threading.Thread(target=start) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    return ids, seconds, errors
+
+
+def client_run(client: GatewayClient, kernel_id: str, number: int, executes: int, code: str) -> dict[str, Any]:
+    """One client: ``executes`` round trips with its own token; what it lost, what reached it wrongly."""
+    sock = client.connect(kernel_id)
+    mine: set[str] = set()
+    lost = misrouted = 0
+    latencies: list[float] = []
+    try:
+        for i in range(executes):
+            token = f"c{number}x{i}"
+            began = time.perf_counter()
+            msg = sock.request("execute_request", {"code": code.format(token=token), "silent": False,
+                                                   "store_history": False, "user_expressions": {},
+                                                   "allow_stdin": False})
+            msg_id = msg["header"]["msg_id"]
+            mine.add(msg_id)
+            reply = idle = output = False
+            deadline = time.monotonic() + 60
+            while not (reply and idle and output) and time.monotonic() < deadline:
+                m = sock.recv(max(0.1, deadline - time.monotonic()))
+                parent = (m.get("parent_header") or {}).get("msg_id")
+                if m.get("channel") == "shell" and parent not in mine:
+                    misrouted += 1
+                if parent != msg_id:
+                    continue  # another client's iopub on the same kernel: iopub goes to every client
+                kind = m["header"]["msg_type"]
+                if kind == "execute_reply":
+                    reply = True
+                elif kind == "status" and m["content"].get("execution_state") == "idle":
+                    idle = True
+                elif token in json.dumps(m.get("content", {})):
+                    output = True
+            if not (reply and idle and output):
+                lost += 1
+            latencies.append(time.perf_counter() - began)
+    finally:
+        sock.close()
+    return {"lost": lost, "misrouted": misrouted, "latencies": latencies}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernel", choices=("ipykernel", "mini"), default="ipykernel")
+    parser.add_argument("--starts", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--kernels", type=int, default=10)
+    parser.add_argument("--executes", type=int, default=100)
+    parser.add_argument("--only", default="starts,clients")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    sections = set(args.only.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="burstbench-"))
+    spec = tmp / "specs" / "k"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"] if args.kernel == "ipykernel" \
+        else [sys.executable, str(REPO / "bench" / "minikernel.py"), "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "k", "language": "python"}))
+    # ipykernel prints the token; the minikernel echoes the code back as its execute_result.
+    code = "print('{token}')" if args.kernel == "ipykernel" else "{token}"
+    gw = GatewayProcess({"kernels": {"kernelspec_dirs": [str(tmp / "specs")], "default_kernel_name": "k",
+                                     "launch_timeout": 300},
+                         "logging": {"level": "info"}, "server": {"max_connections": 4000}})
+    client = gw.client
+    results: dict[str, Any] = {"kernel": args.kernel}
+    ok = True
+    ids: list[str] = []
+    try:
+        if "starts" in sections:
+            single = []
+            for _ in range(5):
+                kernel_id, took = timed_start(client, "k")
+                single.append(took)
+                client.delete_kernel(kernel_id)
+            burst_ids, seconds, errors = burst(client, "k", args.starts)
+            ids += burst_ids
+            one = statistics.median(single)
+            p90 = percentile(seconds, 0.9) if seconds else float("nan")
+            ok &= not errors
+            results["starts"] = {"single_median_s": one, "burst": args.starts, "succeeded": len(burst_ids),
+                                 "errors": errors[:5], "burst_p90_s": p90, "p90_over_single": p90 / one,
+                                 "burst_median_s": statistics.median(seconds) if seconds else None}
+            print(f"starts: single {one:.2f}s; {len(burst_ids)}/{args.starts} at once, median "
+                  f"{results['starts']['burst_median_s'] or 0:.2f}s, p90 {p90:.2f}s ({p90 / one:.1f} x single)",
+                  flush=True)
+            for kernel_id in ids:
+                client.delete_kernel(kernel_id)
+            ids = []
+        if "clients" in sections:
+            ids = [timed_start(client, "k")[0] for _ in range(args.kernels)]
+            outcomes: list[dict[str, Any]] = []
+            errors = []
+            barrier = threading.Barrier(args.clients)
+
+            def run(number: int) -> None:
+                barrier.wait()
+                try:
+                    outcomes.append(client_run(client, ids[number % len(ids)], number, args.executes, code))
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+            threads = [threading.Thread(target=run, args=(n,)) for n in range(args.clients)]
+            began = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(900)
+            wall = time.monotonic() - began
+            lost = sum(o["lost"] for o in outcomes) + args.executes * (args.clients - len(outcomes))
+            misrouted = sum(o["misrouted"] for o in outcomes)
+            latencies = [x for o in outcomes for x in o["latencies"]]
+            ok &= not errors and lost == 0 and misrouted == 0
+            results["clients"] = {"clients": args.clients, "kernels": args.kernels, "executes": args.executes,
+                                  "errors": errors[:5], "lost": lost, "misrouted": misrouted, "wall_s": wall,
+                                  "median_ms": 1000 * statistics.median(latencies),
+                                  "p99_ms": 1000 * percentile(latencies, 0.99)}
+            print(f"clients: {args.clients} x {args.executes} executes over {args.kernels} kernels in {wall:.1f}s: "
+                  f"{lost} lost, {misrouted} misrouted, median {results['clients']['median_ms']:.1f} ms, p99 "
+                  f"{results['clients']['p99_ms']:.1f} ms", flush=True)
+    except Exception as exc:
+        print(f"burstbench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for kernel_id in ids:
+            client.delete_kernel(kernel_id)
+        gw.stop(timeout=120)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
