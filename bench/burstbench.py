@@ -32,7 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.scalebench import percentile, timed_start  # noqa: E402
+from bench.scalebench import in_threads, percentile, timed_start  # noqa: E402
 from tests.client import GatewayClient  # noqa: E402
 from tests.conftest import GatewayProcess  # noqa: E402
 
@@ -54,11 +54,7 @@ def burst(client: GatewayClient, spec: str, count: int) -> tuple[list[str], list
         ids.append(kernel_id)
         seconds.append(took)
 
-    threads = [threading.Thread(target=start) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(600)
+    in_threads(start, [()] * count, 600)
     return ids, seconds, errors
 
 
@@ -161,12 +157,8 @@ def main() -> int:
                 except Exception as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
 
-            threads = [threading.Thread(target=run, args=(n,)) for n in range(args.clients)]
             began = time.monotonic()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(900)
+            in_threads(run, [(n,) for n in range(args.clients)], 900)
             wall = time.monotonic() - began
             lost = sum(o["lost"] for o in outcomes) + args.executes * (args.clients - len(outcomes))
             misrouted = sum(o["misrouted"] for o in outcomes)

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,15 @@ def timed_start(client: GatewayClient, spec: str) -> tuple[str, float]:
     return kernel_id, time.perf_counter() - began
 
 
+def in_threads(target: Callable[..., None], arguments: list[tuple[Any, ...]], timeout: float | None = None) -> None:
+    """Run ``target(*args)`` for each of ``arguments`` in a thread of its own, all at once; wait for them."""
+    threads = [threading.Thread(target=target, args=args) for args in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+
+
 def start_many(client: GatewayClient, spec: str, count: int, parallel: int = 10) -> list[str]:
     """Start ``count`` kernels, ``parallel`` at a time; their ids."""
     ids: list[str] = []
@@ -98,11 +108,7 @@ def start_many(client: GatewayClient, spec: str, count: int, parallel: int = 10)
             with lock:
                 ids.append(kernel_id)
 
-    threads = [threading.Thread(target=worker) for _ in range(parallel)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(worker, [()] * parallel)
     if errors:
         raise RuntimeError(f"{len(errors)} of {count} starts failed: {errors[:3]}")
     return ids
@@ -125,11 +131,7 @@ def busy_few(client: GatewayClient, ids: list[str], clients: int = 4, executes: 
         finally:
             sock.close()
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in ids[:clients]]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(run, [(k,) for k in ids[:clients]])
     if errors:
         raise RuntimeError(f"busy clients failed: {errors[:3]}")
     return latencies
