@@ -159,6 +159,12 @@ def test_kernel_is_a_job_of_its_user_on_a_node_and_delete_leaves_nothing(cluster
         assert cluster.job(job_id)["state"] not in LIVE  # type: ignore[index]
         wait_until(lambda: not [p for p in cluster.processes_on(host) if kernel_id in p[1]], 10,
                    what="the kernel's processes to end on the node")
+        if mode == "cli":  # sbatch --uid needs the user on this host: an unknown one is refused, not submitted
+            before = {j["id"] for j in cluster.squeue()}
+            resp = gw.client.request("POST", "/api/kernels", {"name": "slurm_python",
+                                                              "env": {"KERNEL_USERNAME": "nosuchuser42"}})
+            assert resp.status == 403 and "no such user" in resp.json["message"], resp.json
+            assert {j["id"] for j in cluster.squeue()} == before
     finally:
         gw.stop()
     assert not egd_jobs(cluster, live=True)
