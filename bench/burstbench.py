@@ -9,6 +9,8 @@ Sections
              starts at once from as many threads: how many succeed, their median and p90, and p90 / single. On a
              2-core machine 50 ipykernels booting at once share the CPU for most of that time; the minikernel
              shows what the gateway itself adds.
+    ssh      ``--ssh-starts`` (30) starts at once on the ssh lab's two hosts (tests/sshhosts.py, as root), against
+             one at a time.
     clients  ``--clients`` (50) WebSocket clients over ``--kernels`` (10) kernels, each doing ``--executes`` (100)
              execute round trips at once, each printing a token of its own: lost messages (a request without its
              reply, its idle or its output), misrouted ones (a shell reply to another client's request), the
@@ -97,6 +99,40 @@ def client_run(client: GatewayClient, kernel_id: str, number: int, executes: int
     return {"lost": lost, "misrouted": misrouted, "latencies": latencies}
 
 
+def starts_figures(client: GatewayClient, spec: str, count: int) -> dict[str, Any]:
+    """A single start (median of 5), then ``count`` at once: the figures, every kernel deleted again."""
+    single = []
+    for _ in range(5):
+        kernel_id, took = timed_start(client, spec)
+        single.append(took)
+        client.delete_kernel(kernel_id)
+    ids, seconds, errors = burst(client, spec, count)
+    for kernel_id in ids:
+        client.delete_kernel(kernel_id)
+    one = statistics.median(single)
+    p90 = percentile(seconds, 0.9) if seconds else float("nan")
+    return {"single_median_s": one, "burst": count, "succeeded": len(ids), "errors": errors[:5], "burst_p90_s": p90,
+            "p90_over_single": p90 / one, "burst_median_s": statistics.median(seconds) if seconds else None}
+
+
+def ssh_burst(count: int, tmp: Path) -> dict[str, Any]:
+    """``count`` starts at once on the ssh lab's two hosts (tests/sshhosts.py; needs root)."""
+    from tests.sshhosts import SshLab
+    from tests.test_ssh import ssh_gateway
+
+    with SshLab(n_hosts=2) as lab:
+        lab.start()
+        gw = ssh_gateway(lab, tmp / "ssh")
+        try:
+            figures = starts_figures(gw.client, "ssh_python", count)
+        finally:
+            gw.stop(timeout=120)
+    print(f"ssh starts: single {figures['single_median_s']:.2f}s; {figures['succeeded']}/{count} at once on 2 hosts, "
+          f"median {figures['burst_median_s'] or 0:.2f}s, p90 {figures['burst_p90_s']:.2f}s "
+          f"({figures['p90_over_single']:.1f} x single)", flush=True)
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", choices=("ipykernel", "mini"), default="ipykernel")
@@ -104,7 +140,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--kernels", type=int, default=10)
     parser.add_argument("--executes", type=int, default=100)
-    parser.add_argument("--only", default="starts,clients")
+    parser.add_argument("--ssh-starts", type=int, default=30)
+    parser.add_argument("--only", default="starts,clients,ssh")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sections = set(args.only.split(","))
@@ -125,25 +162,11 @@ def main() -> int:
     ids: list[str] = []
     try:
         if "starts" in sections:
-            single = []
-            for _ in range(5):
-                kernel_id, took = timed_start(client, "k")
-                single.append(took)
-                client.delete_kernel(kernel_id)
-            burst_ids, seconds, errors = burst(client, "k", args.starts)
-            ids += burst_ids
-            one = statistics.median(single)
-            p90 = percentile(seconds, 0.9) if seconds else float("nan")
-            ok &= not errors
-            results["starts"] = {"single_median_s": one, "burst": args.starts, "succeeded": len(burst_ids),
-                                 "errors": errors[:5], "burst_p90_s": p90, "p90_over_single": p90 / one,
-                                 "burst_median_s": statistics.median(seconds) if seconds else None}
-            print(f"starts: single {one:.2f}s; {len(burst_ids)}/{args.starts} at once, median "
-                  f"{results['starts']['burst_median_s'] or 0:.2f}s, p90 {p90:.2f}s ({p90 / one:.1f} x single)",
-                  flush=True)
-            for kernel_id in ids:
-                client.delete_kernel(kernel_id)
-            ids = []
+            results["starts"] = figures = starts_figures(client, "k", args.starts)
+            ok &= not figures["errors"]
+            print(f"starts: single {figures['single_median_s']:.2f}s; {figures['succeeded']}/{args.starts} at once, "
+                  f"median {figures['burst_median_s'] or 0:.2f}s, p90 {figures['burst_p90_s']:.2f}s "
+                  f"({figures['p90_over_single']:.1f} x single)", flush=True)
         if "clients" in sections:
             ids = [timed_start(client, "k")[0] for _ in range(args.kernels)]
             outcomes: list[dict[str, Any]] = []
@@ -178,6 +201,13 @@ def main() -> int:
         for kernel_id in ids:
             client.delete_kernel(kernel_id)
         gw.stop(timeout=120)
+    if "ssh" in sections:
+        try:
+            results["ssh"] = ssh_burst(args.ssh_starts, tmp)
+        except Exception as exc:
+            print(f"burstbench failed (ssh): {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        ok &= not results["ssh"]["errors"]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if ok else 1
