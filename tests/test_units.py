@@ -89,6 +89,26 @@ def test_legacy_binary_matches_jupyter_server() -> None:
     assert channel == "shell" and message.buffers == [b"abc"] and json.loads(message.content) == {"x": 1}
 
 
+def test_large_frames_forwarded_as_memoryviews_give_the_same_frames() -> None:
+    """Large kernel frames reach the wire functions as memoryviews of ZeroMQ's messages (no copy): every client
+    format is byte for byte what bytes frames give, and the small frames egd parses are bytes."""
+    session = Session(key=KEY)
+    text = "x" * 300_000
+    msg = session.msg("stream", {"name": "stdout", "text": text}, parent={"msg_id": "p1", "msg_type": "x"})
+    frames = [b"topic", *session.serialize(msg), b"\x01" * 200_000]
+    as_bytes = wire.from_zmq(list(frames), wire.Signer(KEY))
+    as_views = wire.from_zmq([memoryview(f) if len(f) > 1000 else f for f in frames], wire.Signer(KEY))
+    assert isinstance(as_views.content, memoryview) and isinstance(as_views.header, bytes)
+    assert as_views.parent_msg_id() == "p1" and as_views.json_content()["text"] == text
+    assert wire.to_legacy(as_views, "iopub") == wire.to_legacy(as_bytes, "iopub")
+    assert wire.to_v1(as_views, "iopub") == wire.to_v1(as_bytes, "iopub")
+    decoded = js.deserialize_binary_message(wire.to_legacy(as_views, "iopub")[0])
+    assert decoded["content"]["text"] == text and decoded["buffers"] == [b"\x01" * 200_000]
+    tampered = [memoryview(f) if len(f) > 1000 else f for f in frames[:-2]] + [memoryview(b"y" * 5000)]
+    with pytest.raises(wire.WireError, match="bad signature"):
+        wire.from_zmq(tampered, wire.Signer(KEY))
+
+
 def test_v1_matches_jupyter_server() -> None:
     """The v1 protocol frames agree with Jupyter Server's own serializer and parser."""
     message = sample([b"buffer"])

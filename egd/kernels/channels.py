@@ -58,8 +58,8 @@ class KernelChannels:
             raise ServiceUnavailable(f"the gateway cannot open the kernel's sockets: {exc}; raise its open-file "
                                      "limit (LimitNOFILE=) or lower kernels.max_kernels") from None
 
-    def _receiver(self, channel: str) -> Callable[[list[bytes]], None]:
-        def receive(frames: list[bytes]) -> None:
+    def _receiver(self, channel: str) -> Callable[[list[wire.Blob]], None]:
+        def receive(frames: list[wire.Blob]) -> None:
             try:
                 message = wire.from_zmq(frames, self.signer)
             except wire.WireError as exc:
@@ -121,7 +121,7 @@ class Heartbeat:
         """Seconds since the last echo."""
         return self._clock.seconds() - self._last_echo
 
-    def _echo(self, frames: list[bytes]) -> None:
+    def _echo(self, frames: list[wire.Blob]) -> None:
         self._last_echo = self._window_start = self._clock.seconds()
         self._reported = False
 

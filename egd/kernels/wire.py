@@ -30,16 +30,19 @@ _CLIENT_CHANNELS = frozenset({"shell", "control", "stdin"})
 
 _MAX_BUFFERS = 4096
 
+#: A frame's bytes: ``bytes``, or a ``memoryview`` of a large ZeroMQ frame that is forwarded without a copy.
+Blob = bytes | memoryview
+
 
 class WireError(ValueError):
     """A message that cannot be accepted; the text says why (never echoes message content)."""
 
 
-def _loads(data: bytes, what: str) -> Any:
+def _loads(data: Blob, what: str) -> Any:
     """Decode JSON; :class:`WireError` for anything that is not (also nesting too deep for the parser, which
     raises RecursionError, and bytes that are not UTF-8)."""
     try:
-        return json.loads(data)
+        return json.loads(data if isinstance(data, bytes) else bytes(data))
     except (ValueError, RecursionError):
         raise WireError(f"{what} is not JSON (or nested too deeply)") from None
 
@@ -52,7 +55,7 @@ class Signer:
             raise WireError(f"unsupported signature scheme {scheme!r}")
         self._template = hmac.new(key, digestmod=scheme[5:]) if key else None
 
-    def sign(self, parts: list[bytes] | tuple[bytes, ...]) -> bytes:
+    def sign(self, parts: list[bytes] | list[Blob] | tuple[bytes, ...]) -> bytes:
         """The hex signature of header, parent header, metadata and content."""
         if self._template is None:
             return b""
@@ -61,7 +64,7 @@ class Signer:
             mac.update(part)
         return mac.hexdigest().encode("ascii")
 
-    def verify(self, signature: bytes, parts: list[bytes]) -> bool:
+    def verify(self, signature: Blob, parts: list[Blob]) -> bool:
         """Whether ``signature`` is right for ``parts`` (constant-time compare)."""
         if self._template is None:
             return True
@@ -70,13 +73,16 @@ class Signer:
 
 @dataclass(slots=True)
 class RawMessage:
-    """A Jupyter message as the four JSON frames plus buffers; ``header`` is parsed, the rest stays bytes."""
+    """A Jupyter message as the four JSON frames plus buffers; ``header`` is parsed, the rest stays bytes.
+
+    ``content`` and ``buffers`` may be memoryviews of a kernel's ZeroMQ frames (large ones are not copied).
+    """
 
     header: bytes
     parent_header: bytes
     metadata: bytes
-    content: bytes
-    buffers: list[bytes] = field(default_factory=list)
+    content: Blob
+    buffers: list[Blob] = field(default_factory=list)
     msg_id: str = ""
     msg_type: str = ""
 
@@ -113,7 +119,12 @@ def _parse_header(header: bytes) -> tuple[str, str]:
     return (msg_id if isinstance(msg_id, str) else ""), msg_type
 
 
-def from_zmq(frames: list[bytes], signer: Signer) -> RawMessage:
+def _small(frame: Blob) -> bytes:
+    """``frame`` as bytes: for the frames egd parses or searches (a hostile kernel may make them large)."""
+    return frame if isinstance(frame, bytes) else bytes(frame)
+
+
+def from_zmq(frames: list[Blob], signer: Signer) -> RawMessage:
     """Split a kernel's multipart message, verify its signature, parse the header."""
     try:
         split = frames.index(_DELIMITER)
@@ -124,19 +135,21 @@ def from_zmq(frames: list[bytes], signer: Signer) -> RawMessage:
         raise WireError("too few frames")
     if not signer.verify(frames[split + 1], parts):
         raise WireError("bad signature")
-    msg_id, msg_type = _parse_header(parts[0])
-    return RawMessage(parts[0], parts[1], parts[2], parts[3], frames[split + 6 :], msg_id, msg_type)
+    header = _small(parts[0])
+    msg_id, msg_type = _parse_header(header)
+    return RawMessage(header, _small(parts[1]), _small(parts[2]), parts[3], frames[split + 6 :], msg_id, msg_type)
 
 
-def to_zmq(message: RawMessage, signer: Signer) -> list[bytes]:
+def to_zmq(message: RawMessage, signer: Signer) -> list[Blob]:
     """The multipart frames that send ``message`` to a kernel (DEALER side: no routing identities)."""
     parts = [message.header, message.parent_header, message.metadata, message.content]
     return [_DELIMITER, signer.sign(parts), *parts, *message.buffers]
 
 
-def _json_text(message: RawMessage, channel: str, with_buffers_key: bool) -> bytes:
+def _json_text(message: RawMessage, channel: str, with_buffers_key: bool) -> list[Blob]:
+    """The pieces of the legacy JSON text of ``message``: the kernel's JSON frames spliced in, not decoded."""
     tail = b',"buffers":[],"channel":"' if with_buffers_key else b',"channel":"'
-    return b"".join((
+    return [
         b'{"header":', message.header,
         b',"msg_id":', json.dumps(message.msg_id).encode(),
         b',"msg_type":', json.dumps(message.msg_type).encode(),
@@ -144,36 +157,52 @@ def _json_text(message: RawMessage, channel: str, with_buffers_key: bool) -> byt
         b',"metadata":', message.metadata,
         b',"content":', message.content,
         tail, channel.encode("ascii"), b'"}',
-    ))
+    ]
 
 
-def to_legacy(message: RawMessage, channel: str) -> tuple[bytes, bool]:
-    """``(payload, is_binary)`` for a legacy-protocol client: JSON text, or the binary form with buffers."""
+def legacy_pieces(message: RawMessage, channel: str) -> tuple[list[Blob], bool]:
+    """``(pieces, is_binary)`` for a legacy-protocol client: JSON text, or the binary form with buffers.
+
+    The payload is the concatenation of the pieces; the caller joins them once, together with its own framing,
+    so that a large output is copied once between ZeroMQ and the transport.
+    """
     if not message.buffers:
         return _json_text(message, channel, True), False
-    parts = [_json_text(message, channel, False), *message.buffers]
-    count = len(parts)
+    text = _json_text(message, channel, False)
+    sizes = [sum(len(piece) for piece in text), *(len(b) for b in message.buffers)]
+    count = len(sizes)
     offsets = [4 * (count + 1)]
-    for part in parts[:-1]:
-        offsets.append(offsets[-1] + len(part))
-    return struct.pack(f"!{count + 1}I", count, *offsets) + b"".join(parts), True
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + size)
+    return [struct.pack(f"!{count + 1}I", count, *offsets), *text, *message.buffers], True
 
 
-def to_v1(message: RawMessage, channel: str) -> bytes:
-    """The binary frame of the ``v1.kernel.websocket.jupyter.org`` protocol."""
-    parts = [channel.encode("ascii"), message.header, message.parent_header, message.metadata,
-             message.content, *message.buffers]
+def v1_pieces(message: RawMessage, channel: str) -> list[Blob]:
+    """The pieces of the ``v1.kernel.websocket.jupyter.org`` binary frame (joined once by the caller)."""
+    parts: list[Blob] = [channel.encode("ascii"), message.header, message.parent_header, message.metadata,
+                         message.content, *message.buffers]
     offsets = [8 * (len(parts) + 2)]
     for part in parts:
         offsets.append(offsets[-1] + len(part))
-    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + b"".join(parts)
+    return [struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets), *parts]
+
+
+def to_legacy(message: RawMessage, channel: str) -> tuple[bytes, bool]:
+    """``(payload, is_binary)`` for a legacy-protocol client, as one bytes object."""
+    pieces, binary = legacy_pieces(message, channel)
+    return b"".join(pieces), binary
+
+
+def to_v1(message: RawMessage, channel: str) -> bytes:
+    """The binary frame of the ``v1.kernel.websocket.jupyter.org`` protocol, as one bytes object."""
+    return b"".join(v1_pieces(message, channel))
 
 
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def _from_dict(msg: Any, buffers: list[bytes]) -> tuple[str, RawMessage]:
+def _from_dict(msg: Any, buffers: list[Blob]) -> tuple[str, RawMessage]:
     if not isinstance(msg, dict):
         raise WireError("message is not a JSON object")
     channel = msg.get("channel", "shell")
@@ -214,7 +243,7 @@ def from_legacy_binary(payload: bytes) -> tuple[str, RawMessage]:
         raise WireError("truncated binary frame") from None
     if offsets[0] < 4 * (count + 1) or any(b < a for a, b in itertools.pairwise(offsets)) or offsets[-2] > len(payload):
         raise WireError("bad offsets in binary frame")
-    parts = [payload[a:b] for a, b in itertools.pairwise(offsets)]
+    parts: list[Blob] = [payload[a:b] for a, b in itertools.pairwise(offsets)]
     return _from_dict(_loads(parts[0], "binary frame's message"), parts[1:])
 
 
@@ -241,7 +270,7 @@ def from_v1(payload: bytes) -> tuple[str, RawMessage]:
     for part in parts[2:5]:
         if not part.startswith(b"{"):
             raise WireError("parent_header, metadata and content must be JSON objects")
-    return channel, RawMessage(parts[1], parts[2], parts[3], parts[4], parts[5:], msg_id, msg_type)
+    return channel, RawMessage(parts[1], parts[2], parts[3], parts[4], list[Blob](parts[5:]), msg_id, msg_type)
 
 
 def utc_timestamp(when: datetime | None = None) -> str:
