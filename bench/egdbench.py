@@ -34,6 +34,12 @@ Sections (``--only``, comma separated)
             iopub msgs/s, time to idle and how many of the lines were lost.
     stream  an execute writing a single 10 MiB string to stdout: time until
             all bytes and idle arrived, MiB/s (median of 3 per repetition).
+    buffers an execute opening a comm whose message carries one 10 MiB binary
+            buffer (what widgets and images in comm messages send), on a kernel
+            of its own whose WebSocket speaks the v1 protocol
+            (``v1.kernel.websocket.jupyter.org``, JupyterLab's; a gateway that
+            does not offer it is read in the legacy binary form, and the result
+            says which): time until the buffer and idle arrived, MiB/s.
     conc    8 kernels, 8 client threads each doing 100 execute round trips at
             the same time: aggregate executes/s and p99 latency, split into the
             time inside the kernel's execute handler (its reply's
@@ -62,6 +68,7 @@ import hashlib
 import hmac
 import http.client
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -89,7 +96,8 @@ PROTOCOL_VERSION = "5.3"
 DELIM = b"<IDS|MSG>"
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: no enum cost
 LOCALHOST = "127.0.0.1"
-ALL_SECTIONS = ("start", "rtt", "iopub", "stream", "conc", "rss")
+ALL_SECTIONS = ("start", "rtt", "iopub", "stream", "buffers", "conc", "rss")
+V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
 ALL_TARGETS = ("direct", "egd", "eg", "direct-eg")
 DEFAULT_TARGETS = "direct,egd,eg"
 KERNEL_USERNAME = "egdbench"  # EG refuses kernels for "root" (unauthorized_users)
@@ -303,6 +311,9 @@ def execute_content(code: str) -> dict:
 class Conn(Protocol):
     """A client connection to one kernel: send on a channel, receive anything."""
 
+    #: Bytes of binary buffers received so far (the buffers section reads it).
+    buffer_bytes: int
+
     def send(self, channel: str, msg_type: str, content: dict) -> str:
         """Send a request; return its msg_id."""
         ...
@@ -317,11 +328,12 @@ class Conn(Protocol):
 
 
 class HeaderFactory:
-    """Builds message headers cheaply (counter-based msg_ids)."""
+    """Builds message headers cheaply (counter-based msg_ids); counts received buffer bytes."""
 
     def __init__(self) -> None:
         self.session = uuid.uuid4().hex
         self.n = 0
+        self.buffer_bytes = 0
 
     def header(self, msg_type: str) -> dict:
         """A fresh header for `msg_type`."""
@@ -394,6 +406,8 @@ class DirectConn(HeaderFactory):
                     frames = sock.recv_multipart()
                     i = frames.index(DELIM)
                     header, content = loads(frames[i + 2]), loads(frames[i + 5])
+                    for buffer in frames[i + 6:]:
+                        self.buffer_bytes += len(buffer)
                     if header["msg_type"] == "execute_reply":
                         note_kernel_time(content, header, loads(frames[i + 4]))
                     append((channel, header["msg_type"], loads(frames[i + 3]).get("msg_id"), content))
@@ -469,30 +483,57 @@ def http_request(port: int, method: str, path: str, body: Any = None,
         conn.close()
 
 
-def decode_binary_frame(data: bytes) -> dict:
-    """Legacy binary frame: u32 nbufs, u32 offsets (big-endian), JSON, buffers."""
+def decode_binary_frame(data: bytes) -> tuple[dict, int]:
+    """Legacy binary frame: u32 nbufs, u32 offsets (big-endian), JSON, buffers -> (message, buffer bytes)."""
     nbufs = struct.unpack_from("!I", data)[0]
     offsets = struct.unpack_from(f"!{nbufs}I", data, 4)
     end = offsets[1] if nbufs > 1 else len(data)
-    return json.loads(data[offsets[0]:end])
+    return json.loads(data[offsets[0]:end]), len(data) - end
+
+
+def decode_v1_frame(data: bytes) -> tuple[dict, int]:
+    """v1 frame: u64le n, u64le offsets[n], channel, header, parent, metadata, content, buffers ->
+    (message, buffer bytes)."""
+    n = struct.unpack_from("<Q", data)[0]
+    offsets = struct.unpack_from(f"<{n}Q", data, 8)
+    parts = [data[a:b] for a, b in itertools.pairwise(offsets)]
+    message = {"channel": parts[0].decode("ascii"), "header": json.loads(parts[1]),
+               "parent_header": json.loads(parts[2]), "metadata": json.loads(parts[3]),
+               "content": json.loads(parts[4])}
+    return message, len(data) - offsets[5]
+
+
+def encode_v1_frame(channel: str, header: dict, content: dict) -> bytes:
+    """A client message as a v1 frame (no buffers)."""
+    parts = [channel.encode("ascii"), json.dumps(header).encode(), b"{}", b"{}", json.dumps(content).encode()]
+    offsets = [8 * (len(parts) + 2)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + b"".join(parts)
 
 
 class WSConn(HeaderFactory):
-    """One /api/kernels/{id}/channels WebSocket (legacy JSON text protocol)."""
+    """One /api/kernels/{id}/channels WebSocket: the legacy JSON text protocol, or with ``v1`` the
+    ``v1.kernel.websocket.jupyter.org`` binary protocol when the gateway accepts it (``self.v1`` says)."""
 
-    def __init__(self, port: int, kernel_id: str, timeout: float) -> None:
+    def __init__(self, port: int, kernel_id: str, timeout: float, v1: bool = False) -> None:
         super().__init__()
         url = f"ws://{LOCALHOST}:{port}/api/kernels/{kernel_id}/channels?session_id={self.session}"
         # websocket-client sets TCP_NODELAY by default; the UTF-8 check and the
         # per-call locks would only make the client slower.
         self.ws = websocket.create_connection(url, timeout=timeout, skip_utf8_validation=True,
-                                              enable_multithread=False)
+                                              enable_multithread=False,
+                                              subprotocols=[V1_PROTOCOL] if v1 else None)
+        self.v1 = self.ws.getsubprotocol() == V1_PROTOCOL
 
     def send(self, channel: str, msg_type: str, content: dict) -> str:
-        """Send one message as a JSON text frame."""
+        """Send one message as a JSON text frame (v1: a binary frame)."""
         hdr = self.header(msg_type)
-        self.ws.send(json.dumps({"header": hdr, "parent_header": {}, "metadata": {},
-                                 "content": content, "buffers": [], "channel": channel}))
+        if self.v1:
+            self.ws.send_binary(encode_v1_frame(channel, hdr, content))
+        else:
+            self.ws.send(json.dumps({"header": hdr, "parent_header": {}, "metadata": {},
+                                     "content": content, "buffers": [], "channel": channel}))
         return hdr["msg_id"]
 
     def recv(self, timeout: float) -> Msg:
@@ -510,7 +551,8 @@ class WSConn(HeaderFactory):
             if opcode == websocket.ABNF.OPCODE_TEXT:
                 m = json.loads(data)
             elif opcode == websocket.ABNF.OPCODE_BINARY:
-                m = decode_binary_frame(data)
+                m, buffer_bytes = (decode_v1_frame if self.v1 else decode_binary_frame)(data)
+                self.buffer_bytes += buffer_bytes
             elif opcode == websocket.ABNF.OPCODE_CLOSE:
                 raise ConnectionError("the gateway closed the WebSocket")
             else:
@@ -678,8 +720,9 @@ class Target:
     pid: int | None = None          # gateway process (RSS, CPU); None = direct
     info: dict = field(default_factory=dict)
 
-    def start_kernel(self, ready_iopub: bool, timeout: float) -> Kernel:
-        """Start a kernel and wait for kernel_info_reply (and iopub if asked)."""
+    def start_kernel(self, ready_iopub: bool, timeout: float, v1: bool = False) -> Kernel:
+        """Start a kernel and wait for kernel_info_reply (and iopub if asked); ``v1``: a gateway's WebSocket
+        asks for the v1 protocol."""
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -699,8 +742,8 @@ class DirectTarget(Target):
         self.live: list[DirectKernel] = []
         self.lock = threading.Lock()
 
-    def start_kernel(self, ready_iopub: bool, timeout: float) -> Kernel:
-        """Launch -> kernel_info_reply; 'delete' = shutdown_request + wait for exit."""
+    def start_kernel(self, ready_iopub: bool, timeout: float, v1: bool = False) -> Kernel:
+        """Launch -> kernel_info_reply; 'delete' = shutdown_request + wait for exit (``v1``: no meaning)."""
         t0 = time.perf_counter()
         k = DirectKernel(self.ctx, self.python, self.runtime_dir, self.name)
         with self.lock:
@@ -792,8 +835,9 @@ class GatewayTarget(Target):
         if self.proc is not None:
             TRACKER.add_descendants(self.proc.pid, self.name)
 
-    def start_kernel(self, ready_iopub: bool, timeout: float) -> Kernel:
-        """POST /api/kernels -> WS connect -> kernel_info_reply; delete = DELETE."""
+    def start_kernel(self, ready_iopub: bool, timeout: float, v1: bool = False) -> Kernel:
+        """POST /api/kernels -> WS connect (``v1``: asking for the v1 protocol) -> kernel_info_reply;
+        delete = DELETE."""
         if not self.alive():
             raise BenchError(f"{self.name} gateway is not running; log tail:\n{self.log_tail()}")
         body = {"name": self.kernel_name, "env": {"KERNEL_USERNAME": KERNEL_USERNAME}}
@@ -803,7 +847,7 @@ class GatewayTarget(Target):
         with self.lock:
             self.kernels.add(kid)
         try:
-            conn = WSConn(self.port, kid, timeout)
+            conn = WSConn(self.port, kid, timeout, v1=v1)
             t2 = time.perf_counter()
             try:
                 wait_kernel_info(conn, timeout)
@@ -1066,6 +1110,52 @@ def sec_stream(k: Kernel, args: argparse.Namespace) -> dict:
     return out
 
 
+#: What the buffers section runs once per kernel: the buffer is made outside the timed executes.
+_BUFFER_SETUP = "_egdbench_buffer = b'\\x01' * {size}\nfrom comm import create_comm as _egdbench_comm"
+#: One timed execute: a comm whose comm_open message carries the buffer (a widget's or an image's bytes).
+_BUFFER_SEND = "_egdbench_comm(target_name='egdbench', data={}, buffers=[_egdbench_buffer]).close()"
+
+
+def buffer_once(k: Kernel, size: int, timeout: float) -> dict:
+    """One execute whose iopub carries a `size`-byte binary buffer: time until it and idle arrived."""
+    before = k.conn.buffer_bytes
+    state: dict[str, Any] = {"t_all": None}
+
+    def on_msg(m: Msg, t: float) -> None:
+        if state["t_all"] is None and k.conn.buffer_bytes - before >= size:
+            state["t_all"] = t
+
+    error = t_idle = None
+    try:
+        _, t_idle, _ = execute(k.conn, _BUFFER_SEND, timeout, on_msg, quiet=15.0)
+    except (TimeoutError, ConnectionError) as e:
+        error = f"{type(e).__name__}: {e}"
+    received = k.conn.buffer_bytes - before
+    done = max(t_idle, state["t_all"]) if t_idle is not None and state["t_all"] is not None else None
+    return {"error": error, "bytes_ok": received == size, "buffer_bytes_received": received,
+            "time_to_done_s": done, "mib_per_s": size / 2**20 / done if done else None}
+
+
+def sec_buffers(target: Target, args: argparse.Namespace) -> dict:
+    """`stream_runs` executes each sending one `buffer_mib` MiB binary buffer, on a kernel of their own whose
+    WebSocket asks for the v1 protocol; medians of them."""
+    size = args.buffer_mib * 2**20
+    k = target.start_kernel(ready_iopub=True, timeout=args.timeout, v1=True)
+    try:
+        execute(k.conn, _BUFFER_SETUP.format(size=size), args.timeout)
+        runs = [buffer_once(k, size, args.timeout) for _ in range(args.stream_runs)]
+    finally:
+        k.delete()
+    protocol = "zmq" if not isinstance(k.conn, WSConn) else ("v1" if k.conn.v1 else "legacy")
+    out: dict[str, Any] = {"mib": args.buffer_mib, "protocol": protocol, "runs": runs,
+                           "bytes_ok": all(r["bytes_ok"] for r in runs),
+                           "error": next((r["error"] for r in runs if r["error"]), None)}
+    for key in ("time_to_done_s", "mib_per_s"):
+        vals = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(vals) if len(vals) == len(runs) else None
+    return out
+
+
 def sec_conc(target: Target, args: argparse.Namespace) -> dict:
     """K kernels started together, then K clients doing R round trips at once."""
     nk, per = args.conc_kernels, args.conc_execs
@@ -1169,6 +1259,8 @@ METRICS = [
     ("stream: time to all bytes", "stream.time_to_all_bytes_s", "s", "low"),
     ("stream: time to done", "stream.time_to_done_s", "s", "low"),
     ("stream: MiB/s", "stream.mib_per_s", "MiB/s", "high"),
+    ("buffers: time to done", "buffers.time_to_done_s", "s", "low"),
+    ("buffers: MiB/s", "buffers.mib_per_s", "MiB/s", "high"),
     ("conc: all kernels ready", "conc.all_ready_s", "s", "low"),
     ("conc: aggregate execs/s", "conc.execs_per_s", "exec/s", "high"),
     ("conc: latency median", "conc.latency.median_ms", "ms", "low"),
@@ -1189,7 +1281,8 @@ CHECKS = [
     ("round trip send->reply, egd/direct", "egd", "direct", "rtt.to_reply.median_ms", "<=", 1.25),
     ("round trip send->idle, egd/direct", "egd", "direct", "rtt.to_idle.median_ms", "<=", 1.25),
     ("iopub msgs/s, egd/direct (+0 lost)", "egd", "direct", "iopub.msgs_per_s", ">=", 0.9),
-    ("10 MiB stream MiB/s, egd/direct", "egd", "direct", "stream.mib_per_s", ">=", 0.8),
+    ("10 MiB stream MiB/s, egd/direct", "egd", "direct", "stream.mib_per_s", ">=", 0.9),
+    ("10 MiB v1 buffer MiB/s, egd/direct", "egd", "direct", "buffers.mib_per_s", ">=", 0.9),
     ("kernel start, egd/direct", "egd", "direct", "start.total.median_ms", "<=", 1.1),
     ("8x100 aggregate execs/s, egd/EG", "egd", "eg", "conc.execs_per_s", ">=", 4.0),
     ("gateway RSS peak, egd/EG", "egd", "eg", "rss.peak_kib", "<=", 0.5),
@@ -1364,8 +1457,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="rtt: warm-up executes")
     p.add_argument("--lines", type=int, default=20000, help="iopub: flushed lines")
     p.add_argument("--stream-mib", type=int, default=10, help="stream: MiB in one write")
+    p.add_argument("--buffer-mib", type=int, default=10, help="buffers: MiB in the one binary buffer")
     p.add_argument("--stream-runs", type=int, default=3,
-                   help="stream: executes per repetition (their median counts)")
+                   help="stream and buffers: executes per repetition (their median counts)")
     p.add_argument("--conc-kernels", type=int, default=8, help="conc: kernels = clients")
     p.add_argument("--conc-execs", type=int, default=100, help="conc: executes per client")
     p.add_argument("--timeout", type=float, default=60.0,
@@ -1514,9 +1608,10 @@ def run_benchmark(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                         k.delete()
                     except ERRORS as e:
                         log(f"{name}: delete of main kernel failed: {e}")
-        if "conc" in args.only:
-            for t in order:
-                run(t, "conc", functools.partial(sec_conc, t, args), res)
+        for section, fn in (("buffers", sec_buffers), ("conc", sec_conc)):
+            if section in args.only:
+                for t in order:
+                    run(t, section, functools.partial(fn, t, args), res)
         res["loadavg_after"] = os.getloadavg()
         for n, pid in gws.items():
             res[n]["rss_after_rep_kib"] = proc_status_kib(pid)
