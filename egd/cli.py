@@ -13,6 +13,7 @@ from typing import Any, cast
 from egd import __version__
 from egd.auth import token_digest
 from egd.config import ENV_OVERRIDES, Config, ConfigError, KernelsConfig, load_config, missing_driver, with_overrides
+from egd.logs import LOG_LEVELS
 
 #: Descriptors to keep for kernels, the state store and logs beside the connections (server.max_connections).
 _FILES_BESIDE_CONNECTIONS = 1024
@@ -27,26 +28,40 @@ Environment overrides: {env}
 """.format(env=", ".join(f"{k} ({v})" for k, v in ENV_OVERRIDES.items()))
 
 
+def _add_run_flags(group: Any) -> None:
+    """The flags of ``egd run``, on its own parser and, for ``egd --help``, on the top-level one."""
+    group.add_argument("--config", metavar="FILE", help="YAML config file (default: embedded defaults)")
+    group.add_argument("--ip", help="address to listen on (default 127.0.0.1)")
+    group.add_argument("--port", type=int, help="port to listen on (default 8888; 0 picks a free one)")
+    group.add_argument("--base-url", help="URL path egd is served under (default /)")
+    group.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+
+
+_RUN_DESCRIPTION = ("Run the gateway in the foreground until SIGTERM or Ctrl-C, which shut its kernels down "
+                    "(unless state.on_stop is keep).")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egd", description="egd: a kernel gateway that runs Jupyter kernels where your cluster says.",
+        usage="egd [run] [--config FILE] [--ip IP] [--port PORT] [--base-url URL] [--log-level LEVEL]\n"
+              "       egd COMMAND [ARGS] (egd COMMAND --help for its own)",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"egd {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = commands.add_parser("run", help="run the gateway (the default command)",
-                              description="Run the gateway in the foreground until SIGTERM or Ctrl-C.")
-    run.add_argument("--config", metavar="FILE", help="YAML config file (default: embedded defaults)")
-    run.add_argument("--ip", help="address to listen on (default 127.0.0.1)")
-    run.add_argument("--port", type=int, help="port to listen on (default 8888; 0 picks a free one)")
-    run.add_argument("--base-url", help="URL path egd is served under (default /)")
-    run.add_argument("--log-level", choices=["debug", "info", "warn", "error"], help="log level (default info)")
-    check = commands.add_parser("check-config", help="validate a config file and exit",
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", prog="egd")
+    # Shown by `egd --help`; parsed by `run`, which main() puts in front of them when no command is given.
+    _add_run_flags(parser.add_argument_group("options of run, the default command (egd --port 9000 is "
+                                             "egd run --port 9000)"))
+    run = commands.add_parser("run", help="run the gateway (the default command)", description=_RUN_DESCRIPTION)
+    _add_run_flags(run)
+    check = commands.add_parser("check-config", help="FILE: validate a config file and exit",
                                 description="Report every problem in a config file; exit 0 if there is none.")
     check.add_argument("file", metavar="FILE")
-    specs = commands.add_parser("kernelspecs", help="list the kernelspecs egd would offer, and their drivers")
+    specs = commands.add_parser("kernelspecs", help="[--config FILE] [--json]: list the kernelspecs egd would "
+                                                    "offer, and their drivers")
     specs.add_argument("--config", metavar="FILE", help="YAML config file")
     specs.add_argument("--json", action="store_true", help="print JSON")
-    token = commands.add_parser("token", help="make a new per-user token and the line for auth.users",
+    token = commands.add_parser("token", help="USER: make a new per-user token and the line for auth.users",
                                 description="Print a new random token (give it to the user) and its SHA-256 "
                                             "as the auth.users entry to put in the config (egd stores only "
                                             "the hash).")
@@ -175,6 +190,16 @@ def _run_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _handle_stop_signals() -> None:
+    """Make SIGINT stop egd as SIGTERM does (state.on_stop decides for its kernels), however egd was started.
+
+    A shell's background job (``egd run &`` in a script) inherits SIGINT ignored, and Twisted installs its
+    handler only over Python's own: kill -INT (Ctrl-C) would do nothing, or with SIG_DFL end egd without
+    stopping its kernels. Twisted installs its SIGTERM handler whatever was inherited."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _run(args: argparse.Namespace) -> int:
     from egd import systemd
 
@@ -228,14 +253,12 @@ def _run(args: argparse.Namespace) -> int:
         supervisor.stopping()  # first, so that systemd knows the stop is under way while kernels are stopped
         return gateway.stopService()
 
-    # A shell's background job (``egd run &`` in a script) inherits SIGINT ignored, and Twisted then leaves it
-    # ignored: kill -INT (Ctrl-C) would do nothing. egd stops on it as on SIGTERM, however it was started.
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _handle_stop_signals()
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.addSystemEventTrigger("after", "shutdown", supervisor.stop)
     reactor.run()
+    log.info("egd stopped")
     return int(outcome["code"])
 
 

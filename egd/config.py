@@ -7,6 +7,7 @@ file, so a systemd drop-in or a container can change the address without editing
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +31,7 @@ from egd.checks import (
     string,
     strings,
 )
+from egd.logs import LOG_LEVELS
 from egd.plugins import load_driver_class
 
 #: Environment variable -> dotted config key. Values are parsed like the YAML scalar they replace.
@@ -202,8 +204,10 @@ class StateConfig:
     #: The key that encrypts kernel keys and launch secrets in the store (default: a file beside it, made at
     #: first start, mode 0600).
     secret_key_file: str | None = None
-    #: What SIGTERM does to running kernels: keep them (re-attached at the next start) or shut them down.
-    on_stop: str = "keep"
+    #: What SIGTERM and Ctrl-C do to running kernels: shut them down (the default, so that stopping egd in a
+    #: terminal leaves nothing behind), or keep them (re-attached at the next start; conf/egd.yaml, the systemd
+    #: set-up, chooses it).
+    on_stop: str = "shutdown"
 
 
 @dataclass(frozen=True)
@@ -298,8 +302,8 @@ def _jwt(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, dict):
         problems.append(f"{path}: must be a mapping ({', '.join(sorted(known))})")
         return None
-    for unknown in set(value) - known:
-        problems.append(f"{path}.{unknown}: unknown key (known: {', '.join(sorted(known))})")
+    for unknown in sorted(set(value) - known, key=str):
+        problems.append(unknown_key(path, unknown, known))
     algorithm = str(value.get("algorithm", "")).upper()
     key: str | None = None
     if algorithm == "HS256":
@@ -405,7 +409,7 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "on_stop": choice("keep", "shutdown"),
     },
     LoggingConfig: {
-        "level": choice("debug", "info", "warn", "error", "critical"),
+        "level": choice(*LOG_LEVELS),
         "format": choice("text", "json"),
     },
     KernelsConfig: {
@@ -437,13 +441,39 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
 }
 
 
+#: Up to this many known keys, an unknown key's message lists them all when none is close.
+_LISTED_KEYS = 8
+
+
+def unknown_key(path: str, key: Any, known: Iterable[str], kind: str = "key") -> str:
+    """The problem of ``key``, not one of the ``known`` keys under ``path`` (empty: the top level): the close
+    match when there is one (a typo), else the known keys when they are few."""
+    names = sorted(known)
+    close = difflib.get_close_matches(str(key), names, n=1)
+    if close:
+        hint = f"did you mean {close[0]}?"
+    elif len(names) <= _LISTED_KEYS:
+        hint = f"known: {', '.join(names)}"
+    else:
+        hint = f"none of the {len(names)} keys of {path} is close; the configuration reference lists them"
+    return f"{path}.{key}: unknown {kind} ({hint})" if path else f"{key}: unknown {kind} ({hint})"
+
+
+def _known_only(schema: Iterable[str], raw: dict[Any, Any], path: str, problems: list[str],
+                kind: str = "key") -> dict[Any, Any]:
+    """``raw`` without its unknown keys, each reported (:func:`unknown_key`)."""
+    known = set(schema)
+    problems.extend(unknown_key(path, key, known, kind) for key in raw if key not in known)
+    return {key: value for key, value in raw.items() if key in known}
+
+
 def _section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
         problems.append(f"{path}: must be a mapping")
         return cls()
-    return cls(**check_keys(_SCHEMA[cls], raw, path, problems, "key"))
+    return cls(**check_keys(_SCHEMA[cls], _known_only(_SCHEMA[cls], raw, path, problems), path, problems, "key"))
 
 
 def _drivers(raw: Any, problems: list[str]) -> dict[str, Any]:
@@ -462,7 +492,12 @@ def _drivers(raw: Any, problems: list[str]) -> dict[str, Any]:
             problems.append(f"drivers.{name}: must be a mapping (or empty)")
         else:
             driver = load_driver_class(name, problems)  # an unknown or broken driver hides no other's problems
-            built = None if driver is None else build(driver.settings_type, settings, f"drivers.{name}", problems)
+            built = None
+            if driver is not None:
+                if isinstance(settings, dict):  # a typo gets the close key, as in the gateway's sections
+                    settings = _known_only(driver.settings_type.schema, settings, f"drivers.{name}", problems,
+                                           "setting")
+                built = build(driver.settings_type, settings, f"drivers.{name}", problems)
             if built is not None:
                 result[name] = built
     return result
@@ -504,14 +539,32 @@ def _kernelspec_problems(kernels: KernelsConfig, configured: list[str], spec_dri
     return problems
 
 
-def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Put the environment's overrides into ``raw``; the variable of each key overridden, by dotted key."""
+    applied = {}
     for variable, dotted in ENV_OVERRIDES.items():
         if variable in environ:
             section, key = dotted.split(".")
             target = raw.setdefault(section, {})
             if isinstance(target, dict):
                 raw_value = environ[variable]
-                target[key] = raw_value if dotted in _RAW_ENV or not raw_value else yaml.safe_load(raw_value)
+                try:
+                    target[key] = raw_value if dotted in _RAW_ENV or not raw_value else yaml.safe_load(raw_value)
+                except yaml.YAMLError:
+                    target[key] = raw_value  # checked as the text it is, and refused with the variable's name
+                applied[dotted] = variable
+    return applied
+
+
+def _from_environment(problems: list[str], applied: Mapping[str, str]) -> list[str]:
+    """``problems``, those of a key the environment set naming its variable (not the file, which lacks it)."""
+    def relabel(problem: str) -> str:
+        for dotted, variable in applied.items():
+            if problem.startswith((f"{dotted}:", f"{dotted}.", f"{dotted}[")):
+                return f"{dotted} (from the environment variable {variable}){problem[len(dotted):]}"
+        return problem
+
+    return [relabel(problem) for problem in problems]
 
 
 def _read_yaml(text: str, source: str) -> dict[Any, Any]:
@@ -519,6 +572,9 @@ def _read_yaml(text: str, source: str) -> dict[Any, Any]:
     try:
         raw = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
+        for mark in (getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)):
+            if mark is not None:  # PyYAML names text it was given as "<unicode string>": name the file
+                mark.name = source
         raise ConfigError([f"not valid YAML: {exc}"], source) from None
     if raw is None:
         return {}
@@ -549,9 +605,9 @@ def parse_config(text: str, source: str = "configuration", environ: Mapping[str,
     are checked too."""
     problems: list[str] = []
     raw = _read_yaml(text, source)
-    _apply_env_overrides(raw, os.environ if environ is None else environ)
+    applied = _apply_env_overrides(raw, os.environ if environ is None else environ)
     known = {"server", "auth", "logging", "kernels", "state", "drivers"}
-    problems.extend(f"{key}: unknown section (known: {', '.join(sorted(known))})" for key in raw if key not in known)
+    problems.extend(unknown_key("", key, known, "section") for key in raw if key not in known)
     config = Config(
         server=_section(ServerConfig, raw.get("server"), "server", problems),
         auth=_section(AuthConfig, raw.get("auth"), "auth", problems),
@@ -567,7 +623,10 @@ def parse_config(text: str, source: str = "configuration", environ: Mapping[str,
         configured = [str(n) for n in named] if isinstance(named, dict) and named else list(config.drivers)
         problems.extend(_kernelspec_problems(config.kernels, configured, spec_drivers))
     if problems:
-        raise ConfigError(problems, source)
+        labelled = _from_environment(problems, applied)
+        if all(a != b for a, b in zip(problems, labelled, strict=True)):
+            source = "the environment"  # the file (or the defaults) is not at fault
+        raise ConfigError(labelled, source)
     return config
 
 

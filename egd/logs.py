@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import IO, Any
 
@@ -15,9 +16,19 @@ from twisted.logger import (
     jsonFileLogObserver,
 )
 
-_ORDER = ["debug", "info", "warn", "error", "critical"]
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error,
            "critical": LogLevel.critical}
+#: The levels of logging.level, --log-level and EGD_LOG_LEVEL, from the most to the least verbose.
+LOG_LEVELS = tuple(_LEVELS)
+_ORDER = list(LOG_LEVELS)
+
+#: Twisted's own lines about its machinery, at info, which say nothing to an operator ("Starting factory
+#: <object at 0x...>" for every outgoing HTTP connection of a driver): logged at debug. egd says itself where
+#: it listens and when it stopped.
+_CHATTER_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}",
+                              "Main loop terminated."})
+#: The same from twisted.python.log ("GatewaySite (ConnectionLimit) starting on 8888", "(TCP Port 8888 Closed)").
+_LEGACY_CHATTER = re.compile(r"\S.* starting on \d+|\(\w+ Port \d+ Closed\)")
 
 
 #: syslog priorities by level: journald reads a leading "<N>" as the line's PRIORITY (journalctl -p err works).
@@ -56,6 +67,24 @@ def _text_observer(out: IO[str], journal: bool = False) -> Any:
     return observe
 
 
+def _is_chatter(event: dict[str, Any]) -> bool:
+    if event.get("log_format") in _CHATTER_FORMATS:
+        return True
+    if event.get("log_namespace") == "log_legacy":
+        return bool(_LEGACY_CHATTER.fullmatch(" ".join(str(part) for part in event.get("message", ()))))
+    return False
+
+
+def _demoting_chatter(observer: Any) -> Any:
+    """``observer``, given Twisted's chatter (see ``_CHATTER_FORMATS``) at debug instead of info."""
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.info and _is_chatter(event):
+            event = {**event, "log_level": LogLevel.debug}
+        observer(event)
+
+    return observe
+
+
 def start_logging(level: str = "info", fmt: str = "text", out: IO[str] | None = None) -> None:
     """Send twisted.logger events at ``level`` and above to ``out`` (stderr) as text or JSON lines."""
     global _predicate
@@ -66,7 +95,7 @@ def start_logging(level: str = "info", fmt: str = "text", out: IO[str] | None = 
     _predicate = LogLevelFilterPredicate()
     set_level(level)
     filtered: Any = FilteringLogObserver(observer, [_predicate])
-    globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([_demoting_chatter(filtered)], redirectStandardIO=False)
 
 
 def set_level(level: str) -> None:

@@ -37,7 +37,7 @@ def test_allowed_kernelspecs_hold_at_every_start(make_gateway: Any) -> None:
     for path, body_of in (("/api/kernels", lambda name: {"name": name} if name is not None else {}),
                           ("/api/sessions", _session)):
         missing = _not_found(gw, path, body_of("no_such_spec"))
-        assert missing["message"] == "Kernel spec no_such_spec not found"
+        assert missing["message"] == "Kernel spec no_such_spec not found; available: python3"
         for name in ("with_env", "PYTHON3", "Python3", None):  # None: the default kernel (with_env)
             shown = name or "with_env"
             answer = _not_found(gw, path, body_of(name))
