@@ -3,12 +3,15 @@
 
     python bench/burstbench.py --json out.json            # ipykernel (the default kernelspec)
     python bench/burstbench.py --kernel mini              # bench/minikernel.py: the gateway, not kernel boots
+    python bench/burstbench.py --pool 50 --only starts    # the burst served from a pool of 50 ready kernels
 
 Sections
     starts   one start at a time (POST -> kernel_info over the WebSocket, median of 5), then ``--starts`` (50)
              starts at once from as many threads: how many succeed, their median and p90, and p90 / single. On a
              2-core machine 50 ipykernels booting at once share the CPU for most of that time; the minikernel
              shows what the gateway itself adds.
+             With ``--pool N`` egd keeps N ready kernels (``kernels.pools``): the single start is timed first
+             without the pool (a cold start, what a user waits otherwise), then the burst once the pool is full.
     ssh      ``--ssh-starts`` (30) starts at once on the ssh lab's two hosts (tests/sshhosts.py, as root), against
              one at a time.
     clients  ``--clients`` (50) WebSocket clients over ``--kernels`` (10) kernels, each doing ``--executes`` (100)
@@ -99,17 +102,24 @@ def client_run(client: GatewayClient, kernel_id: str, number: int, executes: int
     return {"lost": lost, "misrouted": misrouted, "latencies": latencies}
 
 
-def starts_figures(client: GatewayClient, spec: str, count: int) -> dict[str, Any]:
-    """A single start (median of 5), then ``count`` at once: the figures, every kernel deleted again."""
+def single_start(client: GatewayClient, spec: str) -> float:
+    """The median of 5 starts one at a time, each kernel deleted again."""
     single = []
     for _ in range(5):
         kernel_id, took = timed_start(client, spec)
         single.append(took)
         client.delete_kernel(kernel_id)
+    return statistics.median(single)
+
+
+def starts_figures(client: GatewayClient, spec: str, count: int, one: float | None = None) -> dict[str, Any]:
+    """A single start (median of 5; or ``one``, measured elsewhere), then ``count`` at once: the figures, every
+    kernel deleted again."""
+    if one is None:
+        one = single_start(client, spec)
     ids, seconds, errors = burst(client, spec, count)
     for kernel_id in ids:
         client.delete_kernel(kernel_id)
-    one = statistics.median(single)
     p90 = percentile(seconds, 0.9) if seconds else float("nan")
     return {"single_median_s": one, "burst": count, "succeeded": len(ids), "errors": errors[:5], "burst_p90_s": p90,
             "p90_over_single": p90 / one, "burst_median_s": statistics.median(seconds) if seconds else None}
@@ -133,6 +143,28 @@ def ssh_burst(count: int, tmp: Path) -> dict[str, Any]:
     return figures
 
 
+def gateway_config(tmp: Path, pool: int = 0) -> dict[str, Any]:
+    """egd's configuration: the benchmark's kernelspec ``k``, with a pool of ``pool`` ready kernels of it."""
+    kernels: dict[str, Any] = {"kernelspec_dirs": [str(tmp / "specs")], "default_kernel_name": "k",
+                               "launch_timeout": 300}
+    if pool:
+        kernels["pools"] = {"k": pool}
+    return {"kernels": kernels, "logging": {"level": "info"}, "server": {"max_connections": 4000}}
+
+
+def pooled_gateway(cold: GatewayProcess, tmp: Path, pool: int) -> GatewayProcess:
+    """Stop ``cold`` and start an egd whose pool holds ``pool`` ready kernels; return once the pool is full."""
+    cold.stop(timeout=120)
+    gw = GatewayProcess(gateway_config(tmp, pool))
+    deadline = time.monotonic() + 600
+    while f"({pool} of {pool})" not in gw.log_path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool of {pool} was not full within 600 s")
+        time.sleep(0.5)
+    time.sleep(2)  # let the last kernels' boots settle
+    return gw
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", choices=("ipykernel", "mini"), default="ipykernel")
@@ -141,6 +173,7 @@ def main() -> int:
     parser.add_argument("--kernels", type=int, default=10)
     parser.add_argument("--executes", type=int, default=100)
     parser.add_argument("--ssh-starts", type=int, default=30)
+    parser.add_argument("--pool", type=int, default=0, help="starts: serve the burst from a pool of this many")
     parser.add_argument("--only", default="starts,clients,ssh")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -153,16 +186,20 @@ def main() -> int:
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "k", "language": "python"}))
     # ipykernel prints the token; the minikernel echoes the code back as its execute_result.
     code = "print('{token}')" if args.kernel == "ipykernel" else "{token}"
-    gw = GatewayProcess({"kernels": {"kernelspec_dirs": [str(tmp / "specs")], "default_kernel_name": "k",
-                                     "launch_timeout": 300},
-                         "logging": {"level": "info"}, "server": {"max_connections": 4000}})
+    gw = GatewayProcess(gateway_config(tmp))
     client = gw.client
     results: dict[str, Any] = {"kernel": args.kernel}
     ok = True
     ids: list[str] = []
     try:
         if "starts" in sections:
-            results["starts"] = figures = starts_figures(client, "k", args.starts)
+            cold = None
+            if args.pool:
+                cold = single_start(client, "k")
+                gw = pooled_gateway(gw, tmp, args.pool)
+                client = gw.client
+            results["starts"] = figures = starts_figures(client, "k", args.starts, cold)
+            figures["pool"] = args.pool
             ok &= not figures["errors"]
             print(f"starts: single {figures['single_median_s']:.2f}s; {figures['succeeded']}/{args.starts} at once, "
                   f"median {figures['burst_median_s'] or 0:.2f}s, p90 {figures['burst_p90_s']:.2f}s "

@@ -146,6 +146,8 @@ class KernelsConfig:
     cull_interval: float = 60.0
     #: Pre-started kernels per kernelspec name, handed out on POST and replenished in the background.
     pools: Mapping[str, int] = field(default_factory=dict)
+    #: Pooled kernels of one kernelspec started at the same time (when filling or replacing those handed out).
+    pool_fill_at_once: int = 1
 
 
 @dataclass(frozen=True)
@@ -437,6 +439,7 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "cull_connected": boolean,
         "cull_interval": number(0.1),
         "pools": _pools,
+        "pool_fill_at_once": number(1, integer=True),
     },
 }
 

@@ -78,3 +78,37 @@ def test_pooled_kernels_are_per_user_private(tmp_path: Path) -> None:
         assert alice.delete_kernel(kernel_id) == 204
     finally:
         gw.stop()
+
+
+def most_starting_at_once(log: str) -> int:
+    """The most pooled kernels that were starting at the same moment, from the log's order of each kernel's
+    "started as pid" and its "ready (n of size)" line."""
+    starting = most = 0
+    for line in log.splitlines():
+        if "started as pid" in line:
+            starting += 1
+            most = max(most, starting)
+        elif "pool python3: kernel" in line and " ready (" in line:
+            starting -= 1
+    return most
+
+
+@pytest.mark.parametrize("at_once", [None, 3])
+def test_a_pool_fills_one_kernel_at_a_time_unless_told_otherwise(at_once: int | None) -> None:
+    """By default a pool starts one kernel at a time (a burst that empties it must not become a storm of kernel
+    boots that slows the kernels just handed out); ``kernels.pool_fill_at_once`` allows more. Replacements for
+    kernels handed out follow the same bound."""
+    kernels: dict[str, Any] = {"pools": {"python3": 3}}
+    if at_once:
+        kernels["pool_fill_at_once"] = at_once
+    gw = GatewayProcess({"kernels": kernels})
+    try:
+        wait_until(lambda: gw.log().count("pool python3: kernel") >= 3, 90, 0.2, what="the pool to fill")
+        taken = [gw.client.start_kernel() for _ in range(3)]
+        assert pooled_count(gw) == 3
+        wait_until(lambda: gw.log().count("pool python3: kernel") >= 6, 90, 0.2, what="the pool to refill")
+        assert most_starting_at_once(gw.log()) == (at_once or 1)
+        for kernel_id in taken:
+            gw.client.delete_kernel(kernel_id)
+    finally:
+        gw.stop()

@@ -114,7 +114,7 @@ class KernelManager(Service):
         self._pooled_hooks = KernelHooks(on_gone=self._forget, metrics=self.metrics)
         kc = config.kernels
         #: Ready kernels per kernelspec (kernels.pools), started when the manager starts.
-        self.pool = KernelPool(kc.pools, self._start_pooled, reactor)
+        self.pool = KernelPool(kc.pools, self._start_pooled, reactor, kc.pool_fill_at_once)
         #: Idle and busy kernels are culled on the same clock as everything else (task.Clock in tests).
         self.culler = KernelCuller(kc, self.list, reactor)
 

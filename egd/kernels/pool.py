@@ -27,11 +27,19 @@ _RETRY_AFTER = 30.0
 
 
 class KernelPool:
-    """Keeps ``sizes[spec]`` ready kernels of each pooled kernelspec."""
+    """Keeps ``sizes[spec]`` ready kernels of each pooled kernelspec, starting at most ``at_once`` of a spec at a
+    time.
+
+    A burst of users empties a pool at once. Starting every replacement at once then made a boot storm (50
+    ipykernels importing on 2 cores) that kept the kernels just handed out from answering for 10 s; one at a
+    time (the default), the burst's kernels answer as fast as a single start. Remote drivers, whose starts
+    wait on a cluster rather than on this host's CPU, may take more at once (``kernels.pool_fill_at_once``).
+    """
 
     def __init__(self, sizes: Mapping[str, int], start: Callable[[str], Awaitable[Kernel]],
-                 clock: IReactorTime) -> None:
+                 clock: IReactorTime, at_once: int = 1) -> None:
         self._sizes = dict(sizes)
+        self._at_once = at_once
         self._start = start
         self._clock = clock
         self._ready: dict[str, list[Kernel]] = {name: [] for name in sizes}
@@ -51,11 +59,12 @@ class KernelPool:
             self.fill(name)
 
     def fill(self, name: str) -> None:
-        """Start as many kernels of ``name`` as the pool lacks."""
+        """Start kernels of ``name`` while the pool lacks some, at most ``at_once`` at a time (each one that is
+        ready calls this again)."""
         if not self._running or name in self._retry:
             return
         missing = self._sizes.get(name, 0) - len(self._ready[name]) - self._starting[name]
-        for _ in range(max(0, missing)):
+        for _ in range(max(0, min(missing, self._at_once - self._starting[name]))):
             self._starting[name] += 1
             work = ensureDeferred(self._add(name))
             self._background.add(work)
@@ -87,6 +96,7 @@ class KernelPool:
         self._ready[name].append(kernel)
         log.info("pool {spec}: kernel {kernel_id} ready ({count} of {size})", spec=name, kernel_id=kernel.id,
                  count=len(self._ready[name]), size=self._sizes[name])
+        self.fill(name)
 
     def _retry_now(self, name: str) -> None:
         self._retry.pop(name, None)
