@@ -16,6 +16,7 @@ encrypted connection info to this driver's listener, which takes it only from th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,11 +38,12 @@ from twisted.logger import Logger
 
 from egd.checks import Checker, boolean, choice, host_names, number, optional, readable_file, settings_of, strings, text
 from egd.driverapi import IDriverReactor, LaunchedKernel, LaunchRequest
+from egd.drivers.host_health import HostHealth, one_line
 from egd.drivers.process import CapturedProcess
 from egd.drivertools import LauncherSettings, fill_placeholders, impersonated_user
 from egd.egprotocol import EgKernel
 from egd.egspecs import check_shell_values, eg_port_range, uses_eg_protocol
-from egd.errors import LaunchFailed, LaunchTimeout
+from egd.errors import LaunchFailed, LaunchTimeout, ServiceUnavailable
 from egd.remote import (
     LaunchListener,
     LaunchRefused,
@@ -72,6 +74,13 @@ _EG_START_PROBE = 1.0
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?\Z")
 #: ssh's own exit status when it could not connect or authenticate (not the remote command's).
 SSH_FAILED = 255
+#: What ssh writes when it reached the host but the login was refused: a problem of that login (an impersonated
+#: user without a key there), not of the host, which stays in placement.
+_LOGIN_REFUSED = "Permission denied"
+#: Characters of a launcher's log that a failed launch's message gets (in one line, as every log entry).
+_LOG_TAIL_LIMIT = 1500
+#: Seconds a probe of a host that is out may take beyond ssh's connect timeout (a session that hangs).
+_PROBE_GRACE = 10
 
 
 def _whole_seconds(value: Any, path: str, problems: list[str]) -> Any:
@@ -133,18 +142,30 @@ class SshDriver(AsyncMultiService):
         self._next = 0
         self._running: dict[str, str] = {}  # kernel id -> host, for least-connection
         self._logins: set[tuple[str, str | None]] = set()  # (host, login) of every shared connection opened
+        #: Hosts that could not be reached are skipped until a probe (as the login that failed) reaches them.
+        self._host_health = HostHealth(reactor, lambda host: Deferred.fromCoroutine(self._probe(host)), "ssh host")
+        self._probe_logins: dict[str, str | None] = {}
         self.listener = LaunchListener(reactor, settings.callback_host, settings.callback_port)
         self.listener.setServiceParent(self)
 
     # -- placement ----------------------------------------------------------------------------------------
 
     def _candidates(self, request: LaunchRequest) -> list[str]:
+        """The hosts to try, in order, leaving out those that are out; ``ServiceUnavailable`` when all are out.
+
+        Failing fast then, rather than trying the host that failed longest ago: each try of a host that is down
+        costs the client ``connect_timeout`` seconds only to fail again, while the probes notice a host's return
+        within :data:`~egd.drivers.host_health.MAX_RETRY` seconds without making anyone wait; and the 503 names
+        every host and why, which is what the operator needs to act."""
         config = request.spec.driver_config
         # EG's process_proxy.config names them remote_hosts, a comma-separated string (or a list)
         hosts = config.get("hosts") or config.get("remote_hosts") or self._hosts
         if isinstance(hosts, str):
             hosts = [h.strip() for h in hosts.split(",") if h.strip()]
-        hosts = [str(h) for h in hosts]
+        everyone = [str(h) for h in hosts]
+        hosts = self._host_health.usable(everyone)
+        if not hosts:
+            raise ServiceUnavailable(f"no ssh host is up: {self._host_health.describe_out(everyone)}")
         if self.settings.placement == "least-connection":
             load = {h: 0 for h in hosts}
             for host in self._running.values():
@@ -197,7 +218,36 @@ class SshDriver(AsyncMultiService):
                        login: str | None = None) -> tuple[int, CapturedProcess]:
         proto = self._spawn_ssh(host, remote, stdin, login)
         code = await proto.ended
+        self._observe(host, login, code, proto)
         return code, proto
+
+    def _observe(self, host: str, login: str | None, code: int, proc: CapturedProcess) -> None:
+        """What an ssh run says of ``host``: reached (whatever the remote command did), or out when ssh could not
+        connect. A refused login, or a problem of the gateway's own side, says nothing of the host."""
+        if code < 0:  # killed (a probe or launch abandoned): it tells nothing
+            return
+        stderr = proc.stderr()
+        if code != SSH_FAILED or _LOGIN_REFUSED in stderr:
+            self._host_health.succeeded(host)
+        elif not any(problem in stderr for problem in _LOCAL_SSH_PROBLEMS):
+            self._probe_logins[host] = login
+            self._host_health.failed(host, stderr or "ssh failed")
+
+    async def _probe(self, host: str) -> str | None:
+        """Reach ``host`` once (ssh ``true``, as the login that last failed there): None when ssh got there
+        (a refused login included: the host answers), else why not, in one line."""
+        proc = self._spawn_ssh(host, ["true"], login=self._probe_logins.get(host))
+        limit = self.settings.connect_timeout + _PROBE_GRACE
+        # False too when the driver stops (the probe is cancelled): the ssh is killed either way
+        if not await wait_for(proc.ended, limit, self._reactor):
+            with contextlib.suppress(Exception):  # it may have ended meanwhile
+                proc.transport.signalProcess("KILL")
+            return f"the probe did not finish within {limit}s"
+        code = await proc.ended
+        stderr = proc.stderr()
+        if code == SSH_FAILED and _LOGIN_REFUSED not in stderr:
+            return one_line(stderr) or "ssh failed"
+        return None
 
     def _kernel_argv(self, request: LaunchRequest, public_key: str = "") -> list[str]:
         """The kernelspec's argv with the placeholders egd fills on the gateway (``{connection_file}`` is the
@@ -257,10 +307,23 @@ class SshDriver(AsyncMultiService):
                 self._control_dir = tempfile.mkdtemp(prefix="egd-ssh-", dir=self._short_parent)
             os.makedirs(self._control_dir, mode=0o700, exist_ok=True)
             os.chmod(self._control_dir, 0o700)
+        self._host_health.start()
         return super().startService()
 
+    def health(self) -> dict[str, Any]:
+        """The optional health hook of a driver (``/readyz``, ``/metrics``): ready while at least one of the
+        configured hosts is up; ``detail`` names the hosts that are out, why, and when each is probed next;
+        ``hosts`` has each host's state (``up``, ``failures``, and while out ``reason``, ``out_for``,
+        ``next_probe_in``), kernelspecs' own hosts included once they were tried."""
+        hosts = self._host_health.report(self._hosts)
+        up = self._host_health.usable(self._hosts)
+        detail = self._host_health.describe_out()
+        return {"ready": bool(up), "detail": detail, "hosts": hosts}
+
     def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted hook
-        """Close the shared ssh connections, then stop the launch listener."""
+        """Stop probing the hosts that are out, close the shared ssh connections, then stop the launch listener."""
+        self._host_health.stop()
+
         async def stop() -> None:
             if self.settings.multiplex:
                 # One shared connection per host and login (impersonated kernels log in as their users).
@@ -325,23 +388,26 @@ class SshDriver(AsyncMultiService):
             if await wait_for(proc.ended, self.settings.connect_timeout + 10, self._reactor):
                 await self._kill_launcher(host, _parse_started(proc).get("launcher_pid"), login)
             raise
-        if code == SSH_FAILED and any(problem in proc.stderr() for problem in _LOCAL_SSH_PROBLEMS):
+        stderr = one_line(proc.stderr())
+        if code == SSH_FAILED and any(problem in stderr for problem in _LOCAL_SSH_PROBLEMS):
             log.error("kernel {kernel_id}: ssh failed on this gateway's side, not {host}'s: {why}",
-                      kernel_id=request.kernel_id, host=host, why=proc.stderr())
+                      kernel_id=request.kernel_id, host=host, why=stderr)
             raise LaunchFailed(f"ssh could not set up its shared connection on the gateway (a local problem, "
-                               f"not host {host}): {proc.stderr()}")
+                               f"not host {host}): {stderr}")
         if code == SSH_FAILED:
-            why = proc.stderr() or "ssh failed"
+            why = stderr or "ssh failed"
             log.warn("kernel {kernel_id}: host {host} unreachable, trying the next one: {why}",
                      kernel_id=request.kernel_id, host=host, why=why)
             tried.append(f"{host}: {why}")
+            self._observe(host, login, code, proc)
             return None
+        self._observe(host, login, code, proc)
         if code != 0:
-            raise LaunchFailed(f"the launcher on {host} exited with code {code}: {proc.stderr() or 'no output'}")
+            raise LaunchFailed(f"the launcher on {host} exited with code {code}: {stderr or 'no output'}")
         started = _parse_started(proc)
         log.info("kernel {kernel_id}: launcher started on {host} (pid {pid})", kernel_id=request.kernel_id,
                  host=host, pid=started.get("launcher_pid"))
-        return started, proc.stderr()
+        return started, stderr
 
     async def _launch_on(self, request: LaunchRequest, host: str, login: str | None, registration: Registration,
                          tried: list[str]) -> RemoteKernel | None:
@@ -455,7 +521,7 @@ class SshDriver(AsyncMultiService):
         script = 'kill -9 "-$1" 2>/dev/null; [ -z "$2" ] || rm -f -- "${TMPDIR:-/tmp}/kernel-$2_"*.json; exit 0'
         code, proc = await self._run_ssh(host, ["sh", "-c", script, "sh", str(pgid), eg_kernel_id], login=login)
         if code == SSH_FAILED:
-            raise ConnectionError(proc.stderr() or "ssh failed")
+            raise ConnectionError(one_line(proc.stderr()) or "ssh failed")
 
     async def _kill_launcher(self, host: str, pid: Any, login: str | None) -> None:
         if isinstance(pid, int) and pid > 1:
@@ -465,7 +531,7 @@ class SshDriver(AsyncMultiService):
         if not path:
             return ""
         code, proc = await self._run_ssh(host, ["tail", "-n", "15", "--", path], login=login)
-        return proc.stdout().strip() if code == 0 else ""
+        return one_line(proc.stdout(), _LOG_TAIL_LIMIT) if code == 0 else ""
 
 
 def _short_parent(control_dir: str) -> str:

@@ -19,7 +19,9 @@ Metrics (every name starts with ``egd_``):
   launches are not observed: a timeout would only record the timeout setting).
 - ``egd_kernel_launch_failures_total{driver,reason}`` (counter): launches the driver attempted that failed;
   ``reason``: ``timeout`` (:class:`egd.errors.LaunchTimeout`), ``failed`` (:class:`egd.errors.LaunchFailed`:
-  the kernel exited or the driver could not start it), ``cancelled``, ``error`` (anything else).
+  the kernel exited or the driver could not start it), ``cancelled``, ``unavailable``
+  (:class:`egd.errors.ServiceUnavailable`: the driver had nowhere to start it, say every ssh host out),
+  ``error`` (anything else).
 - ``egd_kernel_start_refusals_total{reason}`` (counter): start requests refused before any launch;
   ``reason``: ``limit`` (max_kernels, max_kernels_per_user), ``unauthorized`` (the user may not use the
   kernelspec, claimed another user's name, or the driver may not run kernels as that user), ``unavailable``
@@ -33,6 +35,9 @@ Metrics (every name starts with ``egd_``):
 - ``egd_driver_api_requests_total{driver}`` (counter): requests a driver made to its resource manager's API (the
   Kubernetes API server, the Docker Engine, the YARN ResourceManager), for drivers that count them (the
   attribute ``api_requests``).
+- ``egd_driver_host_up{driver,host}`` (gauge) and ``egd_driver_host_failures_total{driver,host}`` (counter): for
+  drivers with a pool of hosts (``ssh``, through the optional ``health()`` hook, :func:`driver_health`), 1 while a
+  host is in placement and 0 while it is out, and the connection failures to it (launches' and probes').
 - ``egd_relayed_messages_total{direction}`` and ``egd_relayed_bytes_total{direction}`` (counters): kernel
   messages relayed over WebSockets (``client_to_kernel``: received from clients; ``kernel_to_client``: sent to
   clients, once per client, replays included), and their WebSocket payload bytes.
@@ -50,7 +55,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from twisted.internet.defer import CancelledError
 
-from egd.errors import EgdError, Forbidden, LaunchFailed, LaunchTimeout
+from egd.errors import EgdError, Forbidden, LaunchFailed, LaunchTimeout, ServiceUnavailable
 
 if TYPE_CHECKING:
     from egd.kernels.kernel import Kernel
@@ -90,6 +95,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "failed"
     if isinstance(exc, (CancelledError, asyncio.CancelledError)):
         return "cancelled"
+    if isinstance(exc, ServiceUnavailable):
+        return "unavailable"
     return "error"
 
 
@@ -133,6 +140,17 @@ class _ScrapeTimeCollector(Collector):
             if isinstance(requests, int):
                 api.add_metric((name,), requests)
         yield api
+        up = GaugeMetricFamily("egd_driver_host_up", "1 while a driver's host is in placement, 0 while it is out",
+                               labels=("driver", "host"))
+        failures = CounterMetricFamily("egd_driver_host_failures", "Connection failures to a driver's hosts",
+                                       labels=("driver", "host"))
+        for name, driver in sorted(self._drivers().items()):
+            hosts = (driver_health(driver) or {}).get("hosts") or {}
+            for host, state in sorted(hosts.items()):
+                up.add_metric((name, host), 1 if state.get("up") else 0)
+                failures.add_metric((name, host), state.get("failures", 0))
+        yield up
+        yield failures
 
 
 class GatewayMetrics:
@@ -196,7 +214,13 @@ class GatewayMetrics:
         return bytes(generate_latest(self.registry))
 
 
-#: A readiness check: None when ready, otherwise what is not ready (for the ``/readyz`` body; no secrets).
+class ReadyBut(str):
+    """What a readiness check returns when the gateway can take work but an operator should know something (an
+    ssh host out of its pool): shown as ``ok (...)`` in ``/readyz``, without making the gateway unready."""
+
+
+#: A readiness check: None when ready, otherwise what is not ready (for the ``/readyz`` body; no secrets), or a
+#: :class:`ReadyBut` note.
 ReadinessCheck = Callable[[], str | None]
 
 
@@ -217,19 +241,53 @@ class Readiness:
     def report(self) -> tuple[bool, dict[str, str]]:
         """Whether every check passes, and each check's ``ok`` or problem. A check that raises is not ready."""
         results: dict[str, str] = {}
+        ready = True
         for name, check in self._checks.items():
             try:
                 problem = check()
             except Exception as exc:  # a broken check must not break the probe; it reports not ready
                 problem = f"check failed: {type(exc).__name__}"
-            results[name] = "ok" if problem is None else problem
-        return all(value == "ok" for value in results.values()), results
+            if isinstance(problem, ReadyBut):
+                results[name] = f"ok ({problem})"
+            else:
+                results[name] = "ok" if problem is None else problem
+                ready = ready and problem is None
+        return ready, results
+
+
+def driver_health(driver: Any) -> Mapping[str, Any] | None:
+    """A driver's optional ``health()`` hook, None when it has none (or it failed): ``ready`` (False when the
+    driver can take no work, say every host of its pool is out), ``detail`` (one line, empty when all is well) and
+    optionally ``hosts`` (host: ``{"up": bool, "failures": int, ...}``, for ``egd_driver_host_up``)."""
+    health = getattr(driver, "health", None)
+    if not callable(health):
+        return None
+    try:
+        report = health()
+    except Exception:  # a broken hook must not break /readyz or /metrics
+        return None
+    return report if isinstance(report, Mapping) else None
 
 
 def services_running(services: Callable[[], Mapping[str, Any]], what: str) -> ReadinessCheck:
-    """A check that every Twisted service of ``services()`` (by name) is running."""
+    """A check that every Twisted service of ``services()`` (by name) is running and, for those with a
+    ``health()`` hook (:func:`driver_health`), ready; what a ready one's health says is shown as a note."""
     def check() -> str | None:
         stopped = sorted(name for name, service in services().items() if not getattr(service, "running", False))
-        return f"{what} not running: {', '.join(stopped)}" if stopped else None
+        if stopped:
+            return f"{what} not running: {', '.join(stopped)}"
+        problems, notes = [], []
+        for name, service in sorted(services().items()):
+            health = driver_health(service)
+            if health is None:
+                continue
+            detail = str(health.get("detail") or "")
+            if not health.get("ready", True):
+                problems.append(f"{name}: {detail or 'not ready'}")
+            elif detail:
+                notes.append(f"{name}: {detail}")
+        if problems:
+            return "; ".join(problems)
+        return ReadyBut("; ".join(notes)) if notes else None
 
     return check
