@@ -70,8 +70,8 @@ def test_kernelspec_resources(client: GatewayClient) -> None:
 
 
 def test_unknown_paths_and_methods(client: GatewayClient) -> None:
-    """Unknown paths are JSON 404s; a wrong method is a JSON 405."""
-    for path in ("/", "/tree", "/api/contents", "/api/kernels/x/y/z", "/nope"):
+    """Unknown paths are JSON 404s; a wrong method is a JSON 405. (``/`` is the status page.)"""
+    for path in ("/tree", "/api/contents", "/api/kernels/x/y/z", "/nope"):
         assert_json_error(client.request("GET", path), 404)
     assert_json_error(client.request("PUT", "/api/kernels"), 405)
 

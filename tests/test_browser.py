@@ -7,7 +7,9 @@ CDN. The test opens a notebook, runs a cell on an egd kernel and sees its output
 restarts the kernel from the Kernel menu (same kernel id on egd, a new process, a usable kernel, and no
 "kernel appears to have died" dialog), finds the kernel in Lab's "Running Terminals and Kernels" panel, and
 writes a screenshot of the notebook with its outputs to ``$EGD_TEST_ARTIFACTS/browser-notebook.png`` (default
-``<repo>/test-artifacts``); on a failure it also writes ``browser-failure.png`` there.
+``<repo>/test-artifacts``); on a failure it also writes ``browser-failure.png`` there. A second test opens
+egd's own status page (``GET /?token=...``) and writes ``egd-status.png`` there (``egd-status-failure.png`` on a
+failure).
 
 When Chromium cannot be installed (not root) or Playwright is missing, the test skips with the reason, except
 in CI (``CI=1`` or ``YARN_IT=1``, which tox sets) where that is a failure.
@@ -25,6 +27,9 @@ from typing import Any, NoReturn
 
 import pytest
 
+from egd import __version__
+from egd.auth import token_digest
+from tests.client import GatewayClient
 from tests.conftest import GatewayProcess, wait_until
 from tests.test_jupyter_server import JupyterServer, check_stopped_cleanly, egd_kernel_ids, processes_of
 
@@ -78,6 +83,12 @@ def chromium() -> str:
     return CHROMIUM
 
 
+def launch(pw: Any, chromium: str) -> Any:
+    """Headless Chromium, as a container or CI runner can run it."""
+    return pw.chromium.launch(executable_path=chromium, headless=True,
+                              args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+
+
 @pytest.fixture
 def lab_server(gateway: GatewayProcess, tmp_path: Path) -> Iterator[JupyterServer]:
     """A Jupyter Server with JupyterLab in front of the shared egd; stopped and checked afterwards."""
@@ -126,8 +137,7 @@ def test_notebook_in_jupyterlab(chromium: str, lab_server: JupyterServer, gatewa
     artifacts = artifacts_dir()
     started = time.monotonic()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        browser = launch(pw, chromium)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             try:
@@ -236,3 +246,64 @@ def drive_notebook(page: Any, expect: Any, server: JupyterServer, gateway: Gatew
     assert not died_seen, (
         "after the user's restart JupyterLab said the kernel \"appears to have died\": egd announced the restart "
         "as iopub status 'restarting', which Lab takes for an automatic restart by the server")
+
+
+STATUS_TOKENS = {"alice": "alice-browser-token-0123456789", "bob": "bob-browser-token-0123456789",
+                 "carol": "carol-browser-token-0123456789"}
+STATUS_SHARED = "shared-browser-token-0123456789"
+
+
+def test_status_page_in_the_browser(chromium: str, make_gateway: Any) -> None:
+    """A person opens egd's status page in Chromium with ``?token=`` (a browser sends no header): the page
+    renders with its inline style (allowed by the CSP's hash: no console error), shows the version, the local
+    driver healthy and every user's kernels to an admin, a user name with markup as text, and its API document
+    link works with the token it carries; a screenshot goes to ``egd-status.png``."""
+    from playwright.sync_api import expect, sync_playwright
+
+    users = {name: {"token_sha256": token_digest(token), "admin": name == "carol"}
+             for name, token in STATUS_TOKENS.items()}
+    gw = make_gateway({"auth": {"token": STATUS_SHARED, "users": users, "users_trust_each_other": True},
+                       "server": {"base_url": "/egd/"}})
+    started = [(GatewayClient(gw.url, STATUS_TOKENS[user]), None) for user in ("alice", "bob", "bob")]
+    started.append((gw.client, "<script>alert(1)</script>"))
+    kernels = [(client, client.start_kernel("python3", {"KERNEL_USERNAME": name} if name else None))
+               for client, name in started]
+    artifacts = artifacts_dir()
+    try:
+        with sync_playwright() as pw:
+            browser = launch(pw, chromium)
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 900})
+                problems: list[str] = []
+                page.on("console", lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None)
+                page.on("pageerror", lambda exc: problems.append(str(exc)))
+                try:
+                    page.goto(f"{gw.url}/?token={STATUS_TOKENS['carol']}", timeout=LOAD_TIMEOUT)
+                    expect(page).to_have_title(f"egd {__version__}: status")
+                    expect(page.locator("#version")).to_have_text(f"version {__version__}")
+                    expect(page.locator("#ready")).to_have_text("ready")
+                    expect(page.locator("#viewer")).to_have_text("carol (user-token, admin)")
+                    expect(page.locator("#drivers tbody tr")).to_have_text(["localok"])
+                    rows = page.locator("#kernels tbody tr")
+                    expect(rows).to_have_text(["<script>alert(1)</script>11", "alice11", "bob22"])
+                    expect(page.locator("#kernels tfoot tr")).to_have_text("total44")
+                    # The inline stylesheet applied: the CSP's hash matches it.
+                    background = page.locator("header").evaluate("e => getComputedStyle(e).backgroundColor")
+                    assert background == "rgb(29, 36, 48)", background
+                    page.screenshot(path=str(artifacts / "egd-status.png"), full_page=True)
+                    assert not problems, problems
+                    # The page needs nothing else from egd: no request of the browser's was refused.
+                    assert "refused authentication" not in gw.log(), gw.log()[-3000:]
+                    page.locator("#links a", has_text="OpenAPI document (JSON)").click()
+                    expect(page.locator("body")).to_contain_text('"openapi"', timeout=OUTPUT_TIMEOUT)
+                except BaseException:
+                    try:
+                        page.screenshot(path=str(artifacts / "egd-status-failure.png"))
+                    except Exception as exc:  # the browser may be gone: the original error matters more
+                        print(f"no failure screenshot: {exc}")
+                    raise
+            finally:
+                browser.close()
+    finally:
+        for client, kernel_id in kernels:
+            client.delete_kernel(kernel_id)

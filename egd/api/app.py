@@ -26,10 +26,11 @@ from egd.api.cors import CorsPolicy, HostPolicy
 from egd.api.errors import error_response, json_response, render_failure
 from egd.api.redact import printable
 from egd.api.site import identity_of, security_log
+from egd.api.status_page import build_view, drivers_of, query_token, respond
 from egd.api.websocket import KernelChannelsResource, make_factory
 from egd.auth import Identity
 from egd.config import Config
-from egd.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
+from egd.errors import BadRequest, Forbidden, KernelSpecNotFound, NotFound, PayloadTooLarge
 from egd.kernels.manager import KernelManager
 from egd.kernels.sessions import SessionManager
 from egd.kernels.specs import KernelSpecInfo
@@ -140,6 +141,10 @@ class _Resource(KleinResource):
             return error_response(request, 400, "Bad Request", "The URL is not valid UTF-8")
         if b"" in request.postpath[:-1]:
             return error_response(request, 404, "Not Found", "")
+        if not request.postpath:
+            # The base URL without its final slash (/egd for /egd/): its status page, as a person types it
+            # (werkzeug would answer a 308 whose Location Klein drops).
+            request.postpath = [b""]
         return super().render(request)
 
 
@@ -197,9 +202,32 @@ class GatewayAPI:
         """The caller's own groups when it asks about itself (None: the configured groups of ``user``)."""
         return identity.groups if identity.user == user else None
 
+    # Klein tries error handlers in this order: the first whose exception types match answers.
+    @app.handle_errors(KernelSpecNotFound)
+    async def _spec_not_found(self, request: Any, failure: Any) -> bytes:
+        """A 404 for an unknown kernelspec (named in a URL, a kernel start, a session) names the kernelspecs
+        the caller may use instead, as GET /api/kernelspecs lists them for it."""
+        identity = identity_of(request)
+        try:
+            usable = await self._usable_specs(identity, identity.user or _user_arg(request).split("/", 1)[0])
+        except Exception:  # the specs cannot be read now: the 404 without the list
+            return render_failure(request, failure)
+        message = f"{failure.value.message}; available: {', '.join(usable) or 'none'}"
+        return error_response(request, failure.value.status, failure.value.reason, message)
+
     @app.handle_errors(Exception)
     def _error(self, request: Any, failure: Any) -> bytes:
         return render_failure(request, failure)
+
+    # -- the status page (a person's view; egd.api.status_page) ----------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def status_page(self, request: Any) -> bytes:
+        """An HTML page for a person: version, drivers, readiness, the caller's kernels per user and state."""
+        identity = identity_of(request)
+        view = build_view(self._config, identity, self._kernels.visible(identity), self._kernels.readiness.report(),
+                          drivers_of(self._kernels), query_token(request, identity))
+        return respond(request, view)
 
     # -- /api ---------------------------------------------------------------------------------------------
 
@@ -269,13 +297,18 @@ class GatewayAPI:
             return await self.get_kernelspec(request, user.rsplit("/", 1)[1])
         identity = identity_of(request)
         user = identity.user or user  # a user-bound caller sees what it may use, whatever ?user= says
-        specs = await self._kernels.specs.all()
+        specs = await self._usable_specs(identity, user)
         default = self._kernels.default_kernel_name
         return json_response(request, 200, {
             "default": default,
-            "kernelspecs": {name: spec.model(self._base_url, identity.admin) for name, spec in specs.items()
-                            if not user or self._kernels.allows(spec, user, self._groups(identity, user))},
+            "kernelspecs": {name: spec.model(self._base_url, identity.admin) for name, spec in specs.items()},
         })
+
+    async def _usable_specs(self, identity: Identity, user: str) -> dict[str, KernelSpecInfo]:
+        """The kernelspecs ``user`` may use (every offered one when no user is named), by name."""
+        specs = await self._kernels.specs.all()
+        return {name: spec for name, spec in specs.items()
+                if not user or self._kernels.allows(spec, user, self._groups(identity, user))}
 
     async def _usable_spec(self, request: Any, name: str) -> KernelSpecInfo:
         """The kernelspec ``name`` if the caller (a user-bound caller, or the ``?user=`` it names) may use it;
