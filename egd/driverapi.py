@@ -159,6 +159,12 @@ class KernelDriver(Protocol):
     Optional: a class attribute ``kernels_apart = True`` says that each kernel runs apart from the others (a
     container or pod of its own), so that kernels cannot read each other's files even when they run as one
     account; users are then apart without impersonation (``egd.tenancy``).
+
+    Optional: ``health() -> Mapping[str, Any]`` for a driver with hosts that can be out (``ssh``):
+    ``ready`` (False when the driver can take no work now, and ``/readyz`` is then not ready), ``detail`` (one
+    line, shown in ``/readyz`` as ``ok (...)`` even while ready, and on the status page) and ``hosts``
+    (``{host: {"up": bool, "failures": int, ...}}``, exported as ``egd_driver_host_up`` and
+    ``egd_driver_host_failures_total``); see :func:`egd.metrics.driver_health`.
     """
 
     name: str

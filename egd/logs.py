@@ -31,6 +31,7 @@ _CHATTER_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory 
 _LEGACY_CHATTER = re.compile(r"\S.* starting on \d+|\(\w+ Port \d+ Closed\)")
 
 
+_NEWLINES = re.compile(r"\s*[\r\n]+\s*")
 #: syslog priorities by level: journald reads a leading "<N>" as the line's PRIORITY (journalctl -p err works).
 _PRIORITY = {"debug": 7, "info": 6, "warn": 4, "error": 3, "critical": 2}
 #: The filter of the running observer, so that a config reload can change the level (set_level).
@@ -51,17 +52,21 @@ def _text_observer(out: IO[str], journal: bool = False) -> Any:
     from datetime import datetime, timezone
 
     def observe(event: dict[str, Any]) -> None:
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text = f"{text}\n{failure.getTraceback()}"
+        # One event, one line: a message that carries newlines (a remote command's stderr, say) has them as " | ",
+        # so that grep, journald's entries and their priorities see the whole event.
+        text = _NEWLINES.sub(" | ", formatEvent(event).strip())
         when = datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
         level = event.get("log_level", LogLevel.info).name
         namespace = event.get("log_namespace", "-")
-        if journal:  # journald stamps each line itself and takes the priority from the prefix
-            out.write(f"<{_PRIORITY.get(level, 6)}>{level:<5} [{namespace}] {text}\n")
-        else:
-            out.write(f"{when}Z {level:<5} [{namespace}] {text}\n")
+        # journald stamps each line itself and takes the priority from the prefix
+        head = f"<{_PRIORITY.get(level, 6)}>" if journal else f"{when}Z "
+        out.write(f"{head}{level:<5} [{namespace}] {text}\n")
+        failure = event.get("log_failure")
+        if failure is not None:
+            # A traceback (a bug in egd) stays readable, indented under its event; on journald every line of it
+            # carries the event's priority, so `journalctl -p err` shows it whole.
+            prefix = head if journal else ""
+            out.writelines(f"{prefix}    {line}\n" for line in failure.getTraceback().rstrip().splitlines())
         out.flush()
 
     return observe

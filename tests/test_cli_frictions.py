@@ -226,3 +226,39 @@ def test_twisted_chatter_is_debug(terminal: Callable[..., Terminal]) -> None:
     for level, shown in (("info", False), ("debug", True)):
         out = subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True, timeout=60).stdout
         assert ("Starting factory" in out and "Stopping factory" in out) is shown, (level, out)
+
+
+_ONE_EVENT = """
+import os, sys
+from twisted.logger import Logger
+from egd.logs import start_logging
+if sys.argv[1] == "journal":
+    st = os.fstat(sys.stdout.fileno())
+    os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+start_logging("info", out=sys.stdout)
+log = Logger(namespace="egd.test")
+log.warn("ssh egdh2 failed: {why}", why="ssh: connect to host egdh2 port 22: No route to host\\r\\nsecond line\\n")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.failure("a bug")
+"""
+
+
+@pytest.mark.parametrize("where", ["terminal", "journal"])
+def test_one_event_one_line(where: str) -> None:
+    """A message with newlines in it (a remote command's stderr) is one line, its newlines as " | "; a
+    traceback is indented under its event, and on journald each of its lines carries the event's priority."""
+    out = subprocess.run([sys.executable, "-c", _ONE_EVENT, where], capture_output=True, text=True,
+                         timeout=60).stdout.splitlines()
+    warning = [line for line in out if "egdh2" in line]
+    assert len(warning) == 1, out
+    assert warning[0].endswith("No route to host | second line"), warning
+    bug = out.index(next(line for line in out if line.endswith("a bug")))
+    traceback = out[bug + 1:]
+    assert traceback and any("ZeroDivisionError" in line for line in traceback), out
+    if where == "journal":
+        assert warning[0].startswith("<4>warn") and out[bug].startswith("<2>critical"), out  # log.failure: critical
+        assert all(line.startswith("<2>    ") for line in traceback), out
+    else:
+        assert all(line.startswith("    ") for line in traceback), out
