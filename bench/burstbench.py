@@ -125,8 +125,9 @@ def starts_figures(client: GatewayClient, spec: str, count: int, one: float | No
             "p90_over_single": p90 / one, "burst_median_s": statistics.median(seconds) if seconds else None}
 
 
-def ssh_burst(count: int, tmp: Path) -> dict[str, Any]:
-    """``count`` starts at once on the ssh lab's two hosts (tests/sshhosts.py; needs root)."""
+def ssh_burst(count: int, tmp: Path, pool: int = 0) -> dict[str, Any]:
+    """``count`` starts at once on the ssh lab's two hosts (tests/sshhosts.py; needs root); with ``pool``, the
+    single start is timed without a pool and the burst is served from a pool of that many."""
     from tests.sshhosts import SshLab
     from tests.test_ssh import ssh_gateway
 
@@ -134,7 +135,14 @@ def ssh_burst(count: int, tmp: Path) -> dict[str, Any]:
         lab.start()
         gw = ssh_gateway(lab, tmp / "ssh")
         try:
-            figures = starts_figures(gw.client, "ssh_python", count)
+            cold = None
+            if pool:
+                cold = single_start(gw.client, "ssh_python")
+                gw.stop(timeout=120)
+                gw = ssh_gateway(lab, tmp / "ssh-pool", kernels={"pools": {"ssh_python": pool}})
+                wait_for_pool(gw, "ssh_python", pool)
+            figures = starts_figures(gw.client, "ssh_python", count, cold)
+            figures["pool"] = pool
         finally:
             gw.stop(timeout=120)
     print(f"ssh starts: single {figures['single_median_s']:.2f}s; {figures['succeeded']}/{count} at once on 2 hosts, "
@@ -156,13 +164,19 @@ def pooled_gateway(cold: GatewayProcess, tmp: Path, pool: int) -> GatewayProcess
     """Stop ``cold`` and start an egd whose pool holds ``pool`` ready kernels; return once the pool is full."""
     cold.stop(timeout=120)
     gw = GatewayProcess(gateway_config(tmp, pool))
+    wait_for_pool(gw, "k", pool)
+    return gw
+
+
+def wait_for_pool(gw: GatewayProcess, spec: str, size: int) -> None:
+    """Return once ``gw``'s pool of ``spec`` holds ``size`` ready kernels (from its log)."""
     deadline = time.monotonic() + 600
-    while f"({pool} of {pool})" not in gw.log_path.read_text(errors="replace"):
+    while f"pool {spec}: kernel" not in gw.log_path.read_text(errors="replace") or \
+            f"({size} of {size})" not in gw.log_path.read_text(errors="replace"):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the pool of {pool} was not full within 600 s")
+            raise TimeoutError(f"the pool of {size} was not full within 600 s")
         time.sleep(0.5)
     time.sleep(2)  # let the last kernels' boots settle
-    return gw
 
 
 def main() -> int:
@@ -173,7 +187,8 @@ def main() -> int:
     parser.add_argument("--kernels", type=int, default=10)
     parser.add_argument("--executes", type=int, default=100)
     parser.add_argument("--ssh-starts", type=int, default=30)
-    parser.add_argument("--pool", type=int, default=0, help="starts: serve the burst from a pool of this many")
+    parser.add_argument("--pool", type=int, default=0,
+                        help="serve the bursts from pools: of this many for starts, of --ssh-starts for ssh")
     parser.add_argument("--only", default="starts,clients,ssh")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -240,7 +255,7 @@ def main() -> int:
         gw.stop(timeout=120)
     if "ssh" in sections:
         try:
-            results["ssh"] = ssh_burst(args.ssh_starts, tmp)
+            results["ssh"] = ssh_burst(args.ssh_starts, tmp, args.ssh_starts if args.pool else 0)
         except Exception as exc:
             print(f"burstbench failed (ssh): {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2

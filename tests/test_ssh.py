@@ -37,8 +37,8 @@ def write_spec(root: Path, name: str, argv: list[str], **metadata: Any) -> None:
     (root / name / "kernel.json").write_text(json.dumps(spec))
 
 
-def ssh_gateway(lab: SshLab, tmp: Path, **ssh_settings: Any) -> GatewayProcess:
-    """An egd whose ssh driver uses the lab's hosts."""
+def ssh_gateway(lab: SshLab, tmp: Path, kernels: dict[str, Any] | None = None, **ssh_settings: Any) -> GatewayProcess:
+    """An egd whose ssh driver uses the lab's hosts (``kernels``: more of the kernels section, e.g. pools)."""
     specs = tmp / "specs"
     python = lab.python
     write_spec(specs, "ssh_python", [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"])
@@ -50,7 +50,7 @@ def ssh_gateway(lab: SshLab, tmp: Path, **ssh_settings: Any) -> GatewayProcess:
                 **ssh_settings}
     gw = GatewayProcess({
         "kernels": {"kernelspec_dirs": [str(KERNELSPECS), str(specs)], "heartbeat_interval": 1,
-                    "heartbeat_misses": 3},
+                    "heartbeat_misses": 3, **(kernels or {})},
         "drivers": {"local": {}, "ssh": settings},
     })
     gw.host_log_dir = tmp / "hostlogs"  # type: ignore[attr-defined]
