@@ -10,10 +10,11 @@ secret (tokens, DSNs use :func:`string`, which does not).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 Checker = Callable[[Any, str, list[str]], Any]
@@ -216,14 +217,32 @@ class Settings:
 S = TypeVar("S", bound=Settings)
 
 
+#: Up to this many known keys, an unknown key's message lists them all when none is close.
+_LISTED_KEYS = 8
+
+
+def unknown_key(path: str, key: Any, known: Iterable[str], kind: str = "key") -> str:
+    """The problem of ``key``, not one of the ``known`` keys under ``path`` (empty: the top level): the close
+    match when there is one (a typo), else the known keys when they are few."""
+    names = sorted(known)
+    close = difflib.get_close_matches(str(key), names, n=1)
+    if close:
+        hint = f"did you mean {close[0]}?"
+    elif len(names) <= _LISTED_KEYS:
+        hint = f"known: {', '.join(names)}"
+    else:
+        hint = f"none of the {len(names)} keys of {path} is close; the configuration reference lists them"
+    return f"{path}.{key}: unknown {kind} ({hint})" if path else f"{key}: unknown {kind} ({hint})"
+
+
 def check_keys(schema: Mapping[str, Checker], raw: Mapping[Any, Any], path: str, problems: list[str],
                kind: str = "setting") -> dict[str, Any]:
-    """Each key of ``raw`` checked by its checker (unknown keys are problems, named as a ``kind``): the values
-    that passed."""
+    """Each key of ``raw`` checked by its checker (an unknown key is a problem, named as a ``kind``, with the
+    close match of a typo: :func:`unknown_key`): the values that passed."""
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in schema:
-            problems.append(f"{path}.{key}: unknown {kind} (known: {', '.join(sorted(schema))})")
+            problems.append(unknown_key(path, key, schema, kind))
             continue
         checked = schema[key](value, f"{path}.{key}", problems)
         if checked is not None or value is None:

@@ -7,7 +7,6 @@ file, so a systemd drop-in or a container can change the address without editing
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +29,7 @@ from egd.checks import (
     readable_file,
     string,
     strings,
+    unknown_key,
 )
 from egd.logs import LOG_LEVELS
 from egd.plugins import load_driver_class
@@ -444,39 +444,13 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
 }
 
 
-#: Up to this many known keys, an unknown key's message lists them all when none is close.
-_LISTED_KEYS = 8
-
-
-def unknown_key(path: str, key: Any, known: Iterable[str], kind: str = "key") -> str:
-    """The problem of ``key``, not one of the ``known`` keys under ``path`` (empty: the top level): the close
-    match when there is one (a typo), else the known keys when they are few."""
-    names = sorted(known)
-    close = difflib.get_close_matches(str(key), names, n=1)
-    if close:
-        hint = f"did you mean {close[0]}?"
-    elif len(names) <= _LISTED_KEYS:
-        hint = f"known: {', '.join(names)}"
-    else:
-        hint = f"none of the {len(names)} keys of {path} is close; the configuration reference lists them"
-    return f"{path}.{key}: unknown {kind} ({hint})" if path else f"{key}: unknown {kind} ({hint})"
-
-
-def _known_only(schema: Iterable[str], raw: dict[Any, Any], path: str, problems: list[str],
-                kind: str = "key") -> dict[Any, Any]:
-    """``raw`` without its unknown keys, each reported (:func:`unknown_key`)."""
-    known = set(schema)
-    problems.extend(unknown_key(path, key, known, kind) for key in raw if key not in known)
-    return {key: value for key, value in raw.items() if key in known}
-
-
 def _section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
         problems.append(f"{path}: must be a mapping")
         return cls()
-    return cls(**check_keys(_SCHEMA[cls], _known_only(_SCHEMA[cls], raw, path, problems), path, problems, "key"))
+    return cls(**check_keys(_SCHEMA[cls], raw, path, problems, "key"))
 
 
 def _drivers(raw: Any, problems: list[str]) -> dict[str, Any]:
@@ -497,9 +471,6 @@ def _drivers(raw: Any, problems: list[str]) -> dict[str, Any]:
             driver = load_driver_class(name, problems)  # an unknown or broken driver hides no other's problems
             built = None
             if driver is not None:
-                if isinstance(settings, dict):  # a typo gets the close key, as in the gateway's sections
-                    settings = _known_only(driver.settings_type.schema, settings, f"drivers.{name}", problems,
-                                           "setting")
                 built = build(driver.settings_type, settings, f"drivers.{name}", problems)
             if built is not None:
                 result[name] = built

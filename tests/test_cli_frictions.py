@@ -164,14 +164,17 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_an_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
-    """A misspelt key, section or driver setting gets "did you mean ...?" instead of the list of every key."""
+    """A misspelt key, section or driver setting (nested ones too) gets "did you mean ...?" instead of the list of
+    every key."""
     path = tmp_path / "typos.yaml"
-    path.write_text("stat: {}\nserver: {prot: 9000}\nkernels: {launch_timout: 30}\ndrivers: {local: {ipp: 1}}\n")
+    path.write_text("stat: {}\nserver: {prot: 9000}\nkernels: {launch_timout: 30}\n"
+                    "drivers: {local: {ipp: 1}, yarn: {distributed_shell: {am_memroy_mb: 512}}}\n")
     result = egd("check-config", str(path))
     assert result.returncode == 1
     for problem in ("stat: unknown section (did you mean state?)", "server.prot: unknown key (did you mean port?)",
                     "kernels.launch_timout: unknown key (did you mean launch_timeout?)",
-                    "drivers.local.ipp: unknown setting (did you mean ip?)"):
+                    "drivers.local.ipp: unknown setting (did you mean ip?)",
+                    "drivers.yarn.distributed_shell.am_memroy_mb: unknown setting (did you mean am_memory_mb?)"):
         assert problem in result.stderr, (problem, result.stderr)
     assert "ws_ping_interval" not in result.stderr and "known:" not in result.stderr, result.stderr
 
