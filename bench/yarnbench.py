@@ -11,6 +11,12 @@ Sections
             sets in the same run: a bare DistributedShell application running ``sleep`` submitted over REST
             until RUNNING, and ``spark-submit`` of a three-line PySpark program until its SparkSession
             exists (the application is RUNNING). Ratio = egd / floor.
+    lazy    Spark kernels with one executor, ``spark_session: lazy`` and ``eager``, against a bare ``spark-submit``
+            (cluster mode) of a program that marks when its driver runs, when its SparkSession exists and when
+            its first job (the sum of ``range(1000)``) has a result, all in the same run. Measured: POST ->
+            kernel_info (lazy, eager) and POST -> first Spark result (lazy: the same job as the first use).
+            Targets (issue 17): lazy kernel_info <= 1.1 x the bare driver start; lazy first result <= 1.05 x
+            the bare SparkSession (also shown against the bare first result, like for like).
     rm      ResourceManager requests per poll interval made by egd with 1 and then 10 plain kernels alive,
             counted by an HTTP proxy between egd and the RM. Target: independent of the number of kernels
             (ratio 10 kernels / 1 kernel <= 1.2). Enterprise Gateway polls once per kernel every 3 s, i.e.
@@ -40,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.client import GatewayClient  # noqa: E402
 from tests.conftest import GatewayProcess, wait_until  # noqa: E402
+from tests.test_spark import SUM  # noqa: E402
 from tests.test_yarn import write_spec, yarn_settings  # noqa: E402
 from tests.test_yarncluster import SPARK_PROGRAM  # noqa: E402
 from tests.yarncluster import YarnCluster, ds_submission, spark_submit  # noqa: E402
@@ -136,13 +143,100 @@ def floor_spark(cluster: YarnCluster, tmp: Path, n: int) -> float:
     return elapsed
 
 
+#: The bare Spark driver of the lazy section: a marker file per stage (``<argv[1]>.driver``, ``.session``, ``.result``).
+STAGED_PROGRAM = """\
+import sys, time
+open(sys.argv[1] + ".driver", "w").close()
+from pyspark.sql import SparkSession
+spark = SparkSession.builder.getOrCreate()
+with open(sys.argv[1] + ".session", "w") as handle:
+    handle.write(spark.sparkContext.applicationId)
+spark.range(1000).groupBy().sum("id").first()
+open(sys.argv[1] + ".result", "w").close()
+time.sleep(600)
+"""
+STAGES = ("driver", "session", "result")
+
+
+def bare_stages(cluster: YarnCluster, tmp: Path, n: int) -> dict[str, float]:
+    """``spark-submit`` of :data:`STAGED_PROGRAM` with one executor: seconds until each stage's marker."""
+    work = tmp / f"bare-stages-{n}"
+    work.mkdir(parents=True)
+    program = work / "staged.py"
+    program.write_text(STAGED_PROGRAM)
+    marker = work / "mark"
+    argv, env = spark_submit(cluster, program, f"bare-stages-{n}", tags=[f"yarnbench-stages-{n}"],
+                             args=[str(marker)], executors=1)
+    started = time.monotonic()
+    subprocess.run(argv, env=env, cwd=work, capture_output=True, check=True, timeout=180)
+    seen: dict[str, float] = {}
+
+    def all_seen() -> bool:
+        for stage in STAGES:
+            if stage not in seen and Path(f"{marker}.{stage}").exists():
+                seen[stage] = time.monotonic() - started
+        return len(seen) == len(STAGES)
+
+    wait_until(all_seen, 240, 0.02, what="the bare Spark driver's stages")
+    cluster.kill(Path(f"{marker}.session").read_text().strip())
+    return seen
+
+
+def egd_stages(client: GatewayClient, spec: str, first_use: bool) -> dict[str, float]:
+    """POST -> kernel_info and, with ``first_use``, POST -> the result of the first Spark job (seconds)."""
+    started = time.monotonic()
+    kernel_id = client.start_kernel(spec)
+    sock = client.connect(kernel_id, timeout=300)
+    try:
+        sock.wait_for(sock.request("kernel_info_request", {}), 300)
+        times = {"kernel_info": time.monotonic() - started}
+        if first_use:
+            run = sock.execute(SUM, timeout=300)
+            if not run.stdout.startswith("499500"):
+                raise RuntimeError(f"the first Spark job did not answer 499500: {run.reply['content']}")
+            times["first_result"] = time.monotonic() - started
+    finally:
+        sock.close()
+        client.delete_kernel(kernel_id)
+    return times
+
+
+def lazy_section(client: GatewayClient, cluster: YarnCluster, tmp: Path, reps: int) -> dict[str, Any]:
+    """The lazy section (see the module's docstring); reps interleaved bare, lazy, eager."""
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "lazy": [], "eager": []}
+    for n in range(reps):
+        runs["bare"].append(bare_stages(cluster, tmp, n))
+        runs["lazy"].append(egd_stages(client, "yarn_spark_lazy", True))
+        runs["eager"].append(egd_stages(client, "yarn_spark_eager", False))
+
+    def median(kind: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[kind])
+
+    result: dict[str, Any] = {"runs": runs}
+    result.update({f"bare_{stage}_median_s": median("bare", stage) for stage in STAGES})
+    result.update(lazy_kernel_info_median_s=median("lazy", "kernel_info"),
+                  lazy_first_result_median_s=median("lazy", "first_result"),
+                  eager_kernel_info_median_s=median("eager", "kernel_info"))
+    result["ratio_kernel_info_to_driver"] = result["lazy_kernel_info_median_s"] / result["bare_driver_median_s"]
+    result["ratio_first_result_to_session"] = result["lazy_first_result_median_s"] / result["bare_session_median_s"]
+    result["ratio_first_result_to_result"] = result["lazy_first_result_median_s"] / result["bare_result_median_s"]
+    result["pass"] = result["ratio_kernel_info_to_driver"] <= 1.1 and result["ratio_first_result_to_session"] <= 1.05
+    print(f"lazy: bare driver {result['bare_driver_median_s']:.2f}s, session {result['bare_session_median_s']:.2f}s, "
+          f"first result {result['bare_result_median_s']:.2f}s; egd lazy kernel_info "
+          f"{result['lazy_kernel_info_median_s']:.2f}s (x{result['ratio_kernel_info_to_driver']:.2f} the driver), "
+          f"first result {result['lazy_first_result_median_s']:.2f}s (x{result['ratio_first_result_to_session']:.2f} "
+          f"the bare session, x{result['ratio_first_result_to_result']:.2f} its first result); egd eager "
+          f"kernel_info {result['eager_kernel_info_median_s']:.2f}s", flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="starts per kind (default 3)")
     parser.add_argument("--kernels", type=int, default=10, help="kernels alive for the rm section (default 10)")
     parser.add_argument("--window", type=float, default=20.0, help="seconds requests are counted (default 20)")
     parser.add_argument("--poll-interval", type=float, default=2.0)
-    parser.add_argument("--only", default="start,rm")
+    parser.add_argument("--only", default="start,lazy,rm")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sections = set(args.only.split(","))
@@ -159,6 +253,9 @@ def main() -> int:
         specs = tmp / "specs"
         write_spec(specs, "yarn_python", 180, mode="python", memory="256m")
         write_spec(specs, "yarn_spark", 300, mode="spark")
+        for mode in ("lazy", "eager"):
+            write_spec(specs, f"yarn_spark_{mode}", 300, mode="spark", spark_session=mode, num_executors=1,
+                       max_executors=1)
         settings = yarn_settings(cluster, tmp, poll_interval=args.poll_interval)
         settings["resource_managers"] = [proxy.url]
         gw = GatewayProcess({"kernels": {"kernelspec_dirs": [str(specs)], "max_launch_timeout": 300,
@@ -179,6 +276,8 @@ def main() -> int:
                                             "floor_median_s": floor_median, "ratio": egd_median / floor_median}
                 print(f"start {kind}: egd {egd_median:.2f}s, YARN floor {floor_median:.2f}s, "
                       f"ratio {egd_median / floor_median:.2f}", flush=True)
+        if "lazy" in sections:
+            results["lazy"] = lazy_section(client, cluster, tmp, args.reps)
         if "rm" in sections:
             ids = [client.start_kernel("yarn_python")]
             time.sleep(2 * args.poll_interval)
@@ -210,7 +309,8 @@ def main() -> int:
         cluster.stop()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0 if results.get("rm", {}).get("pass", True) else 1
+    passed = all(results.get(section, {}).get("pass", True) for section in ("rm", "lazy"))
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

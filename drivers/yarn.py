@@ -4,7 +4,9 @@ Two kinds of kernel, chosen by the kernelspec (``metadata.egd.config.mode``):
 
 - ``spark``: a Spark driver in cluster mode. egd runs ``spark-submit`` as a process with an argv (no shell, no
   ``eval``), with egd's launcher as the Python application; the launcher starts the kernel in the application
-  master's container, where the kernel creates the SparkSession (``spark``, ``sc``) before it reports ready.
+  master's container, where the kernel gets the SparkSession as ``spark`` and ``sc`` as the kernelspec's
+  ``spark_session`` says (``launchers/lazy_spark.py``): ``lazy`` (the default) builds it in the background while
+  the kernel already answers, ``eager`` before the kernel reports ready, ``none`` not at all.
 - ``python``: a plain kernel with no Spark. A kernel cannot be its own ApplicationMaster (YARN fails an AM that
   never registers), so egd submits Hadoop's stock DistributedShell AM through the RM REST API; that AM registers,
   asks for one container and runs egd's launch script there. No project-owned Java, no JVM client per kernel.
@@ -51,6 +53,7 @@ from egd.drivers.process import CapturedProcess
 from egd.drivers.yarn_rm import FINAL_STATES, ResourceManager, RMError, RMUnavailable
 from egd.drivers.yarn_watch import AppWatch, AppWatcher
 from egd.drivertools import (
+    DEFAULT_LAUNCHER,
     LauncherSettings,
     fill_placeholders,
     impersonated_user,
@@ -73,6 +76,13 @@ from egd.remote import (
 log = Logger()
 
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
+#: ``metadata.egd.config.spark_session``: when a Spark kernel's SparkSession is built (``lazy``: in the background
+#: while the kernel already answers; ``eager``: before it reports ready; ``none``: never), the first the default.
+SPARK_SESSION_MODES = ("lazy", "eager", "none")
+#: EG's launcher option with the same three modes, in EG's Spark kernelspecs' argv.
+EG_SPARK_MODE_OPTION = "--RemoteProcessProxy.spark-context-initialization-mode"
+#: The module that builds the SparkSession in the kernel; it lies beside the launcher and goes with it.
+SPARK_SESSION_MODULE = "lazy_spark.py"
 _DS_MAIN = "org.apache.hadoop.yarn.applications.distributedshell.ApplicationMaster"
 #: The classpath of a stock Hadoop installation (yarn.application.classpath's default plus the DS jar's folder).
 _DEFAULT_DS_CLASSPATH = "<CPS>".join([
@@ -195,6 +205,35 @@ def kernel_resources(env: Mapping[str, str], config: Mapping[str, Any], default_
         raise BadRequest(f"KERNEL_NUM_EXECUTORS must be at most {max_executors} for this kernelspec")
     return Resources(queue, memory("KERNEL_DRIVER_MEMORY", "512m"), cores("KERNEL_DRIVER_CORES"), executors,
                      memory("KERNEL_EXECUTOR_MEMORY", "512m"), cores("KERNEL_EXECUTOR_CORES"), max_executors)
+
+
+def spark_session_mode(spec_name: str, config: Mapping[str, Any], default: str | None = "lazy") -> str | None:
+    """The kernelspec's ``spark_session`` (``default`` when it has none); a bad value is a 400 that says which
+    values there are."""
+    value = config.get("spark_session", default)
+    if value is None:
+        return None
+    if value not in SPARK_SESSION_MODES:
+        raise BadRequest(f"kernelspec {spec_name}: metadata.egd.config.spark_session must be one of "
+                         f"{', '.join(SPARK_SESSION_MODES)}, not {str(value)[:40]!r}")
+    return str(value)
+
+
+def with_eg_spark_mode(spec_name: str, argv: list[str], mode: str | None) -> list[str]:
+    """An EG kernelspec's argv with its ``spark-context-initialization-mode`` set to ``mode`` (the spec's
+    ``spark_session``; None leaves the argv as it is). Both spellings, ``--option value`` and ``--option=value``."""
+    if mode is None:
+        return argv
+    result, found = list(argv), False
+    for i, item in enumerate(result):
+        if item == EG_SPARK_MODE_OPTION and i + 1 < len(result):
+            result[i + 1], found = mode, True
+        elif item.startswith(EG_SPARK_MODE_OPTION + "="):
+            result[i], found = f"{EG_SPARK_MODE_OPTION}={mode}", True
+    if not found:
+        raise BadRequest(f"kernelspec {spec_name}: metadata.egd.config.spark_session needs "
+                         f"{EG_SPARK_MODE_OPTION} in its argv (EG's launcher carries the mode out)")
+    return result
 
 
 def describe_app(app: Mapping[str, Any]) -> str:
@@ -335,6 +374,7 @@ class YarnDriver(PollingDriver):
         if mode not in ("spark", "python"):
             raise LaunchFailed(f"kernelspec {request.spec.name}: metadata.egd.config.mode must be spark or python")
         resources = kernel_resources(request.env, config, self.settings.queue, spark=mode == "spark")
+        session = spark_session_mode(request.spec.name, config) if mode == "spark" else None
         user = self._yarn_user(request)
         started = self._reactor.seconds()
         registration = self.listener.register(request.kernel_id)
@@ -350,7 +390,7 @@ class YarnDriver(PollingDriver):
         async def submit() -> None:
             if mode == "spark":
                 self.watcher.watch(watch)
-                await self._submit_spark(request, resources, user, workdir, secrets, started)
+                await self._submit_spark(request, resources, user, workdir, secrets, started, session or "lazy")
             else:
                 watch.app_id = await self._submit_python(request, resources, user, workdir, secrets)
                 self.watcher.watch(watch)
@@ -418,10 +458,15 @@ class YarnDriver(PollingDriver):
             defaults, env.get(name, ""), f"--conf spark.yarn.tags={self._tag},{request.kernel_id}") if part)
         return env
 
+    def eg_spec_argv(self, request: LaunchRequest) -> list[str]:
+        """The EG spec's argv with the spec's ``spark_session`` (if it has one) as EG's Spark context mode."""
+        return with_eg_spark_mode(request.spec.name, list(request.spec.argv),
+                                  spark_session_mode(request.spec.name, request.spec.driver_config, None))
+
     def eg_argv(self, request: LaunchRequest, public_key: str) -> list[str]:
         """The EG spec's argv with EG's placeholders filled."""
         callback = self.listener.address
-        return fill_placeholders(request.spec.argv, {
+        return fill_placeholders(self.eg_spec_argv(request), {
             "kernel_id": request.kernel_id, "resource_dir": request.spec.resource_dir,
             "response_address": f"{callback[0]}:{callback[1]}", "public_key": public_key,
             "port_range": eg_port_range(self._port_range), "connection_file": "",
@@ -431,6 +476,7 @@ class YarnDriver(PollingDriver):
         """An EG ``YarnClusterProcessProxy`` spec: run its argv here (it submits the application), then wait for
         the payload of EG's launcher from the application master's host."""
         env = self.eg_environment(request)
+        self.eg_spec_argv(request)  # a bad spark_session is a 400 before anything is submitted
         user = self._yarn_user(request)
         started = self._reactor.seconds()
         registration = self.listener.register(request.kernel_id, eg=True)
@@ -502,12 +548,12 @@ class YarnDriver(PollingDriver):
             raise LaunchFailed(f"{os.path.basename(argv[0])} exited with code {code}: {proto.stderr()}")
 
     def _launcher_args(self, request: LaunchRequest, callback: tuple[str, int], secrets_file: str | None,
-                       spark: bool) -> list[str]:
+                       spark_session: str | None) -> list[str]:
         options = ["--foreground"]
         if secrets_file:
             options += ["--secrets-file", secrets_file]
-        if spark:
-            options.append("--spark-session")
+        if spark_session:
+            options.append(f"--spark-session={spark_session}")
         return launcher_arguments(request, callback, self._port_range, request.spec.argv, *options)
 
     def _process_env(self) -> dict[str, str]:
@@ -521,7 +567,7 @@ class YarnDriver(PollingDriver):
         return env
 
     def spark_submit_argv(self, request: LaunchRequest, resources: Resources, user: str,
-                          secrets_path: str) -> list[str]:
+                          secrets_path: str, spark_session: str = "lazy") -> list[str]:
         """The ``spark-submit`` command line of a Spark kernel (an argv: nothing here is parsed by a shell)."""
         conf: dict[str, str] = {
             "spark.yarn.tags": f"{self._tag},{request.kernel_id}",
@@ -555,19 +601,24 @@ class YarnDriver(PollingDriver):
             argv += ["--conf", f"{name}={value}"]
         if self.settings.impersonation:
             argv += ["--proxy-user", user]
-        # The launcher imports its protocol module from beside it: Spark ships it to the driver's container.
+        # The launcher imports its protocol module from beside it, and the kernel the session's module: Spark ships
+        # both to the driver's container.
         launcher = self.settings.launcher_path
-        argv += ["--files", secrets_path, "--py-files", protocol_module_beside(launcher), launcher,
-                 *self._launcher_args(request, self.listener.address, os.path.basename(secrets_path), spark=True)]
+        py_files = [protocol_module_beside(launcher)]
+        if spark_session != "none":
+            py_files.append(spark_session_module(launcher))
+        argv += ["--files", secrets_path, "--py-files", ",".join(py_files), launcher,
+                 *self._launcher_args(request, self.listener.address, os.path.basename(secrets_path),
+                                      spark_session)]
         return argv
 
     async def _submit_spark(self, request: LaunchRequest, resources: Resources, user: str, workdir: str,
-                            secrets: str, started: float) -> None:
+                            secrets: str, started: float, spark_session: str) -> None:
         secrets_path = os.path.join(workdir, "egd-launch.json")
         fd = os.open(secrets_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets)
-        argv = self.spark_submit_argv(request, resources, user, secrets_path)
+        argv = self.spark_submit_argv(request, resources, user, secrets_path, spark_session)
         await self._run_submitter(request, argv, self._process_env(), workdir, started)
 
     def python_submission(self, request: LaunchRequest, resources: Resources, app_id: str,
@@ -603,7 +654,7 @@ class YarnDriver(PollingDriver):
     def launch_script(self, request: LaunchRequest, callback: tuple[str, int], secrets: str) -> str:
         """The script DistributedShell runs: ``exec`` of the launcher, secrets on its stdin from a quoted
         here-document (one JSON line, so it cannot end the document early; nothing in it is expanded)."""
-        argv = [self._python, self.settings.launcher_path, *self._launcher_args(request, callback, None, spark=False)]
+        argv = [self._python, self.settings.launcher_path, *self._launcher_args(request, callback, None, None)]
         return ("#!/bin/sh\n# egd kernel launch; generated, do not edit\n"
                 f"exec {' '.join(shlex.quote(a) for a in argv)} <<'EGD_LAUNCH_SECRETS'\n"
                 f"{secrets}\nEGD_LAUNCH_SECRETS\n")
@@ -722,6 +773,15 @@ class YarnDriver(PollingDriver):
         self.watcher.forget(kernel.watch)
         if self._kernels.get(kernel.watch.kernel_id) is kernel:
             del self._kernels[kernel.watch.kernel_id]
+
+
+def spark_session_module(launcher_path: str) -> str:
+    """The SparkSession module for a launcher at ``launcher_path``: the one beside it, else this egd's own (a
+    launcher copied before the module existed)."""
+    beside = os.path.join(os.path.dirname(launcher_path), SPARK_SESSION_MODULE)
+    if os.path.isfile(beside):
+        return beside
+    return os.path.join(os.path.dirname(DEFAULT_LAUNCHER), SPARK_SESSION_MODULE)
 
 
 def _report_progress(request: LaunchRequest, app: dict[str, Any]) -> None:

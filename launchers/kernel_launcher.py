@@ -46,9 +46,13 @@ import time
 from typing import Any
 
 if __package__:  # imported: egd.launchers, installed with egd
+    from . import launcher_protocol as _protocol
     from .launcher_protocol import MAX_LINE, NonceCache, parse_message, sign, verify
 else:  # run as a script on a host: the protocol module lies beside this file
+    import launcher_protocol as _protocol  # type: ignore[no-redef]
     from launcher_protocol import MAX_LINE, NonceCache, parse_message, sign, verify  # type: ignore[no-redef]
+#: Where the protocol module was found: the SparkSession module travels with it (Spark's ``--py-files``).
+_protocol_file: str | None = getattr(_protocol, "__file__", None)
 
 #: A control connection must deliver its whole request within this many seconds (a total, not per recv).
 CONTROL_DEADLINE = 2.0
@@ -62,6 +66,24 @@ PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port
 PORT_ATTEMPTS = 4
 #: How often a starting kernel's ports are checked (seconds).
 PORT_POLL = 0.05
+#: ``--spark-session`` modes (``lazy_spark.MODES``; this file must not import it: it runs in the kernel).
+SPARK_MODES = ("lazy", "eager", "none")
+#: The module that builds the SparkSession in the kernel, beside this file.
+SPARK_MODULE = "lazy_spark.py"
+#: The kernel's startup file: loads that module under a name of its own (the user's ``import`` of a module called
+#: ``lazy_spark`` must not find it), and leaves only ``spark`` and ``sc`` in the user's namespace.
+SPARK_STARTUP = """def _egd_spark_session():
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("egd_lazy_spark", {module!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["egd_lazy_spark"] = module
+    module.install({mode!r}, get_ipython().user_ns, get_ipython())
+try:
+    _egd_spark_session()
+finally:
+    del _egd_spark_session
+"""
 #: strerror(EADDRINUSE), as a kernel that could not bind writes it (ZeroMQ, Python, R, Go and most runtimes).
 ADDRESS_IN_USE = b"Address already in use"
 
@@ -499,7 +521,7 @@ class Launcher:
         if self.args.foreground and argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable  # the Python the resource manager started this launcher with
         command = _kernel_command(argv, connection_file)
-        if self.args.spark_session:
+        if self.args.spark_session != "none":
             command += [f"--IPKernelApp.exec_files={self._spark_startup()}"]
         _log(f"starting kernel: {command[0]} ... ({len(command)} arguments)")
         cwd = self.args.working_dir if self.args.working_dir and os.path.isdir(self.args.working_dir) else None
@@ -558,13 +580,16 @@ class Launcher:
                 self.kernel.wait(10)
 
     def _spark_startup(self) -> str:
-        """A startup file that creates the SparkSession (in the JVM that runs this launcher) as ``spark``/``sc``."""
+        """A startup file that gives the kernel ``spark``/``sc`` (a SparkSession in the JVM that runs this
+        launcher) as ``--spark-session`` says: built in the background (``lazy``) or before the kernel answers
+        (``eager``), by ``lazy_spark.py``, which lies beside this file or beside the protocol module (YARN puts
+        what Spark ships with ``--py-files`` into ``__pyfiles__``)."""
+        folders = [os.path.dirname(os.path.abspath(path)) for path in (__file__, _protocol_file) if path]
+        module = next((p for p in (os.path.join(f, SPARK_MODULE) for f in folders) if os.path.isfile(p)),
+                      os.path.join(folders[0], SPARK_MODULE))
         path = os.path.join(self.workdir, "spark_session.py")
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write("from pyspark.sql import SparkSession as _EgdSparkSession\n"
-                         "spark = _EgdSparkSession.builder.getOrCreate()\n"
-                         "sc = spark.sparkContext\n"
-                         "del _EgdSparkSession\n")
+            handle.write(SPARK_STARTUP.format(module=module, mode=self.args.spark_session))
         return path
 
     def signal_kernel(self, signum: int) -> bool:
@@ -777,8 +802,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--foreground", action="store_true",
                         help="do not detach; the kernel stays in this process group (YARN: the container "
                              "lives as long as this process, and YARN's kill reaches the kernel)")
-    parser.add_argument("--spark-session", action="store_true",
-                        help="create a SparkSession in the kernel before it is ready, as `spark` and `sc`")
+    parser.add_argument("--spark-session", nargs="?", const="eager", default="none", choices=SPARK_MODES,
+                        help="the kernel's SparkSession as `spark` and `sc`: lazy (built in the background, the "
+                             "first use waits), eager (built before the kernel is ready; also the flag alone) or "
+                             "none")
     parser.add_argument("--exec", action="store_true",
                         help="detach, then become the kernel's command (no connection file, callback or control "
                              "port: the command is a kernel launcher of its own, such as Enterprise Gateway's)")
