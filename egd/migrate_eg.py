@@ -1115,9 +1115,12 @@ class Migration:
                              "spark-submit gets drivers.yarn.env (gateway-wide), a Spark kernel gets "
                              "spark.yarn.appMasterEnv.* in spark_conf")
         mode = self._launcher_option(argv, "spark-context-initialization-mode")
-        if mode == "lazy":
-            self.report.next_steps.append(f"kernelspec {name}: EG created the SparkContext lazily; egd's launcher "
-                                          "creates the SparkSession before the kernel reports ready")
+        if mode in ("lazy", "eager", "none"):
+            # EG's three modes are egd's: lazy (ready at once, the session built behind the first cells), eager
+            # (ready with the session), none (no session).
+            config["spark_session"] = mode
+            self.report.carry(f"{where}: --RemoteProcessProxy.spark-context-initialization-mode {mode}",
+                              f"metadata.egd.config.spark_session: {mode}")
         self._ignored_launcher_options(name, argv, {"kernel-id", "response-address", "public-key", "port-range",
                                                     "spark-context-initialization-mode"})
         return self._native(spec, metadata, "yarn", config, [python, "-m", "ipykernel_launcher", "-f",

@@ -266,7 +266,8 @@ def test_kernelspecs_are_listed_with_their_drivers(migrated: tuple[Path, subproc
 
 def test_native_kernelspecs(migrated: tuple[Path, subprocess.CompletedProcess[str]], eg_kernels: Path) -> None:
     """python_distributed becomes an ssh spec running ipykernel through egd's launcher; spark_python_yarn_cluster a
-    yarn spec in mode spark whose Spark settings and resources come from SPARK_OPTS."""
+    yarn spec in mode spark whose Spark settings and resources come from SPARK_OPTS, and whose SparkSession is
+    built as EG's spark-context-initialization-mode said (lazy)."""
     out, _ = migrated
     distributed = json.loads((out / "kernelspecs" / "python_distributed" / "kernel.json").read_text())
     assert distributed["argv"] == ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -281,7 +282,7 @@ def test_native_kernelspecs(migrated: tuple[Path, subprocess.CompletedProcess[st
     assert "env" not in cluster
     assert cluster["metadata"]["egd"] == {"driver": "yarn", "config": {
         "mode": "spark", "queues": ["analytics"], "driver_memory": "6g", "num_executors": 3, "max_memory": "6144m",
-        "max_executors": 3,
+        "max_executors": 3, "spark_session": "lazy",
         "spark_conf": {"spark.executor.memoryOverhead": "1g", "spark.sql.shuffle.partitions": "64"}}}
 
     # What egd cannot run natively stays EG's kernelspec, whole, for egd's EG support.
