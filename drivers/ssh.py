@@ -227,7 +227,7 @@ class SshDriver(AsyncMultiService):
         if code < 0:  # killed (a probe or launch abandoned): it tells nothing
             return
         stderr = proc.stderr()
-        if code != SSH_FAILED or _LOGIN_REFUSED in stderr:
+        if not _unreachable(code, stderr):
             self._host_health.succeeded(host)
         elif not any(problem in stderr for problem in _LOCAL_SSH_PROBLEMS):
             self._probe_logins[host] = login
@@ -244,10 +244,7 @@ class SshDriver(AsyncMultiService):
                 proc.transport.signalProcess("KILL")
             return f"the probe did not finish within {limit}s"
         code = await proc.ended
-        stderr = proc.stderr()
-        if code == SSH_FAILED and _LOGIN_REFUSED not in stderr:
-            return one_line(stderr) or "ssh failed"
-        return None
+        return (one_line(proc.stderr()) or "ssh failed") if _unreachable(code, proc.stderr()) else None
 
     def _kernel_argv(self, request: LaunchRequest, public_key: str = "") -> list[str]:
         """The kernelspec's argv with the placeholders egd fills on the gateway (``{connection_file}`` is the
@@ -394,14 +391,13 @@ class SshDriver(AsyncMultiService):
                       kernel_id=request.kernel_id, host=host, why=stderr)
             raise LaunchFailed(f"ssh could not set up its shared connection on the gateway (a local problem, "
                                f"not host {host}): {stderr}")
+        self._observe(host, login, code, proc)
         if code == SSH_FAILED:
             why = stderr or "ssh failed"
             log.warn("kernel {kernel_id}: host {host} unreachable, trying the next one: {why}",
                      kernel_id=request.kernel_id, host=host, why=why)
             tried.append(f"{host}: {why}")
-            self._observe(host, login, code, proc)
             return None
-        self._observe(host, login, code, proc)
         if code != 0:
             raise LaunchFailed(f"the launcher on {host} exited with code {code}: {stderr or 'no output'}")
         started = _parse_started(proc)
@@ -532,6 +528,12 @@ class SshDriver(AsyncMultiService):
             return ""
         code, proc = await self._run_ssh(host, ["tail", "-n", "15", "--", path], login=login)
         return one_line(proc.stdout(), _LOG_TAIL_LIMIT) if code == 0 else ""
+
+
+def _unreachable(code: int, stderr: str) -> bool:
+    """Whether an ssh run that ended with ``code`` did not reach its host: ssh's own failure, other than a refused
+    login (the host answered; the login is the problem)."""
+    return code == SSH_FAILED and _LOGIN_REFUSED not in stderr
 
 
 def _short_parent(control_dir: str) -> str:

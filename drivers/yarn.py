@@ -207,12 +207,10 @@ def kernel_resources(env: Mapping[str, str], config: Mapping[str, Any], default_
                      memory("KERNEL_EXECUTOR_MEMORY", "512m"), cores("KERNEL_EXECUTOR_CORES"), max_executors)
 
 
-def spark_session_mode(spec_name: str, config: Mapping[str, Any], default: str | None = "lazy") -> str | None:
-    """The kernelspec's ``spark_session`` (``default`` when it has none); a bad value is a 400 that says which
-    values there are."""
-    value = config.get("spark_session", default)
-    if value is None:
-        return None
+def spark_session_mode(spec_name: str, config: Mapping[str, Any]) -> str:
+    """The kernelspec's ``spark_session`` (``lazy`` when it has none); a bad value is a 400 that says which values
+    there are."""
+    value = config.get("spark_session", SPARK_SESSION_MODES[0])
     if value not in SPARK_SESSION_MODES:
         raise BadRequest(f"kernelspec {spec_name}: metadata.egd.config.spark_session must be one of "
                          f"{', '.join(SPARK_SESSION_MODES)}, not {str(value)[:40]!r}")
@@ -374,7 +372,7 @@ class YarnDriver(PollingDriver):
         if mode not in ("spark", "python"):
             raise LaunchFailed(f"kernelspec {request.spec.name}: metadata.egd.config.mode must be spark or python")
         resources = kernel_resources(request.env, config, self.settings.queue, spark=mode == "spark")
-        session = spark_session_mode(request.spec.name, config) if mode == "spark" else None
+        session = spark_session_mode(request.spec.name, config) if mode == "spark" else "none"
         user = self._yarn_user(request)
         started = self._reactor.seconds()
         registration = self.listener.register(request.kernel_id)
@@ -390,7 +388,7 @@ class YarnDriver(PollingDriver):
         async def submit() -> None:
             if mode == "spark":
                 self.watcher.watch(watch)
-                await self._submit_spark(request, resources, user, workdir, secrets, started, session or "lazy")
+                await self._submit_spark(request, resources, user, workdir, secrets, started, session)
             else:
                 watch.app_id = await self._submit_python(request, resources, user, workdir, secrets)
                 self.watcher.watch(watch)
@@ -460,8 +458,9 @@ class YarnDriver(PollingDriver):
 
     def eg_spec_argv(self, request: LaunchRequest) -> list[str]:
         """The EG spec's argv with the spec's ``spark_session`` (if it has one) as EG's Spark context mode."""
-        return with_eg_spark_mode(request.spec.name, list(request.spec.argv),
-                                  spark_session_mode(request.spec.name, request.spec.driver_config, None))
+        config = request.spec.driver_config
+        mode = spark_session_mode(request.spec.name, config) if "spark_session" in config else None
+        return with_eg_spark_mode(request.spec.name, list(request.spec.argv), mode)
 
     def eg_argv(self, request: LaunchRequest, public_key: str) -> list[str]:
         """The EG spec's argv with EG's placeholders filled."""

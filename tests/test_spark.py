@@ -20,10 +20,10 @@ from drivers.yarn import EG_SPARK_MODE_OPTION, with_eg_spark_mode
 from egd.errors import BadRequest
 from tests import egdist
 from tests.client import GatewayClient, KernelSocket
-from tests.conftest import KERNELSPECS, GatewayProcess
+from tests.conftest import GatewayProcess
 from tests.test_eg_yarn import operator_edit
 from tests.test_lifecycle import wait_for_output
-from tests.test_yarn import FINAL, app_of, write_spec, yarn_settings
+from tests.test_yarn import FINAL, app_of, stop_leaving_no_application, write_spec, yarn_gateway, yarn_settings
 from tests.yarncluster import YarnCluster
 
 pytestmark = pytest.mark.spark
@@ -52,15 +52,9 @@ def spark_gw(yarn_cluster: YarnCluster, tmp_path_factory: pytest.TempPathFactory
     # up waiting for executors after 3 s instead of 30 (the session is built without any)
     write_spec(specs, "spark_starved", LAUNCH, queues=["small"],
                spark_conf={"spark.scheduler.maxRegisteredResourcesWaitingTime": "3s"}, **spark)
-    gw = GatewayProcess({
-        "kernels": {"kernelspec_dirs": [str(KERNELSPECS), str(specs)], "launch_timeout": 120,
-                    "heartbeat_interval": 1, "max_launch_timeout": 300},
-        "drivers": {"local": {}, "yarn": yarn_settings(yarn_cluster, tmp)},
-    })
+    gw = yarn_gateway(yarn_cluster, tmp)  # test_yarn's gateway, with these kernelspecs beside its own
     yield gw
-    gw.stop()
-    live = [a["id"] for a in yarn_cluster.apps(applicationTags="egd") if a["state"] not in FINAL]
-    assert not live, f"applications left running: {live}"
+    stop_leaving_no_application(gw, yarn_cluster)
 
 
 @pytest.fixture

@@ -95,8 +95,13 @@ def yarn_gw(yarn_cluster: YarnCluster, tmp_path_factory: pytest.TempPathFactory)
     """egd with the yarn driver, shared by this module; at the end no application of it may still run."""
     gw = yarn_gateway(yarn_cluster, tmp_path_factory.mktemp("yarngw"))
     yield gw
+    stop_leaving_no_application(gw, yarn_cluster)
+
+
+def stop_leaving_no_application(gw: GatewayProcess, cluster: YarnCluster) -> None:
+    """Stop ``gw``; then no application egd submitted may still run on ``cluster``."""
     gw.stop()
-    live = [a["id"] for a in yarn_cluster.apps(applicationTags="egd") if a["state"] not in FINAL]
+    live = [a["id"] for a in cluster.apps(applicationTags="egd") if a["state"] not in FINAL]
     assert not live, f"applications left running: {live}"
 
 

@@ -26,7 +26,7 @@ from egd.api.cors import CorsPolicy, HostPolicy
 from egd.api.errors import error_response, json_response, render_failure
 from egd.api.redact import printable
 from egd.api.site import identity_of, security_log
-from egd.api.status_page import build_view, drivers_of, query_token, respond
+from egd.api.status_page import build_view, query_token, respond
 from egd.api.websocket import KernelChannelsResource, make_factory
 from egd.auth import Identity
 from egd.config import Config
@@ -226,7 +226,7 @@ class GatewayAPI:
         """An HTML page for a person: version, drivers, readiness, the caller's kernels per user and state."""
         identity = identity_of(request)
         view = build_view(self._config, identity, self._kernels.visible(identity), self._kernels.readiness.report(),
-                          drivers_of(self._kernels), query_token(request, identity))
+                          self._kernels.drivers, query_token(request, identity))
         return respond(request, view)
 
     # -- /api ---------------------------------------------------------------------------------------------

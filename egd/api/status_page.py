@@ -23,8 +23,6 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
-from twisted.application.service import IServiceCollection, Service
-
 from egd import API_VERSION, __version__
 from egd.auth import Identity
 from egd.config import Config
@@ -93,16 +91,6 @@ class StatusView:
 def kernel_state(kernel: Kernel) -> str:
     """What a person wants to know of a kernel: idle or busy while it runs, otherwise where it is in its life."""
     return kernel.execution_state if kernel.state is KernelState.RUNNING else kernel.state.value
-
-
-def drivers_of(kernels: Service) -> Mapping[str, Any]:
-    """The drivers by name: the service ``drivers`` beside the kernel manager in the gateway's service tree
-    (:class:`egd.registry.DriverRegistry` under :class:`egd.server.Gateway`); none when there is no such tree."""
-    try:
-        registry = IServiceCollection(kernels.parent).getServiceNamed("drivers")
-    except (TypeError, KeyError):  # no parent (a manager built alone), or no drivers service
-        return {}
-    return dict(getattr(registry, "names", {}))
 
 
 def driver_state(driver: Any) -> str:

@@ -93,7 +93,7 @@ class KernelManager(Service):
         self._accepting = True
         self._policy = _policy(config.kernels, config.server)
         #: This gateway's metrics (in a registry of its own) and the checks behind GET /readyz.
-        self.metrics = GatewayMetrics(self.list, lambda: drivers.names if drivers is not None else {})
+        self.metrics = GatewayMetrics(self.list, lambda: self.drivers)
         self.readiness = Readiness()
         self.readiness.add("drivers", services_running(lambda: drivers.names, "drivers"))
         self.readiness.add("kernels", self._accepts_work)
@@ -149,6 +149,11 @@ class KernelManager(Service):
     def list(self) -> list[Kernel]:
         """Every kernel, including those still starting."""
         return list(self.kernels.values())
+
+    @property
+    def drivers(self) -> Mapping[str, KernelDriver]:
+        """The gateway's drivers, by name (for their health: ``/metrics``, the status page)."""
+        return self._drivers.names if self._drivers is not None else {}
 
     def allows(self, spec: KernelSpecInfo, user: str, groups: frozenset[str] | None = None) -> bool:
         """Whether ``user`` may use ``spec`` (see :meth:`Admission.allows`)."""
