@@ -84,7 +84,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -424,7 +424,8 @@ class DirectConn(HeaderFactory):
 class DirectKernel:
     """An ipykernel launched by this script, in its own process group."""
 
-    def __init__(self, ctx: zmq.Context, python: str, runtime_dir: str, label: str) -> None:
+    def __init__(self, ctx: zmq.Context, python: str, runtime_dir: str, label: str,
+                 kernel_args: Sequence[str] = ()) -> None:
         from jupyter_client.connect import write_connection_file
 
         self.label = label
@@ -433,7 +434,7 @@ class DirectKernel:
                                         key=uuid.uuid4().hex.encode())
         env = dict(os.environ, JPY_PARENT_PID=str(os.getpid()))  # dies with us
         self.proc = subprocess.Popen(
-            [python, "-m", "ipykernel_launcher", "-f", self.conn_file],
+            [python, "-m", "ipykernel_launcher", "-f", self.conn_file, *kernel_args],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         TRACKER.add(self.proc.pid, f"{label} kernel")
@@ -736,16 +737,17 @@ class DirectTarget(Target):
     """Kernels launched here and driven by DirectConn."""
 
     def __init__(self, name: str, description: str, ctx: zmq.Context, python: str,
-                 runtime_dir: str) -> None:
+                 runtime_dir: str, kernel_args: Sequence[str] = ()) -> None:
         super().__init__(name, description)
         self.ctx, self.python, self.runtime_dir = ctx, python, runtime_dir
+        self.kernel_args = tuple(kernel_args)
         self.live: list[DirectKernel] = []
         self.lock = threading.Lock()
 
     def start_kernel(self, ready_iopub: bool, timeout: float, v1: bool = False) -> Kernel:
         """Launch -> kernel_info_reply; 'delete' = shutdown_request + wait for exit (``v1``: no meaning)."""
         t0 = time.perf_counter()
-        k = DirectKernel(self.ctx, self.python, self.runtime_dir, self.name)
+        k = DirectKernel(self.ctx, self.python, self.runtime_dir, self.name, self.kernel_args)
         with self.lock:
             self.live.append(k)
         t1 = time.perf_counter()
@@ -955,17 +957,23 @@ def ensure_eg_venv(venv: Path) -> dict[str, str]:
     return package_versions(str(py))
 
 
-def eg_kernelspec_dir(venv: Path, kernel_name: str) -> Path:
-    """A JUPYTER_PATH dir whose kernelspec runs the EG venv's ipykernel."""
-    root = CACHE_DIR / "eg-jupyter"
+def kernelspec_dir(root: Path, python: str, kernel_name: str, display_name: str,
+                   kernel_args: Sequence[str]) -> Path:
+    """A JUPYTER_PATH dir (`root`) whose kernelspec `kernel_name` runs `python`'s ipykernel with `kernel_args`."""
     spec_dir = root / "kernels" / kernel_name
     spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [str(venv / "bin" / "python"), "-m", "ipykernel_launcher",
-                     "-f", "{connection_file}"],
-            "display_name": "Python 3 (EG venv, egdbench)", "language": "python",
+    spec = {"argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}", *kernel_args],
+            "display_name": display_name, "language": "python",
             "interrupt_mode": "signal", "metadata": {}}
     (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
     return root
+
+
+def kernel_args(args: argparse.Namespace) -> list[str]:
+    """What every target's ipykernel gets on its command line: with ``--ipython-history memory`` (the default)
+    each kernel keeps its IPython history in memory instead of the account's one SQLite file, which kernels of one
+    account otherwise all write every cell to (the tail of ``conc``; bench/README.rst)."""
+    return ["--HistoryManager.hist_file=:memory:"] if args.ipython_history == "memory" else []
 
 
 def egd_command(arg: str | None, port: int) -> list[str]:
@@ -1368,6 +1376,7 @@ def print_report(meta: dict, summary: dict, checks: list[dict], names: list[str]
     print(f"\negdbench  reps={meta['params']['reps']}  sections={','.join(meta['params']['only'])}"
           f"  cpus={env['cpus']}  python={env['python']}  {env['platform']}", file=out)
     print(f"main env: {json.dumps(env['main_versions'])}", file=out)
+    print(f"IPython history of every target's kernels: {meta['params'].get('ipython_history', 'shared')}", file=out)
     if env.get("eg_versions"):
         print(f"EG venv : {json.dumps(env['eg_versions'])}", file=out)
     for name in names:
@@ -1462,6 +1471,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stream and buffers: executes per repetition (their median counts)")
     p.add_argument("--conc-kernels", type=int, default=8, help="conc: kernels = clients")
     p.add_argument("--conc-execs", type=int, default=100, help="conc: executes per client")
+    p.add_argument("--ipython-history", choices=("memory", "shared"), default="memory",
+                   help="every target's kernels keep their IPython history in memory (default), or all write it "
+                        "to the account's one history.sqlite (shared: what kernels do unless told; the conc "
+                        "section's tail is then that file's lock, for every target alike)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="base timeout in s for one wait (kernel start, one execute)")
     p.add_argument("--keep-logs", action="store_true", help="keep the gateway logs dir")
@@ -1488,13 +1501,14 @@ def build_targets(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
     runtime = workdir / "runtime"
     runtime.mkdir(exist_ok=True)
     base_env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime), PYTHONUNBUFFERED="1")
+    extra = kernel_args(args)
     for name in args.targets:
         if name == "direct":
             t: Target = DirectTarget(name, f"lean pyzmq client -> ipykernel ({sys.executable})",
-                                     ctx, sys.executable, str(runtime))
+                                     ctx, sys.executable, str(runtime), extra)
         elif name == "direct-eg":
             t = DirectTarget(name, "lean pyzmq client -> EG venv's ipykernel<7",
-                             ctx, str(args.eg_venv / "bin" / "python"), str(runtime))
+                             ctx, str(args.eg_venv / "bin" / "python"), str(runtime), extra)
             if eg_versions is None:
                 t.error = "EG venv not available"
         else:
@@ -1502,13 +1516,17 @@ def build_targets(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
             logp = workdir / f"{name}.log"
             try:
                 if name == "egd":
+                    # The kernel the direct target runs, so that egd/direct compares like with like.
                     cmd = egd_command(args.egd_cmd, port)
-                    t = GatewayTarget(name, shlex.join(cmd), cmd, port, base_env, logp,
-                                      args.kernel_name)
+                    jpath = kernelspec_dir(workdir / "egd-jupyter", sys.executable, args.kernel_name,
+                                           "Python 3 (egdbench)", extra)
+                    t = GatewayTarget(name, shlex.join(cmd), cmd, port, dict(base_env, JUPYTER_PATH=str(jpath)),
+                                      logp, args.kernel_name)
                 elif eg_versions is None:
                     raise BenchError("EG venv not available")
                 else:
-                    jpath = eg_kernelspec_dir(args.eg_venv, args.kernel_name)
+                    jpath = kernelspec_dir(CACHE_DIR / "eg-jupyter", str(args.eg_venv / "bin" / "python"),
+                                           args.kernel_name, "Python 3 (EG venv, egdbench)", extra)
                     cmd = [str(args.eg_venv / "bin" / "jupyter"), "enterprisegateway",
                            f"--ip={LOCALHOST}", f"--port={port}", "--port_retries=0",
                            "--EnterpriseGatewayApp.list_kernels=True"]

@@ -8,7 +8,9 @@ import base64
 import hashlib
 import hmac
 import json
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from egd.auth import token_digest
 from tests.client import GatewayClient
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, wait_until
 
 pytestmark = pytest.mark.security
 
@@ -237,4 +239,50 @@ def test_kernelspec_groups(tmp_path: Path) -> None:
         kernel_id = as_user(gw, "bob").start_kernel("data_only")
         assert as_user(gw, "bob").delete_kernel(kernel_id) == 204
     finally:
+        gw.stop()
+
+
+def _history_has(client: GatewayClient, kernel_id: str, text: str) -> bool:
+    """Whether the kernel's IPython history (what JupyterLab's console recalls with the up arrow) holds ``text``."""
+    sock = client.connect(kernel_id)
+    try:
+        reply = sock.wait_for(sock.request("history_request", {"hist_access_type": "tail", "n": 1000, "raw": True,
+                                                               "output": False})).reply
+    finally:
+        sock.close()
+    return any(text in entry[2] for entry in reply["content"]["history"])
+
+
+def test_ipython_history_is_shared_by_one_accounts_kernels_unless_kept_in_memory(tmp_path: Path) -> None:
+    """Kernels that run as one OS account share IPython's history file: Alice's cell shows in Bob's history.
+    A kernelspec that gives ipykernel ``--HistoryManager.hist_file=:memory:`` keeps each kernel's history to
+    itself (what docs/security.rst and docs/operations.rst advise)."""
+    spec_dir = tmp_path / "specs" / "python3_own_history"
+    spec_dir.mkdir(parents=True)
+    spec_dir.joinpath("kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                 "--HistoryManager.hist_file=:memory:"],
+        "display_name": "Python 3, history of its own", "language": "python"}))
+    gw = GatewayProcess({"auth": {"users": _users(), **TRUSTING},
+                         "kernels": {"kernelspec_dirs": [str(tmp_path / "specs")]}})
+    alice, bob = as_user(gw, "alice"), as_user(gw, "bob")
+    shared_mark, own_mark = f"shared_{uuid.uuid4().hex}", f"own_{uuid.uuid4().hex}"
+    kernels: list[tuple[GatewayClient, str]] = []
+    try:
+        for owner, spec in ((alice, "python3"), (alice, "python3_own_history"), (bob, "python3"),
+                            (bob, "python3_own_history")):
+            kernels.append((owner, owner.start_kernel(spec)))
+        (_, alice_shared), (_, alice_own), (_, bob_shared), (_, bob_own) = kernels
+        for kernel_id, mark in ((alice_shared, shared_mark), (alice_own, own_mark)):
+            sock = alice.connect(kernel_id)
+            assert sock.execute(f"{mark} = 1").reply["content"]["status"] == "ok"
+            sock.close()
+        # The shared file is written by a thread of Alice's kernel, just after her cell.
+        wait_until(lambda: _history_has(bob, bob_shared, shared_mark), 20, 0.5, "Alice's cell in Bob's history")
+        assert _history_has(alice, alice_own, own_mark), "a kernel of its own still has its own history"
+        assert not _history_has(bob, bob_shared, own_mark), "a history kept in memory reached the shared file"
+        assert not _history_has(bob, bob_own, shared_mark), "a history kept in memory shows another kernel's cell"
+    finally:
+        for owner, kernel_id in kernels:
+            owner.delete_kernel(kernel_id)
         gw.stop()
