@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import secrets
 import signal
@@ -200,6 +201,15 @@ def _handle_stop_signals() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def freeze_startup_heap() -> None:
+    """Leave what the started gateway holds for good (modules, configuration, drivers, routes: a few hundred
+    thousand objects) out of every later garbage collection. A full collection otherwise walks all of it, and
+    while it does (some 40 ms on a small machine) no kernel's messages are relayed: that pause was the p99 of
+    many busy kernels."""
+    gc.collect()
+    gc.freeze()
+
+
 def _run(args: argparse.Namespace) -> int:
     from egd import systemd
 
@@ -233,6 +243,7 @@ def _run(args: argparse.Namespace) -> int:
     supervisor.install_sighup()
 
     def started(_: Any) -> None:
+        freeze_startup_heap()
         log.info("egd {version} ready ({source}; drivers: {drivers})", version=__version__,
                  source=config.source, drivers=", ".join(config.drivers))
         host, port = gateway.http.address
