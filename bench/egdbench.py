@@ -96,7 +96,7 @@ PROTOCOL_VERSION = "5.3"
 DELIM = b"<IDS|MSG>"
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: no enum cost
 LOCALHOST = "127.0.0.1"
-ALL_SECTIONS = ("start", "rtt", "iopub", "stream", "buffers", "conc", "rss")
+ALL_SECTIONS = ("start", "rtt", "iopub", "stream", "buffers", "conc", "paced", "rss")
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
 ALL_TARGETS = ("direct", "egd", "eg", "direct-eg")
 DEFAULT_TARGETS = "direct,egd,eg"
@@ -586,6 +586,9 @@ def note_kernel_time(content: dict, header: dict, metadata: dict) -> None:
     except (KeyError, ValueError):
         return
     content["_kernel_s"] = (replied - started).total_seconds()
+    # Wall-clock ends of the handler: the client (same host, same clock) tells from them how long its request took
+    # to be picked up and the reply to reach it.
+    content["_started_at"], content["_replied_at"] = started.timestamp(), replied.timestamp()
 
 
 def await_done(conn: Conn, mid: str, t0: float, timeout: float,
@@ -1164,8 +1167,10 @@ def sec_buffers(target: Target, args: argparse.Namespace) -> dict:
     return out
 
 
-def sec_conc(target: Target, args: argparse.Namespace) -> dict:
-    """K kernels started together, then K clients doing R round trips at once."""
+def sec_conc(target: Target, args: argparse.Namespace, rate: float | None = None) -> dict:
+    """K kernels started together, then K clients doing R round trips at once: each as fast as it can, or with
+    `rate`, together at most `rate` executes per second (each client sends its i-th request no earlier than
+    i * K / rate s after the start), so that every target is measured under the same load."""
     nk, per = args.conc_kernels, args.conc_execs
     started, errors, ready_wall = run_parallel(
         nk, lambda i: target.start_kernel(ready_iopub=True, timeout=args.timeout),
@@ -1181,29 +1186,39 @@ def sec_conc(target: Target, args: argparse.Namespace) -> dict:
 
         inside: list[float] = []  # the kernel's own time of each execute (list.append is atomic)
         outside: list[float] = []  # the rest: what the client, the gateway and the transport took
+        to_kernel: list[float] = []  # of which: from the client's send until the kernel began the request
+        to_client: list[float] = []  # and from the kernel's reply until the client had it
+
+        begin = time.monotonic()
 
         def client(i: int) -> list[float]:
             conn = live[i].conn
             lat = []
-            for _ in range(per):
-                _, t_idle, reply = execute(conn, "1", 60)
-                if t_idle is None:
-                    raise BenchError("execute without idle")
+            for n in range(per):
+                if rate:
+                    time.sleep(max(0.0, begin + (n + i / nk) * nk / rate - time.monotonic()))
+                sent_at = time.time()
+                t_reply, t_idle, reply = execute(conn, "1", 60)
+                if t_idle is None or t_reply is None:
+                    raise BenchError("execute without reply or idle")
                 lat.append(t_idle)
                 if reply is not None and "_kernel_s" in reply:
                     inside.append(reply["_kernel_s"])
                     outside.append(max(0.0, t_idle - reply["_kernel_s"]))
+                    to_kernel.append(max(0.0, reply["_started_at"] - sent_at))
+                    to_client.append(max(0.0, sent_at + t_reply - reply["_replied_at"]))
             return lat
 
         s0 = cpu_snapshot(target)
         lats, errors, wall = run_parallel(nk, client, args.timeout * 5)
         out["cpu"] = cpu_delta(target, s0)
         flat = [x for lat in lats if lat for x in lat]
-        out.update({"exec_errors": errors, "execs": len(flat), "wall_s": wall,
+        out.update({"exec_errors": errors, "execs": len(flat), "wall_s": wall, "rate_limit": rate,
                     "execs_per_s": len(flat) / wall if wall else None,
                     "latency": summarize(flat)})
         if inside:
-            out.update({"latency_in_kernel": summarize(inside), "latency_outside_kernel": summarize(outside)})
+            out.update({"latency_in_kernel": summarize(inside), "latency_outside_kernel": summarize(outside),
+                        "latency_to_kernel": summarize(to_kernel), "latency_reply_to_client": summarize(to_client)})
         if errors:
             raise BenchError(f"{len(errors)} clients failed: {errors[:3]}")
     finally:
@@ -1276,8 +1291,17 @@ METRICS = [
     ("conc: p99 in kernel handler", "conc.latency_in_kernel.p99_ms", "ms", "low"),
     ("conc: p99 outside handler", "conc.latency_outside_kernel.p99_ms", "ms", "low"),
     ("conc: median outside handler", "conc.latency_outside_kernel.median_ms", "ms", "low"),
+    ("conc: send to handler p99", "conc.latency_to_kernel.p99_ms", "ms", "low"),
+    ("conc: send to handler median", "conc.latency_to_kernel.median_ms", "ms", "low"),
+    ("conc: reply to client p99", "conc.latency_reply_to_client.p99_ms", "ms", "low"),
+    ("conc: reply to client median", "conc.latency_reply_to_client.median_ms", "ms", "low"),
     ("conc: client CPU", "conc.cpu.client_cpu_s", "s", "low"),
     ("conc: gateway CPU", "conc.cpu.gateway_cpu_s", "s", "low"),
+    ("paced: execs/s", "paced.execs_per_s", "exec/s", "high"),
+    ("paced: latency median", "paced.latency.median_ms", "ms", "low"),
+    ("paced: latency p99", "paced.latency.p99_ms", "ms", "low"),
+    ("paced: p99 in kernel handler", "paced.latency_in_kernel.p99_ms", "ms", "low"),
+    ("paced: p99 outside handler", "paced.latency_outside_kernel.p99_ms", "ms", "low"),
     ("rss: before (idle, fresh)", "rss.before_kib", "KiB", "low"),
     ("rss: peak (sampled)", "rss.peak_kib", "KiB", "low"),
     ("rss: VmHWM", "rss.hwm_kib", "KiB", "low"),
@@ -1293,6 +1317,8 @@ CHECKS = [
     ("10 MiB v1 buffer MiB/s, egd/direct", "egd", "direct", "buffers.mib_per_s", ">=", 0.9),
     ("kernel start, egd/direct", "egd", "direct", "start.total.median_ms", "<=", 1.1),
     ("8x100 aggregate execs/s, egd/EG", "egd", "eg", "conc.execs_per_s", ">=", 4.0),
+    ("8x100 latency p99, egd/EG (issue 15)", "egd", "eg", "conc.latency.p99_ms", "<=", 1.0),
+    ("8x100 paced, latency p99, egd/EG", "egd", "eg", "paced.latency.p99_ms", "<=", 1.0),
     ("gateway RSS peak, egd/EG", "egd", "eg", "rss.peak_kib", "<=", 0.5),
 ]
 
@@ -1471,6 +1497,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stream and buffers: executes per repetition (their median counts)")
     p.add_argument("--conc-kernels", type=int, default=8, help="conc: kernels = clients")
     p.add_argument("--conc-execs", type=int, default=100, help="conc: executes per client")
+    p.add_argument("--paced-rate", type=float, default=120.0,
+                   help="paced: conc with the clients together sending at most this many executes per second "
+                        "(below what every target reaches here), so that latencies compare under the same load")
     p.add_argument("--ipython-history", choices=("memory", "shared"), default="memory",
                    help="every target's kernels keep their IPython history in memory (default), or all write it "
                         "to the account's one history.sqlite (shared: what kernels do unless told; the conc "
@@ -1626,7 +1655,8 @@ def run_benchmark(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                         k.delete()
                     except ERRORS as e:
                         log(f"{name}: delete of main kernel failed: {e}")
-        for section, fn in (("buffers", sec_buffers), ("conc", sec_conc)):
+        paced = functools.partial(sec_conc, rate=args.paced_rate)
+        for section, fn in (("buffers", sec_buffers), ("conc", sec_conc), ("paced", paced)):
             if section in args.only:
                 for t in order:
                     run(t, section, functools.partial(fn, t, args), res)
