@@ -270,24 +270,26 @@ def driver_health(driver: Any) -> Mapping[str, Any] | None:
 
 
 def services_running(services: Callable[[], Mapping[str, Any]], what: str) -> ReadinessCheck:
-    """A check that every Twisted service of ``services()`` (by name) is running and, for those with a
-    ``health()`` hook (:func:`driver_health`), ready; what a ready one's health says is shown as a note."""
+    """A check that every Twisted service of ``services()`` (by name) is running, and that at least one can take
+    work: one whose ``health()`` hook (:func:`driver_health`) says it cannot (every host of its pool out) is a note
+    while another can, so that a load balancer does not take the gateway, and its users' running kernels, out of
+    service for what every gateway sharing that pool suffers alike; what a ready one's health says is a note too."""
     def check() -> str | None:
         stopped = sorted(name for name, service in services().items() if not getattr(service, "running", False))
         if stopped:
             return f"{what} not running: {', '.join(stopped)}"
-        problems, notes = [], []
+        problems, notes, able = [], [], 0
         for name, service in sorted(services().items()):
-            health = driver_health(service)
-            if health is None:
-                continue
+            health = driver_health(service) or {}
             detail = str(health.get("detail") or "")
             if not health.get("ready", True):
                 problems.append(f"{name}: {detail or 'not ready'}")
-            elif detail:
+                continue
+            able += 1
+            if detail:
                 notes.append(f"{name}: {detail}")
-        if problems:
+        if problems and not able:
             return "; ".join(problems)
-        return ReadyBut("; ".join(notes)) if notes else None
+        return ReadyBut("; ".join(problems + notes)) if problems or notes else None
 
     return check
