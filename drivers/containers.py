@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from egd.checks import Checker, boolean, number, optional, strings, text
+from egd.checks import Checker, boolean, number, optional, refused, strings, text
 from egd.driverapi import ExitStatus, IDriverReactor, LaunchRequest
 from egd.drivers.http_api import JsonApi
 from egd.drivertools import DEFAULT_LAUNCHER, LAUNCHER_FILES, LauncherSettings, impersonated_user
@@ -131,6 +131,12 @@ class ContainerSettings(LauncherSettings):
 
     schema: ClassVar[Mapping[str, Checker]] = {
         **LauncherSettings.schema,
+        # Every kernel has a container of its own and runs as a uid, never as an account of the gateway's host.
+        "user": refused("not used by container kernels: they run as uid and gid (and, with allow_uid, as the "
+                        "KERNEL_UID their user asks for); there is no account to name"),
+        "impersonation": refused("not used by container kernels: each runs in a container of its own, as uid and "
+                                 "gid; allow_uid lets a kernel run as the KERNEL_UID its user asks for",
+                                 harmless=(None, False)),
         "image": optional(text),
         "images": strings,
         "launcher": lambda value, path, problems: _choice(value, path, problems, ("bundle", "image")),

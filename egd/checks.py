@@ -104,6 +104,17 @@ def readable_file(value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
+def refused(why: str, harmless: tuple[Any, ...] = (None,)) -> Checker:
+    """A key a section inherits but cannot honour: a value other than the ``harmless`` ones (what the section does
+    anyway) is a problem saying ``why``, so that an operator does not believe it does what it does elsewhere."""
+    def refuse(value: Any, path: str, problems: list[str]) -> Any:
+        if not any(value is ok for ok in harmless):
+            problems.append(f"{path}: {why}")
+        return None
+
+    return refuse
+
+
 def optional(check: Checker) -> Checker:
     """``check``, with ``null`` allowed (and kept as None)."""
     def optional_check(value: Any, path: str, problems: list[str]) -> Any:

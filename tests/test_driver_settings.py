@@ -171,3 +171,18 @@ def test_hostile_driver_settings_are_refused_without_echoing_secrets() -> None:
                      "drivers.yarn.kill_timeout: must be a positive number of seconds"):
         assert any(p.startswith(expected) for p in problems), (expected, problems)
     assert not any("hunter2" in p for p in problems)
+
+
+def test_container_drivers_refuse_the_account_settings_they_cannot_honour() -> None:
+    """``user`` and ``impersonation: true`` mean an account of the host elsewhere; a container kernel runs as a
+    uid, so the docker and kubernetes drivers refuse them with why, instead of ignoring them. ``impersonation:
+    false`` is what they do anyway and passes."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config("drivers:\n  local: {}\n  docker: {user: jovyan, impersonation: true}\n"
+                     "  kubernetes: {impersonation: true}\n", environ={})
+    problems = caught.value.problems
+    for expected in ("drivers.docker.user: not used by container kernels: they run as uid and gid",
+                     "drivers.docker.impersonation: not used by container kernels",
+                     "drivers.kubernetes.impersonation: not used by container kernels"):
+        assert any(p.startswith(expected) for p in problems), (expected, problems)
+    parse_config("drivers:\n  local: {}\n  docker: {impersonation: false}\n", environ={})
