@@ -119,11 +119,31 @@ class HostHealth:
         state.next_probe = self._clock.seconds() + state.retry
         self._calls[host] = self._clock.callLater(state.retry, self._run_probe, host)
 
+    def check(self, hosts: Iterable[str]) -> None:
+        """Probe each of ``hosts`` once now, in the background (the driver starts): one that cannot be reached goes
+        out (logged, then on the backoff) before a start lands on it and waits for its connect timeout."""
+        for host in hosts:
+            self._start_probe(host, self._checked)
+
+    def _checked(self, host: str, why: str | None) -> None:
+        if why is None:
+            log.debug("{what} {host} reached", what=self._what, host=host)
+            self.succeeded(host)
+        else:
+            self.failed(host, why)
+
     def _run_probe(self, host: str) -> None:
         self._calls.pop(host, None)
         state = self.state(host)
         state.next_probe = None
-        if state.up or self._stopped:
+        if state.up:
+            return
+        self._start_probe(host, self._probed)
+
+    def _start_probe(self, host: str, done: Callable[[str, str | None], None]) -> None:
+        """Run ``probe(host)`` unless one runs or probing stopped; ``done(host, why)`` with its outcome (None: the
+        host was reached) unless probing stops meanwhile."""
+        if self._stopped or host in self._probes:
             return
         try:
             probing = self._probe(host)
@@ -132,18 +152,20 @@ class HostHealth:
             probing.callback(f"the probe could not run: {describe(exc)}")
         self._probes[host] = probing
 
+        def finished(why: str | None) -> None:
+            self._probes.pop(host, None)
+            if not self._stopped:
+                done(host, why)
+
         def probe_failed(failure: Any) -> None:
             if failure.check(CancelledError):  # stopped
                 self._probes.pop(host, None)
             else:
-                self._probed(host, f"the probe failed: {describe(failure.value)}")
+                finished(f"the probe failed: {describe(failure.value)}")
 
-        probing.addCallbacks(lambda why: self._probed(host, why), probe_failed)
+        probing.addCallbacks(finished, probe_failed)
 
     def _probed(self, host: str, why: str | None) -> None:
-        self._probes.pop(host, None)
-        if self._stopped:
-            return
         state = self.state(host)
         if why is None:
             self.succeeded(host)

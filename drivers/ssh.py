@@ -227,15 +227,16 @@ class SshDriver(AsyncMultiService):
         if code < 0:  # killed (a probe or launch abandoned): it tells nothing
             return
         stderr = proc.stderr()
-        if not _unreachable(code, stderr):
-            self._host_health.succeeded(host)
-        elif not any(problem in stderr for problem in _LOCAL_SSH_PROBLEMS):
+        if _unreachable(code, stderr):
             self._probe_logins[host] = login
             self._host_health.failed(host, stderr or "ssh failed")
+        elif not _local_problem(stderr):
+            self._host_health.succeeded(host)
 
     async def _probe(self, host: str) -> str | None:
         """Reach ``host`` once (ssh ``true``, as the login that last failed there): None when ssh got there
-        (a refused login included: the host answers), else why not, in one line."""
+        (a refused login included: the host answers) or failed on the gateway's side (which says nothing of the
+        host, and which the next launch reports as such), else why not, in one line."""
         proc = self._spawn_ssh(host, ["true"], login=self._probe_logins.get(host))
         limit = self.settings.connect_timeout + _PROBE_GRACE
         # False too when the driver stops (the probe is cancelled): the ssh is killed either way
@@ -305,6 +306,7 @@ class SshDriver(AsyncMultiService):
             os.makedirs(self._control_dir, mode=0o700, exist_ok=True)
             os.chmod(self._control_dir, 0o700)
         self._host_health.start()
+        self._host_health.check(self._hosts)
         return super().startService()
 
     def health(self) -> dict[str, Any]:
@@ -386,7 +388,7 @@ class SshDriver(AsyncMultiService):
                 await self._kill_launcher(host, _parse_started(proc).get("launcher_pid"), login)
             raise
         stderr = one_line(proc.stderr())
-        if code == SSH_FAILED and any(problem in stderr for problem in _LOCAL_SSH_PROBLEMS):
+        if code == SSH_FAILED and _local_problem(stderr):
             log.error("kernel {kernel_id}: ssh failed on this gateway's side, not {host}'s: {why}",
                       kernel_id=request.kernel_id, host=host, why=stderr)
             raise LaunchFailed(f"ssh could not set up its shared connection on the gateway (a local problem, "
@@ -532,8 +534,14 @@ class SshDriver(AsyncMultiService):
 
 def _unreachable(code: int, stderr: str) -> bool:
     """Whether an ssh run that ended with ``code`` did not reach its host: ssh's own failure, other than a refused
-    login (the host answered; the login is the problem)."""
-    return code == SSH_FAILED and _LOGIN_REFUSED not in stderr
+    login (the host answered; the login is the problem) or a problem on the gateway's side (its shared
+    connection's socket: that says nothing of the host)."""
+    return code == SSH_FAILED and _LOGIN_REFUSED not in stderr and not _local_problem(stderr)
+
+
+def _local_problem(stderr: str) -> bool:
+    """Whether ssh failed on the gateway's own side (it could not make its shared connection's socket)."""
+    return any(problem in stderr for problem in _LOCAL_SSH_PROBLEMS)
 
 
 def _short_parent(control_dir: str) -> str:

@@ -186,16 +186,26 @@ def test_host_down_at_launch_uses_the_next(client: GatewayClient, ssh_gw: Gatewa
 
 
 def test_no_host_reachable_names_every_try(ssh_lab: SshLab, tmp_path: Path) -> None:
-    """When every host is down the start fails with a message naming each host tried."""
-    gw = ssh_gateway(ssh_lab, tmp_path, hosts=["egdh1", "10.200.0.99"])
-    ssh_lab.hosts[0].stop_sshd()
+    """Every host goes down after egd found them up (its probes at start): the start that finds them down fails
+    with 500 naming each host tried and why; the next one fails at once with 503 naming each host out. No shared
+    connection here: one kept open from the probes would still reach a host whose sshd stopped."""
+    gw = ssh_gateway(ssh_lab, tmp_path, multiplex=False)
     try:
+        wait_until(lambda: all(f"ssh host {h.name} reached" in gw.log() for h in ssh_lab.hosts), 20, 0.1,
+                   "the probes at start")
+        for host in ssh_lab.hosts:
+            host.stop_sshd()
         resp = gw.client.request("POST", "/api/kernels", {"name": "ssh_python"})
-        assert resp.status == 500
+        assert resp.status == 500, resp.body
         message = resp.json["message"]
-        assert "egdh1" in message and "10.200.0.99" in message
+        assert message.startswith("no ssh host could start the kernel: "), message
+        assert all(f"{h.name}: " in message for h in ssh_lab.hosts) and "Connection refused" in message, message
+        resp = gw.client.request("POST", "/api/kernels", {"name": "ssh_python"})
+        assert resp.status == 503, resp.body
+        assert all(f"{h.name} out for " in resp.json["message"] for h in ssh_lab.hosts), resp.json
     finally:
-        ssh_lab.hosts[0].start_sshd()
+        for host in ssh_lab.hosts:
+            host.start_sshd()
         gw.stop()
 
 

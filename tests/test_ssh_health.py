@@ -127,6 +127,31 @@ def test_stop_cancels_the_probes() -> None:
     assert len(running) == 5
 
 
+def test_hosts_are_checked_once_at_start() -> None:
+    """check(): one probe per host at once; the host it cannot reach goes out (and on the backoff), the others
+    stay up without a log line; a host already being probed is not probed twice."""
+    clock = Clock()
+    running: dict[str, Deferred[str | None]] = {}
+
+    def probe(host: str) -> Deferred[str | None]:
+        running[host] = Deferred()
+        return running[host]
+
+    health = HostHealth(clock, probe, "ssh host")
+    with capturedLogs() as events:
+        health.check(["a", "b"])
+        health.check(["a"])
+        assert sorted(running) == ["a", "b"] and health.usable(["a", "b"]) == ["a", "b"]
+        first_a = running.pop("a")
+        first_a.callback(None)
+        running.pop("b").callback("ssh: connect to host b port 22: No route to host")
+        assert health.usable(["a", "b"]) == ["a"]
+        clock.advance(1)
+        assert list(running) == ["b"], "the host found out is probed on the backoff"
+    assert messages(events) == ["ssh host b is out: ssh: connect to host b port 22: No route to host; skipped "
+                                "until a probe reaches it (first in 1s, then backing off to every 30s)"]
+
+
 def test_one_line() -> None:
     """stderr of several lines becomes one line, cut at the front (the error is at the end)."""
     assert one_line("Warning: added\n\n  ssh: connect: refused \n") == "Warning: added | ssh: connect: refused"
@@ -250,13 +275,39 @@ def test_a_host_that_is_down_is_skipped_until_it_is_back(ssh_lab: SshLab, ssh_ho
 
 
 @pytest.mark.ssh
+def test_a_host_down_when_egd_starts_is_out_before_any_start(ssh_lab: SshLab, ssh_hosts: list[SshHost],
+                                                             tmp_path: Path) -> None:
+    """egd probes its hosts as it starts: a host that is down then is out within connect_timeout, and no start
+    waits for it; the host that is up is used."""
+    timeout = 3
+    up, down = ssh_hosts
+    down.link_down()
+    gw = ssh_gateway(ssh_lab, tmp_path, connect_timeout=timeout)
+    kernel_id = None
+    try:
+        wait_until(lambda: f"ssh host {down.name} is out: " in gw.log(), timeout + 5, 0.1,
+                   f"the probe at start to find {down.name} out")
+        kernel_id, seconds = timed_start(gw.client)
+        assert seconds < timeout, seconds
+        assert f"launcher started on {up.name}" in gw.log()
+        assert readyz(gw.client)[1].startswith(f"ok (ssh: {down.name} out for "), readyz(gw.client)
+    finally:
+        down.link_up()
+        if kernel_id:
+            gw.client.delete_kernel(kernel_id)
+        gw.stop()
+
+
+@pytest.mark.ssh
 def test_every_host_out_fails_fast_with_503(ssh_lab: SshLab, tmp_path: Path) -> None:
-    """Every host out (here ssh's proxy command fails, and ssh writes two lines of stderr about it): the first start
-    tries each and fails; the next ones fail at once with 503 naming each host and why; /readyz stays ready (the
-    gateway's local driver can still start kernels) and says why ssh cannot; every log entry is one line."""
+    """Every host out (here ssh's proxy command fails, and ssh writes two lines of stderr about it): the probes egd
+    makes as it starts find each out, so starts fail at once with 503 naming each host and why; /readyz stays
+    ready (the gateway's local driver can still start kernels) and says why ssh cannot; every log entry is one
+    line."""
     gw = ssh_gateway(ssh_lab, tmp_path, ssh_options=["ProxyCommand=false", "LogLevel=VERBOSE"])
     try:
-        assert gw.client.request("POST", "/api/kernels", {"name": "ssh_python"}).status == 500
+        wait_until(lambda: all(f"ssh host {host.name} is out: " in gw.log() for host in ssh_lab.hosts), 10, 0.1,
+                   "the probes at start to find every host out")
         began = time.monotonic()
         resp = gw.client.request("POST", "/api/kernels", {"name": "ssh_python"})
         assert time.monotonic() - began < 1
@@ -272,7 +323,7 @@ def test_every_host_out_fails_fast_with_503(ssh_lab: SshLab, tmp_path: Path) -> 
         assert 'egd_kernel_launch_failures_total{driver="ssh",reason="unavailable"} 1.0' in metrics
         assert 'egd_driver_host_up{driver="ssh",host="egdh1"} 0.0' in metrics
         log = gw.log()
-        assert f"host egdh1 unreachable, trying the next one: {TWO_LINES}\n" in log
+        assert f"ssh host egdh1 is out: {TWO_LINES}; skipped until a probe reaches it" in log
         assert [line for line in log.splitlines() if not LOG_LINE.match(line)] == []
     finally:
         gw.stop()
