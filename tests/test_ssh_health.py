@@ -129,7 +129,7 @@ def test_stop_cancels_the_probes() -> None:
 
 def test_hosts_are_checked_once_at_start() -> None:
     """check(): one probe per host at once; the host it cannot reach goes out (and on the backoff), the others
-    stay up without a log line; a host already being probed is not probed twice."""
+    stay up with a debug line only; a host already being probed is not probed twice."""
     clock = Clock()
     running: dict[str, Deferred[str | None]] = {}
 
@@ -148,8 +148,10 @@ def test_hosts_are_checked_once_at_start() -> None:
         assert health.usable(["a", "b"]) == ["a"]
         clock.advance(1)
         assert list(running) == ["b"], "the host found out is probed on the backoff"
-    assert messages(events) == ["ssh host b is out: ssh: connect to host b port 22: No route to host; skipped "
+    assert messages(events) == ["ssh host a reached",
+                                "ssh host b is out: ssh: connect to host b port 22: No route to host; skipped "
                                 "until a probe reaches it (first in 1s, then backing off to every 30s)"]
+    assert events[0]["log_level"].name == "debug"
 
 
 def test_one_line() -> None:
