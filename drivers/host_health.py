@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -26,6 +26,9 @@ log = Logger()
 FIRST_RETRY = 1.0
 #: The longest wait between two probes of a host that stays out: how late, at worst, a host that is back is used.
 MAX_RETRY = 30.0
+#: How many hosts :meth:`HostHealth.check` probes at a time: a pool of hundreds does not start hundreds of ssh
+#: processes together as the gateway starts.
+CHECK_AT_ONCE = 16
 #: How many characters of a failure's text the log, ``/readyz`` and error messages get.
 _REASON_LIMIT = 300
 
@@ -120,10 +123,17 @@ class HostHealth:
         self._calls[host] = self._clock.callLater(state.retry, self._run_probe, host)
 
     def check(self, hosts: Iterable[str]) -> None:
-        """Probe each of ``hosts`` once now, in the background (the driver starts): one that cannot be reached goes
-        out (logged, then on the backoff) before a start lands on it and waits for its connect timeout."""
+        """Probe each of ``hosts`` once now, in the background (the driver starts), :data:`CHECK_AT_ONCE` at a
+        time: one that cannot be reached goes out (logged, then on the backoff) before a start lands on it and
+        waits for its connect timeout."""
+        limit = DeferredSemaphore(CHECK_AT_ONCE)
+
+        def probe(host: str) -> Deferred[str | None]:
+            # A probe let through once the pool stopped (as stop() cancels the running ones) does not run.
+            return fail(CancelledError()) if self._stopped else self._probe(host)
+
         for host in hosts:
-            self._start_probe(host, self._checked)
+            self._start_probe(host, self._checked, lambda host: limit.run(probe, host))
 
     def _checked(self, host: str, why: str | None) -> None:
         if why is None:
@@ -140,13 +150,14 @@ class HostHealth:
             return
         self._start_probe(host, self._probed)
 
-    def _start_probe(self, host: str, done: Callable[[str, str | None], None]) -> None:
-        """Run ``probe(host)`` unless one runs or probing stopped; ``done(host, why)`` with its outcome (None: the
-        host was reached) unless probing stops meanwhile."""
+    def _start_probe(self, host: str, done: Callable[[str, str | None], None],
+                     probe: Callable[[str], Deferred[str | None]] | None = None) -> None:
+        """Run ``probe(host)`` (the pool's probe by default) unless one runs or probing stopped; ``done(host, why)``
+        with its outcome (None: the host was reached) unless probing stops meanwhile."""
         if self._stopped or host in self._probes:
             return
         try:
-            probing = self._probe(host)
+            probing = (probe or self._probe)(host)
         except Exception as exc:  # a probe that cannot even start is a failed probe, not the end of probing
             probing = Deferred()
             probing.callback(f"the probe could not run: {describe(exc)}")

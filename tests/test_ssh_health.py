@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from egd.drivers.host_health import FIRST_RETRY, MAX_RETRY, HostHealth, one_line
+from egd.drivers.host_health import CHECK_AT_ONCE, FIRST_RETRY, MAX_RETRY, HostHealth, one_line
 from egd.metrics import GatewayMetrics, Readiness, services_running
 from tests.client import GatewayClient
 from tests.conftest import wait_until
@@ -152,6 +152,27 @@ def test_hosts_are_checked_once_at_start() -> None:
                                 "ssh host b is out: ssh: connect to host b port 22: No route to host; skipped "
                                 "until a probe reaches it (first in 1s, then backing off to every 30s)"]
     assert events[0]["log_level"].name == "debug"
+
+
+def test_the_check_at_start_probes_a_few_hosts_at_a_time() -> None:
+    """A pool of 40 hosts: CHECK_AT_ONCE probes run at once, the next starts as one ends; stopping cancels the
+    running and the waiting ones alike."""
+    clock = Clock()
+    running: dict[str, Deferred[str | None]] = {}
+
+    def probe(host: str) -> Deferred[str | None]:
+        running[host] = Deferred()
+        return running[host]
+
+    health = HostHealth(clock, probe)
+    hosts = [f"h{i}" for i in range(40)]
+    health.check(hosts)
+    assert list(running) == hosts[:CHECK_AT_ONCE]
+    running["h0"].callback(None)
+    assert len(running) == CHECK_AT_ONCE + 1 and hosts[CHECK_AT_ONCE] in running
+    health.stop()
+    assert all(d.called for d in running.values())
+    assert len(running) == CHECK_AT_ONCE + 1, "no probe starts once stopped"
 
 
 def test_one_line() -> None:
