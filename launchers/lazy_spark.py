@@ -25,7 +25,6 @@ import re
 import sys
 import threading
 import time
-import urllib.request
 import warnings
 from typing import Any
 
@@ -96,6 +95,10 @@ class Build:
         #: Said on the first use when the session has none of the executors it asked for, else "".
         self.starved = ""
         self.app_id = application_id()
+        #: ``(SparkSession, SparkContext)`` once the build thread has imported pyspark. Other threads use these
+        #: and never import pyspark themselves: two threads importing it at once can deadlock in its circular
+        #: imports, which Python breaks by handing one of them a half-initialized ``pyspark.sql``.
+        self.classes: tuple[Any, Any] | None = None
         self._rm_url: str | None = None
         self._used = False
 
@@ -108,8 +111,11 @@ class Build:
     def run(self) -> None:
         """Build the session (in the calling thread); the outcome goes to ``session`` or ``error``."""
         try:
+            from pyspark import SparkContext
             from pyspark.sql import SparkSession
 
+            self.classes = SparkSession, SparkContext
+            SparkContext._ensure_initialized()  # the JVM's gateway first: progress asks YARN through it meanwhile
             self.session = SparkSession.builder.getOrCreate()
             self.app_id = str(self.session.sparkContext.applicationId)
             counts = self.executor_counts()
@@ -130,11 +136,7 @@ class Build:
 
     def _jvm(self) -> Any:
         """The driver JVM's py4j view once the build has connected to it, else None."""
-        try:
-            from pyspark import SparkContext
-        except ImportError:
-            return None
-        return SparkContext._jvm
+        return self.classes[1]._jvm if self.classes is not None else None
 
     def yarn_state(self) -> str:
         """``RUNNING in queue default: diagnostics`` from the ResourceManager's REST API, or "" when it does not
@@ -142,6 +144,8 @@ class Build:
         if not self.app_id:
             return ""
         try:
+            import urllib.request  # here: the kernel's start need not wait for it
+
             if self._rm_url is None:
                 jvm = self._jvm()
                 if jvm is None:
@@ -159,10 +163,10 @@ class Build:
 
     def executor_counts(self) -> tuple[int, int] | None:
         """Executors registered and requested (0: dynamic allocation) once the SparkContext exists, else None."""
+        if self.classes is None:
+            return None
         try:
-            from pyspark import SparkContext
-
-            sc = SparkContext._active_spark_context
+            sc = self.classes[1]._active_spark_context
             if sc is None or getattr(sc, "_jsc", None) is None:
                 return None
             registered = max(0, len(sc._jsc.sc().statusTracker().getExecutorInfos()) - 1)  # minus the driver
@@ -274,12 +278,9 @@ class _Proxy:
         build = self._egd_build
         if build.session is not None:
             return dir(self._egd_real())
-        try:
-            from pyspark import SparkContext
-            from pyspark.sql import SparkSession
-        except ImportError:
+        if build.classes is None:  # pyspark is still being imported (by the build thread alone)
             return []
-        return dir(SparkContext if self._egd_context else SparkSession)
+        return dir(build.classes[1] if self._egd_context else build.classes[0])
 
     def __repr__(self) -> str:
         # repr() is what variable inspectors and debuggers call on every variable: it must not wait. Displaying
