@@ -972,7 +972,7 @@ def kernelspec_dir(root: Path, python: str, kernel_name: str, display_name: str,
     return root
 
 
-def kernel_args(args: argparse.Namespace) -> list[str]:
+def history_args(args: argparse.Namespace) -> list[str]:
     """What every target's ipykernel gets on its command line: with ``--ipython-history memory`` (the default)
     each kernel keeps its IPython history in memory instead of the account's one SQLite file, which kernels of one
     account otherwise all write every cell to (the tail of ``conc``; bench/README.rst)."""
@@ -1530,7 +1530,7 @@ def build_targets(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
     runtime = workdir / "runtime"
     runtime.mkdir(exist_ok=True)
     base_env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime), PYTHONUNBUFFERED="1")
-    extra = kernel_args(args)
+    extra = history_args(args)
     for name in args.targets:
         if name == "direct":
             t: Target = DirectTarget(name, f"lean pyzmq client -> ipykernel ({sys.executable})",

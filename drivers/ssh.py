@@ -245,7 +245,8 @@ class SshDriver(AsyncMultiService):
                 proc.transport.signalProcess("KILL")
             return f"the probe did not finish within {limit}s"
         code = await proc.ended
-        return (one_line(proc.stderr()) or "ssh failed") if _unreachable(code, proc.stderr()) else None
+        stderr = proc.stderr()
+        return (one_line(stderr) or "ssh failed") if _unreachable(code, stderr) else None
 
     def _kernel_argv(self, request: LaunchRequest, public_key: str = "") -> list[str]:
         """The kernelspec's argv with the placeholders egd fills on the gateway (``{connection_file}`` is the
