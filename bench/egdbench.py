@@ -976,7 +976,9 @@ def history_args(args: argparse.Namespace) -> list[str]:
     """What every target's ipykernel gets on its command line: with ``--ipython-history memory`` (the default)
     each kernel keeps its IPython history in memory instead of the account's one SQLite file, which kernels of one
     account otherwise all write every cell to (the tail of ``conc``; bench/README.rst)."""
-    return ["--HistoryManager.hist_file=:memory:"] if args.ipython_history == "memory" else []
+    # For ``shared``, an explicit IPython default: egd leaves a kernelspec that sets a HistoryManager option alone,
+    # where it would otherwise keep each kernel's history in memory (kernels.ipython_history: kernel).
+    return [f"--HistoryManager.{'hist_file=:memory:' if args.ipython_history == 'memory' else 'enabled=True'}"]
 
 
 def egd_command(arg: str | None, port: int) -> list[str]:

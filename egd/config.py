@@ -148,6 +148,9 @@ class KernelsConfig:
     pools: Mapping[str, int] = field(default_factory=dict)
     #: Pooled kernels of one kernelspec started at the same time (when filling or replacing those handed out).
     pool_fill_at_once: int = 1
+    #: Where IPython kernels keep their history: ``kernel`` (each kernel its own, in memory) or ``account``
+    #: (IPython's default: the one history.sqlite of the account the kernel runs as, shared by its kernels).
+    ipython_history: str = "kernel"
 
 
 @dataclass(frozen=True)
@@ -440,6 +443,7 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "cull_interval": number(0.1),
         "pools": _pools,
         "pool_fill_at_once": number(1, integer=True),
+        "ipython_history": choice("kernel", "account"),
     },
 }
 

@@ -9,15 +9,19 @@ end-to-end test with real kernels in test_lifecycle.py.
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from jupyter_client.session import Session
 from jupyter_server.services.kernels.connection import base as js
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.threadpool import ThreadPool
 
+from egd.config import KernelsConfig
 from egd.driverapi import ExitStatus
 from egd.errors import LaunchFailed, LaunchTimeout
 from egd.kernels import wire
@@ -25,7 +29,7 @@ from egd.kernels.channels import Heartbeat
 from egd.kernels.env import KernelEnv
 from egd.kernels.hub import ClientHub, ReplayLimits
 from egd.kernels.kernel import TRANSITIONS, Kernel, KernelHooks, KernelPolicy, KernelState
-from egd.kernels.specs import KernelSpecInfo
+from egd.kernels.specs import HISTORY_OF_ITS_OWN, KernelSpecInfo, KernelSpecStore, with_history_choice
 from egd.kernels.zmqio import ReactorZmqFactory, shutdown_factory
 
 KEY = b"0123456789abcdef"
@@ -391,3 +395,36 @@ def test_the_started_gateways_heap_is_left_out_of_later_collections() -> None:
         assert len(gc.get_objects()) < gc.get_freeze_count()
     finally:
         gc.unfreeze()
+
+
+def test_ipykernel_kernelspecs_get_a_history_of_their_own_and_others_are_left_alone() -> None:
+    """``kernels.ipython_history: kernel`` adds the in-memory history to ipykernel's command line only: not to
+    another kernel, a script, a spec that chose a HistoryManager option itself, or with ``account``."""
+    ipykernel = ("python", "-m", "ipykernel_launcher", "-f", "{connection_file}")
+    assert with_history_choice(ipykernel, "kernel") == (*ipykernel, HISTORY_OF_ITS_OWN)
+    assert with_history_choice(("python3", "-m", "ipykernel", "-f", "{connection_file}"), "kernel")[-1] \
+        == HISTORY_OF_ITS_OWN
+    assert with_history_choice(ipykernel, "account") == ipykernel
+    chosen = (*ipykernel, "--HistoryManager.enabled=False")
+    assert with_history_choice(chosen, "kernel") == chosen
+    for other in (("R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"),
+                  ("/opt/kernels/run.sh", "--RemoteProcessProxy.kernel-id", "{kernel_id}"),
+                  ("python", "ipykernel_launcher.py", "-f", "{connection_file}"), ()):
+        assert with_history_choice(other, "kernel") == other
+
+
+def test_the_kernelspec_every_driver_launches_from_carries_the_history_choice(tmp_path: Path) -> None:
+    """Drivers get a launch's kernelspec from egd's kernelspec store: its argv is what they run, so the history
+    choice there reaches local and remote kernels alike."""
+    spec_dir = tmp_path / "kernels" / "py"
+    spec_dir.mkdir(parents=True)
+    argv = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec_dir.joinpath("kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Py", "language": "python"}))
+    no_reactor = cast(IReactorFromThreads, None)  # read_all_blocking does not go through the reactor
+
+    def argv_with(choice: str) -> tuple[str, ...]:
+        config = KernelsConfig(kernelspec_dirs=(str(tmp_path / "kernels"),), ipython_history=choice)
+        return KernelSpecStore(config, no_reactor, ThreadPool()).read_all_blocking()["py"].argv
+
+    assert argv_with("kernel") == (*argv, HISTORY_OF_ITS_OWN)
+    assert argv_with("account") == tuple(argv)

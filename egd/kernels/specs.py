@@ -6,6 +6,7 @@ A spec names its driver in ``metadata.egd.driver``; Enterprise Gateway specs nam
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ _EG_PROCESS_PROXIES = {
 #: The EG scripts that create a container for the kernel from the gateway; egd's container drivers create it.
 _EG_CONTAINER_LAUNCHERS = ("launch_kubernetes.py", "launch_docker.py")
 _RESOURCE_FILES = ("kernel.js", "kernel.css")
+#: What ipykernel is told so that a kernel keeps its history to itself (``kernels.ipython_history: kernel``).
+HISTORY_OF_ITS_OWN = "--HistoryManager.hist_file=:memory:"
 
 
 @dataclass(frozen=True)
@@ -217,10 +220,31 @@ def _resources(resource_dir: str) -> dict[str, str]:
     return found
 
 
-def _info(name: str, resource_dir: str, spec: Mapping[str, Any]) -> KernelSpecInfo:
+def runs_ipykernel(argv: tuple[str, ...]) -> bool:
+    """Whether ``argv`` starts ipykernel itself (``python -m ipykernel_launcher`` or ``-m ipykernel``), so that
+    it takes ipykernel's command-line settings (a wrapper script, an EG launcher or another kernel may not)."""
+    return any(flag == "-m" and module in ("ipykernel_launcher", "ipykernel")
+               for flag, module in itertools.pairwise(argv))
+
+
+def with_history_choice(argv: tuple[str, ...], ipython_history: str) -> tuple[str, ...]:
+    """``argv`` with the history setting of ``kernels.ipython_history`` added where it applies.
+
+    ``kernel`` keeps each ipykernel's history in memory: kernels that run as one account otherwise all write
+    every cell to its one ``history.sqlite``. That file mixes their users' cells (JupyterLab's console recalls
+    them with the up arrow), makes busy kernels wait for each other's writes (the whole p99 of many busy kernels
+    in egdbench), and is a known source of "database is locked" on NFS home directories. A kernelspec that
+    sets any ``HistoryManager`` option itself is left as it is."""
+    if (ipython_history != "kernel" or not runs_ipykernel(argv)
+            or any(arg.startswith("--HistoryManager.") for arg in argv)):
+        return argv
+    return (*argv, HISTORY_OF_ITS_OWN)
+
+
+def _info(name: str, resource_dir: str, spec: Mapping[str, Any], ipython_history: str) -> KernelSpecInfo:
     return KernelSpecInfo(
         name=name,
-        argv=tuple(str(a) for a in spec.get("argv", [])),
+        argv=with_history_choice(tuple(str(a) for a in spec.get("argv", [])), ipython_history),
         display_name=str(spec.get("display_name", name)),
         language=str(spec.get("language", "")),
         interrupt_mode=str(spec.get("interrupt_mode", "signal")),
@@ -249,7 +273,8 @@ class KernelSpecStore:
 
     def _read_all(self) -> dict[str, KernelSpecInfo]:
         found = self._manager().get_all_specs()
-        return {name: _info(name, entry["resource_dir"], entry["spec"]) for name, entry in sorted(found.items())}
+        return {name: _info(name, entry["resource_dir"], entry["spec"], self._config.ipython_history)
+                for name, entry in sorted(found.items())}
 
     def _read_one(self, name: str, offered_only: bool) -> KernelSpecInfo:
         manager = self._manager()
@@ -264,7 +289,7 @@ class KernelSpecStore:
             spec = manager.get_kernel_spec(name)
         except (NoSuchKernel, ValueError):
             raise KernelSpecNotFound(name) from None
-        return _info(name, spec.resource_dir, spec.to_dict())
+        return _info(name, spec.resource_dir, spec.to_dict(), self._config.ipython_history)
 
     def read_all_blocking(self) -> dict[str, KernelSpecInfo]:
         """Every kernelspec, read on the calling thread (for the CLI, never for the reactor thread)."""
