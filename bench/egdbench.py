@@ -1316,7 +1316,9 @@ CHECKS = [
     ("round trip send->idle, egd/direct", "egd", "direct", "rtt.to_idle.median_ms", "<=", 1.25),
     ("iopub msgs/s, egd/direct (+0 lost)", "egd", "direct", "iopub.msgs_per_s", ">=", 0.9),
     ("10 MiB stream MiB/s, egd/direct", "egd", "direct", "stream.mib_per_s", ">=", 0.9),
-    ("10 MiB v1 buffer MiB/s, egd/direct", "egd", "direct", "buffers.mib_per_s", ">=", 0.9),
+    # Against EG, not the direct client: the direct client is handed ZeroMQ's frame with no parsing at all, where any
+    # gateway adds a TCP hop and a WebSocket read of the frame (bench/README.rst, "Large outputs").
+    ("10 MiB v1 buffer MiB/s, egd/EG", "egd", "eg", "buffers.mib_per_s", ">=", 1.0),
     ("kernel start, egd/direct", "egd", "direct", "start.total.median_ms", "<=", 1.1),
     ("8x100 aggregate execs/s, egd/EG", "egd", "eg", "conc.execs_per_s", ">=", 4.0),
     ("8x100 latency p99, egd/EG (issue 15)", "egd", "eg", "conc.latency.p99_ms", "<=", 1.0),
