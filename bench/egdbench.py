@@ -978,7 +978,8 @@ def history_args(args: argparse.Namespace) -> list[str]:
     account otherwise all write every cell to (the tail of ``conc``; bench/README.rst)."""
     # For ``shared``, an explicit IPython default: egd leaves a kernelspec that sets a HistoryManager option alone,
     # where it would otherwise keep each kernel's history in memory (kernels.ipython_history: kernel).
-    return [f"--HistoryManager.{'hist_file=:memory:' if args.ipython_history == 'memory' else 'enabled=True'}"]
+    option = "hist_file=:memory:" if args.ipython_history == "memory" else "enabled=True"
+    return [f"--HistoryManager.{option}"]
 
 
 def egd_command(arg: str | None, port: int) -> list[str]:

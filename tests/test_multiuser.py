@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from egd.auth import token_digest
 from tests.client import GatewayClient
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, wait_until
 
 pytestmark = pytest.mark.security
 
@@ -267,10 +267,11 @@ def _cell_reaches_the_other_kernel(kernels: dict[str, Any] | None) -> tuple[bool
         assert sock.execute(f"{mark} = 1").reply["content"]["status"] == "ok"
         sock.close()
         # A shared file is written by a thread of Alice's kernel just after her cell: give it time to show.
-        deadline = time.monotonic() + 5
-        while not (seen := _history_has(bob, bob_kernel, mark)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return _history_has(alice, alice_kernel, mark), seen
+        try:
+            seen = wait_until(lambda: _history_has(bob, bob_kernel, mark), 5, 0.5, "Alice's cell in Bob's history")
+        except AssertionError:
+            seen = False
+        return _history_has(alice, alice_kernel, mark), bool(seen)
     finally:
         for owner, kernel_id in started:
             owner.delete_kernel(kernel_id)
