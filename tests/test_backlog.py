@@ -46,10 +46,19 @@ class Client:
         self.replayable = key is not None
         self.session_key = key if key is not None else anonymous_key()
         self.got: list[wire.RawMessage] = []
+        self.head: wire.RawMessage | None = None
         self.closed: tuple[int, str] | None = None
 
     def deliver(self, channel: str, message: wire.RawMessage) -> None:
         self.got.append(message)
+
+    def deliver_head(self, channel: str, message: wire.RawMessage) -> bool:
+        """Take all of a previewed message but its last bytes: it is not in :attr:`got` until the tail."""
+        self.head = message
+        return True
+
+    def deliver_tail(self) -> None:
+        self.got.append(self.head)
 
     def disconnect(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
@@ -78,6 +87,53 @@ def test_blocked_client_is_disconnected_past_its_backlog_and_recovers_by_replay(
     hub.attach(back)
     assert slow.numbers() + back.numbers() == list(range(20))
     assert hub.absent_sessions == 0
+
+
+def test_a_previewed_message_keeps_its_place() -> None:
+    """A large output sent ahead of its signature check (a preview) reaches the ready clients whole only when the
+    check is done; what comes for them meanwhile waits behind it, even if their send buffer drains; a blocked
+    client and an absent session get it in order, as any other message."""
+    hub = ClientHub("k", Clock(), ReplayLimits())
+    ready, blocked, away = Client("ready"), Client("blocked"), Client("away")
+    for client in (ready, blocked, away):
+        hub.attach(client)
+    hub.detach(away)
+    hub.broadcast("iopub", line(0))
+    hub.mark_slow(blocked)
+    preview = hub.preview("iopub", line(1))
+    assert number(ready.head) == 1 and blocked.head is None
+    hub.deliver_to("ready", "shell", line(2))
+    hub.mark_fast(ready)  # its socket drained: still nothing may follow the held bytes
+    assert ready.numbers() == [0]
+    hub.broadcast("iopub", line(1), preview)
+    assert ready.numbers() == [0, 1, 2]
+    hub.broadcast("iopub", line(3))
+    hub.mark_fast(blocked)
+    assert blocked.numbers() == [0, 1, 3]
+    back = Client("away")
+    hub.attach(back)
+    assert back.numbers() == [0, 1, 3]
+
+
+def test_a_forged_preview_drops_only_the_connections_that_saw_part_of_it() -> None:
+    """When the check fails, the clients that got part of the message are disconnected (a frame cannot be taken
+    back); what waited for them is kept for their session; the message itself reaches no one."""
+    hub = ClientHub("k", Clock(), ReplayLimits())
+    ready, blocked = Client("ready"), Client("blocked")
+    hub.attach(ready)
+    hub.attach(blocked)
+    hub.mark_slow(blocked)
+    preview = hub.preview("iopub", line(1))
+    hub.deliver_to("ready", "shell", line(2))
+    hub.reject(preview)
+    assert ready.closed is not None and ready.closed[0] == 1011 and ready.got == []
+    assert "ready" not in hub.clients and blocked.closed is None
+    hub.broadcast("iopub", line(3))
+    hub.mark_fast(blocked)
+    assert blocked.numbers() == [3]
+    back = Client("ready")
+    hub.attach(back)
+    assert back.numbers() == [2, 3]
 
 
 def test_backlog_in_bytes() -> None:

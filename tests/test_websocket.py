@@ -179,6 +179,33 @@ def test_slow_client_loses_nothing(client: GatewayClient, kernel: str) -> None:
     sock.close()
 
 
+def test_large_outputs_keep_their_place_for_every_client(client: GatewayClient, kernel: str) -> None:
+    """Large outputs (sent ahead of their signature check, see egd.kernels.hub) reach a legacy and a v1 client of
+    one kernel whole and in order with the small ones around them, and the kernel's reply follows them."""
+    legacy, v1 = client.connect(kernel), client.connect(kernel, v1=True)
+    code = ("import sys\n"
+            "for i in range(3):\n"
+            "    print(f'small {i}', flush=True)\n"
+            "    sys.stdout.write(str(i) * (2 * 1024 * 1024)); sys.stdout.flush()\n"
+            "print('end')")
+    msg = legacy.request("execute_request", {"code": code, "silent": False, "store_history": False,
+                                             "user_expressions": {}, "allow_stdin": False})
+    expected = [text for i in range(3) for text in (f"small {i}\n", str(i) * (2 * 1024 * 1024))] + ["end\n"]
+    run = legacy.wait_for(msg, timeout=120)
+    assert [m["content"]["text"] for m in run.messages if m["msg_type"] == "stream"] == expected
+    assert run.reply["content"]["status"] == "ok"
+    texts = []  # the other client gets the output, not the reply
+    while True:
+        m = next_matching(v1, lambda m: m["parent_header"].get("msg_id") == msg["header"]["msg_id"])
+        if m["msg_type"] == "stream":
+            texts.append(m["content"]["text"])
+        elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            break
+    assert texts == expected
+    legacy.close()
+    v1.close()
+
+
 def test_large_stream(client: GatewayClient, kernel: str) -> None:
     """A 10 MiB output arrives whole."""
     sock = client.connect(kernel)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -193,3 +194,56 @@ def test_too_many_bad_messages_close_with_4400(hostile_gateway: GatewayProcess, 
     finally:
         sock.close()
     assert "Traceback" not in hostile_gateway.log()[start:]
+
+
+#: Code that makes the kernel itself publish a stream message signed with another key (what a compromised kernel
+#: or a man in the middle would send); ``{size}`` characters of ``F``.
+FORGE = (
+    "from jupyter_client.session import Session\n"
+    "k = get_ipython().kernel\n"
+    "forger = Session(key=b'not-the-kernel-key', username=k.session.username, session=k.session.session)\n"
+    "forger.send(k.iopub_socket, 'stream', {{'name': 'stdout', 'text': 'F' * {size}}},\n"
+    "            parent=k.get_parent('shell'), ident=b'stream.stdout')\n"
+    "print('after')\n"
+)
+
+
+def forged_outputs(sock: KernelSocket, msg: dict[str, Any], seen: list[str]) -> None:
+    """Read until ``msg`` is done, recording every stdout text in ``seen``."""
+    for output in sock.wait_for(msg, timeout=60).messages:
+        if output["msg_type"] == "stream":
+            seen.append(output["content"]["text"])
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["legacy", "v1"])
+def test_a_forged_output_never_reaches_a_client(hostile_gateway: GatewayProcess, hostile_kernel: str,
+                                                v1: bool) -> None:
+    """A message the kernel's key did not sign is dropped. A small one is simply not relayed. A large one, whose
+    frame egd starts sending while it checks the signature, costs the clients that got part of it their
+    connection (the frame is never completed); back with their session they get everything else, in order."""
+    client = hostile_gateway.client
+    session = uuid.uuid4().hex
+    sock = client.connect(hostile_kernel, session_id=session, v1=v1)
+    seen: list[str] = []
+    forged_outputs(sock, sock.request("execute_request", execute(FORGE.format(size=1000))), seen)
+    assert seen == ["after\n"]  # the small forgery was dropped, the connection stays
+
+    start = len(hostile_gateway.log())
+    msg = sock.request("execute_request", execute(FORGE.format(size=2 * 1024 * 1024)))
+    with pytest.raises((websocket.WebSocketException, ConnectionError)):
+        forged_outputs(sock, msg, seen)
+    sock.close()
+    back = client.connect(hostile_kernel, session_id=session, v1=v1)
+    forged_outputs(back, msg, seen)
+    assert seen == ["after\n", "after\n"]
+    assert back.execute("print('still here')").stdout == "still here\n"
+    back.close()
+    caused = hostile_gateway.log()[start:]
+    assert "dropped a iopub message: bad signature" in caused
+    assert f"dropping the connection of session {session}" in caused
+    assert "Traceback" not in caused
+
+
+def execute(code: str) -> dict[str, Any]:
+    """The content of an execute_request."""
+    return {"code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False}

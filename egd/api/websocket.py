@@ -35,6 +35,9 @@ log = Logger()
 
 _MAX_BAD_MESSAGES = 100
 _SEND_LIMIT = 4 * 1024 * 1024
+#: How much of a previewed message's frame is held back until its signature is checked: any byte keeps a client
+#: from reading the message; a few more cost nothing.
+_HELD_BYTES = 1024
 _SHORT = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
@@ -74,6 +77,10 @@ class KernelWebSocket(WebSocketServerProtocol):
         self._v1 = False
         self._attached = False
         self._bad_messages = 0
+        #: The last bytes of a previewed message's frame, while its signature is being checked.
+        self._held: bytes | None = None
+        #: What Autobahn wrote meanwhile (a ping, a pong, a close frame): it follows the held frame.
+        self._after_held: list[bytes] = []
 
     def onConnect(self, request: Any) -> str | None:  # noqa: N802 - Autobahn hook
         """Choose the protocol and the session; refuse if the kernel is gone meanwhile."""
@@ -143,9 +150,15 @@ class KernelWebSocket(WebSocketServerProtocol):
         """Feed Autobahn without its per-read debug line (its arguments are formatted even when unused)."""
         self._dataReceived(data)
 
-    def _write_frame(self, pieces: list[wire.Blob], binary: bool) -> None:
+    def _framing_is_ours(self) -> bool:
+        """Whether egd may write a frame itself: Autobahn is not in the middle of a message, has nothing queued,
+        and does not compress."""
+        return self.send_state == self.SEND_STATE_GROUND and not self.send_queue and self._perMessageCompress is None
+
+    def _write_frame(self, pieces: list[wire.Blob], binary: bool, hold: int = 0) -> None:
         """Write one whole unmasked frame whose payload is the concatenation of ``pieces``: the hot path,
-        kernel -> client.
+        kernel -> client. With ``hold``, keep that many last bytes back in :attr:`_held` (the caller checked
+        :meth:`_framing_is_ours`).
 
         Autobahn's ``sendMessage`` formats a debug log line's arguments on every call, which costs more than
         the rest of the relay. egd never fragments, compresses or queues outgoing messages, so outside those
@@ -159,7 +172,7 @@ class KernelWebSocket(WebSocketServerProtocol):
         relay = self._relay  # plain integers: the cheapest count there is on the hot path
         relay.messages_to_clients += 1
         relay.bytes_to_clients += length
-        if self.send_state != self.SEND_STATE_GROUND or self.send_queue or self._perMessageCompress is not None:
+        if not self._framing_is_ours():
             self.sendMessage(b"".join(pieces), binary)
             return
         opcode = 0x82 if binary else 0x81
@@ -171,25 +184,77 @@ class KernelWebSocket(WebSocketServerProtocol):
             header = _LONG.pack(opcode, 127, length)
         pieces.insert(0, header)
         transport: Any = self.transport
+        if hold:
+            pieces, tail = _split_tail(pieces, hold)
+            self._held = b"".join(tail)
         transport.write(b"".join(pieces))
 
     # KernelClient ----------------------------------------------------------------------------------------
 
-    def deliver(self, channel: str, message: wire.RawMessage) -> None:
-        """Send a kernel message in this client's protocol."""
+    def deliver(self, channel: str, message: wire.RawMessage, hold: int = 0) -> None:
+        """Send a kernel message in this client's protocol (``hold``: see :meth:`_write_frame`)."""
         if self.state != self.STATE_OPEN:
             return
         if self._v1:
-            self._write_frame(wire.v1_pieces(message, channel), True)
+            self._write_frame(wire.v1_pieces(message, channel), True, hold)
         else:
-            self._write_frame(*wire.legacy_pieces(message, channel))
+            pieces, binary = wire.legacy_pieces(message, channel)
+            self._write_frame(pieces, binary, hold)
+
+    def deliver_head(self, channel: str, message: wire.RawMessage) -> bool:
+        """Send all of a message's frame but its last bytes, which wait for :meth:`deliver_tail`."""
+        if self.state != self.STATE_OPEN or self._held is not None or not self._framing_is_ours():
+            return False
+        self.deliver(channel, message, _HELD_BYTES)
+        return True
+
+    def deliver_tail(self) -> None:
+        """Send the held last bytes of the previewed message, then what Autobahn wrote meanwhile."""
+        held, self._held = self._held, None
+        after, self._after_held = self._after_held, []
+        if held is not None and self.transport is not None:
+            transport: Any = self.transport
+            transport.writeSequence([held, *after])
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:  # noqa: N802
+        """Autobahn's every write (control frames, the handshake, ``sendMessage``): while part of a frame is held,
+        it waits behind that frame."""
+        if self._held is not None:
+            self._after_held.append(data)
+            return
+        super().sendData(data, sync, chopsize)
 
     def disconnect(self, code: int, reason: str) -> None:
-        """Close this connection (kernel gone, or replaced by a newer connection of the session)."""
+        """Close this connection (kernel gone, or replaced by a newer connection of the session). One that holds
+        part of a frame cannot send a close frame after it: its TCP connection is dropped."""
         if self._attached:
             self._attached = False
-        if self.state == self.STATE_OPEN:
+        if self._held is not None:
+            self._held = None
+            self._after_held = []
+            log.warn("kernel {kernel_id}: dropping the connection of session {session}: {reason}",
+                     kernel_id=self.kernel.id, session=self.session_key, reason=reason)
+            transport: Any = self.transport
+            transport.abortConnection()
+        elif self.state == self.STATE_OPEN:
             self.sendClose(code, reason)
+
+
+def _split_tail(pieces: list[wire.Blob], size: int) -> tuple[list[wire.Blob], list[wire.Blob]]:
+    """``pieces`` cut before their last ``size`` bytes (without copying: large pieces are sliced as views)."""
+    head = list(pieces)
+    tail: list[wire.Blob] = []
+    while size > 0 and head:
+        last = head.pop()
+        if len(last) <= size:
+            tail.insert(0, last)
+            size -= len(last)
+        else:
+            view = memoryview(last)
+            head.append(view[: len(last) - size])
+            tail.insert(0, view[len(last) - size :])
+            size = 0
+    return head, tail
 
 
 def make_factory(config: ServerConfig, reactor: IReactorTime,

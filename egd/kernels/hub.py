@@ -9,6 +9,12 @@ replay buffer. While a session is away its messages are kept, within limits that
 sessions of the kernel together, in one log shared by them (a message kept for several sessions is kept
 once); when it comes back with the same ``session_id`` it receives them in order, after a notice of how many
 were dropped, if any. A newer connection with the same ``session_id`` replaces a stale one.
+
+A large output can be *previewed*: while egd checks its signature in a thread, the clients that are ready get
+all of its frame but the last bytes (:meth:`ClientHub.preview`), so the copy to them overlaps the check. Such
+a client is held: whatever else comes for it waits until the check ends. Then :meth:`ClientHub.broadcast`
+sends the last bytes, or :meth:`ClientHub.reject` drops the connection, and no client ever gets a whole
+message that the kernel did not sign.
 """
 
 from __future__ import annotations
@@ -44,6 +50,13 @@ class KernelClient(Protocol):
     def deliver(self, channel: str, message: wire.RawMessage) -> None:
         """Send one kernel message to the client now (the hub queues while the client is blocked)."""
 
+    def deliver_head(self, channel: str, message: wire.RawMessage) -> bool:
+        """Send all of the message's frame but its last bytes, and hold those; False if the client cannot (then
+        nothing was sent)."""
+
+    def deliver_tail(self) -> None:
+        """Send the held last bytes: the message is whole."""
+
     def disconnect(self, code: int, reason: str) -> None:
         """Close the client's connection."""
 
@@ -71,13 +84,15 @@ class ReplayLimits:
 
 
 class _Link:
-    """A connected client and what waits for it while its send buffer is full."""
+    """A connected client and what waits for it while its send buffer is full, or while it holds the last bytes
+    of a previewed message."""
 
-    __slots__ = ("blocked", "client", "queue", "size")
+    __slots__ = ("blocked", "client", "held", "queue", "size")
 
     def __init__(self, client: KernelClient) -> None:
         self.client = client
         self.blocked = False
+        self.held = False
         self.queue: deque[_Entry] = deque()
         self.size = 0
 
@@ -91,6 +106,15 @@ class _Absent:
         self.start = start
         self.dropped = 0
         self.expiry: IDelayedCall | None = None
+
+
+class Preview:
+    """The clients that got all but the last bytes of one message whose signature is being checked."""
+
+    __slots__ = ("links",)
+
+    def __init__(self, links: list[_Link]) -> None:
+        self.links = links
 
 
 class ClientHub:
@@ -234,16 +258,41 @@ class ClientHub:
 
     # -- messages -----------------------------------------------------------------------------------------
 
-    def broadcast(self, channel: str, message: wire.RawMessage) -> None:
-        """Send to every client and keep for every absent session."""
+    def preview(self, channel: str, message: wire.RawMessage) -> Preview:
+        """Send the head of ``message`` (not signature-checked yet) to the clients that have nothing waiting, and
+        hold them until :meth:`broadcast` with this preview or :meth:`reject`."""
+        links = []
+        for link in self._links.values():
+            if not link.blocked and not link.held and not link.queue and link.client.deliver_head(channel, message):
+                link.held = True
+                links.append(link)
+        return Preview(links)
+
+    def reject(self, preview: Preview) -> None:
+        """The previewed message was forged: drop the connections that hold part of it (a WebSocket frame cannot
+        be taken back). Their sessions keep what waited for them, as for any dropped connection."""
+        for link in preview.links:
+            if self._links.get(link.client.session_key) is link:
+                self.detach(link.client)
+                link.client.disconnect(1011, "the kernel sent a message with a bad signature")
+
+    def broadcast(self, channel: str, message: wire.RawMessage, preview: Preview | None = None) -> None:
+        """Send to every client and keep for every absent session; the clients of ``preview`` (which already
+        have the head of ``message``) get its last bytes."""
         self._seq += 1
         entry = (self._seq, "", channel, message)
         if self._absent:  # first: a client that overflows below finds the entry logged already
             self._log.append(entry)
             self._log_size += message.size
             self._trim()
+        held = preview.links if preview is not None else ()
         for link in list(self._links.values()):
-            self._send(link, entry)
+            if link in held:
+                link.held = False
+                link.client.deliver_tail()
+                self._flush(link)
+            else:
+                self._send(link, entry)
 
     def deliver_to(self, key: str, channel: str, message: wire.RawMessage) -> bool:
         """Send to one session (connected or absent); False if egd knows no such session."""
@@ -261,7 +310,7 @@ class ClientHub:
 
     def _send(self, link: _Link, entry: _Entry) -> None:
         """Write to a client now, or queue while it is blocked; past the backlog limits it is disconnected."""
-        if not link.blocked and not link.queue:
+        if not link.blocked and not link.held and not link.queue:
             link.client.deliver(entry[2], entry[3])
             return
         link.queue.append(entry)
@@ -295,11 +344,16 @@ class ClientHub:
         if link is None or link.client is not client:
             return
         link.blocked = False
+        self._flush(link)
+
+    @staticmethod
+    def _flush(link: _Link) -> None:
+        """Send what waits for a client until its send buffer is full again (or it holds a preview)."""
         queue = link.queue
-        while queue and not link.blocked:  # deliver() calls mark_slow when the buffer fills up again
+        while queue and not link.blocked and not link.held:  # deliver() calls mark_slow when the buffer fills
             _, _, channel, message = queue.popleft()
             link.size -= message.size
-            client.deliver(channel, message)
+            link.client.deliver(channel, message)
 
     def close_all(self, code: int, reason: str) -> None:
         """Disconnect every client and forget absent sessions (the kernel is gone)."""

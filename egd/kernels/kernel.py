@@ -23,7 +23,7 @@ from egd.errors import Conflict, KernelGone, LaunchFailed, LaunchTimeout
 from egd.kernels import wire
 from egd.kernels.channels import Heartbeat, KernelChannels
 from egd.kernels.env import KernelEnv
-from egd.kernels.hub import ClientHub, KernelClient, ReplayLimits
+from egd.kernels.hub import ClientHub, KernelClient, Preview, ReplayLimits
 from egd.kernels.specs import KernelSpecInfo
 from egd.kernels.zmqio import QueueFull, ReactorZmqFactory
 from egd.util import Background, describe, wait_for
@@ -295,7 +295,8 @@ class Kernel:
         try:
             # Inside the try: when even the sockets cannot be opened (no file descriptors left), the kernel that
             # was just started must not be left running.
-            self._channels = KernelChannels(self._zmq, handle.connection_info, self.id, self._on_message)
+            self._channels = KernelChannels(self._zmq, handle.connection_info, self.id, self._on_message,
+                                            _OutputPreviewer(self))
             await self._wait_ready(handle, self._launch_timeout if timeout is None else timeout)
             # A kernel whose process egd watches itself (a child, or a pidfd) is known dead the moment it ends, and
             # a silent one is only ever found alive: pinging it would cost the gateway CPU for nothing (0.4 ms a
@@ -424,17 +425,21 @@ class Kernel:
             if client is not None:
                 self.send_from_client(client, channel, message)
 
-    def _on_message(self, channel: str, message: wire.RawMessage) -> None:
+    def _on_message(self, channel: str, message: wire.RawMessage, preview: Preview | None = None) -> None:
         # Anything the kernel sends is activity (output, replies, input_request), as in Jupyter Server: a
         # kernel printing progress is not idle, whoever listens.
         self.last_activity = self._clock.seconds()
         if channel == "iopub":
-            self._on_iopub(message)
+            self._on_iopub(message, preview)
         else:
             self._route_reply(channel, message)
 
-    def _on_iopub(self, message: wire.RawMessage) -> None:
-        internal = self._internal_marker in message.parent_header
+    def _is_internal(self, message: wire.RawMessage) -> bool:
+        """Whether ``message`` answers one of egd's own requests (readiness probes, quiet executes)."""
+        return self._internal_marker in message.parent_header
+
+    def _on_iopub(self, message: wire.RawMessage, preview: Preview | None = None) -> None:
+        internal = self._is_internal(message)
         # egd's own requests (readiness probes, quiet executes) change no state a client sees: a late
         # "busy" of a probe must not show a kernel that was just reported ready as busy.
         if message.msg_type == "status" and not internal:
@@ -445,7 +450,7 @@ class Kernel:
                 self._on_iopub_seen()
         if not internal:
             # Clients see only traffic of their own requests, not egd's readiness probes.
-            self.hub.broadcast("iopub", message)
+            self.hub.broadcast("iopub", message, preview)
 
     def _track_status(self, message: wire.RawMessage) -> None:
         """Follow the kernel's own ``status`` messages in :attr:`execution_state`."""
@@ -694,3 +699,27 @@ class Kernel:
     def wait_background(self) -> Deferred[Any]:
         """Fires when automatic restarts and kills in flight have finished."""
         return self._background.wait()
+
+
+class _OutputPreviewer:
+    """Sends a kernel's large output to its clients while egd checks the output's signature (the
+    :class:`egd.kernels.channels.Previewer` of a kernel; see :meth:`ClientHub.preview`)."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self._kernel = kernel
+
+    def preview(self, channel: str, message: wire.RawMessage) -> Preview | None:
+        """Clients' output only: egd's own requests and status messages wait for the check."""
+        kernel = self._kernel
+        if channel != "iopub" or message.msg_type == "status" or kernel._is_internal(message):
+            return None
+        return kernel.hub.preview(channel, message)
+
+    def confirm(self, channel: str, message: wire.RawMessage, preview: Preview | None) -> None:
+        """Handle the checked message as any other; the preview's clients get its last bytes."""
+        self._kernel._on_message(channel, message, preview)
+
+    def reject(self, preview: Preview | None) -> None:
+        """Drop the connections that got part of a forged message."""
+        if preview is not None:
+            self._kernel.hub.reject(preview)

@@ -124,8 +124,22 @@ def _small(frame: Blob) -> bytes:
     return frame if isinstance(frame, bytes) else bytes(frame)
 
 
-def from_zmq(frames: list[Blob], signer: Signer) -> RawMessage:
-    """Split a kernel's multipart message, verify its signature, parse the header."""
+@dataclass(slots=True)
+class SignedMessage:
+    """A kernel's message whose signature is not checked yet: the parsed message, the signature and the four
+    signed parts (what :meth:`Signer.verify` takes)."""
+
+    message: RawMessage
+    signature: Blob
+    parts: list[Blob]
+
+    def verify(self, signer: Signer) -> bool:
+        """Whether the kernel's key signed this message (may run in a thread: hashing releases the GIL)."""
+        return signer.verify(self.signature, self.parts)
+
+
+def _split(frames: list[Blob]) -> tuple[Blob, list[Blob], list[Blob]]:
+    """``(signature, signed parts, buffers)`` of a kernel's multipart message."""
     try:
         split = frames.index(_DELIMITER)
     except ValueError:
@@ -133,11 +147,40 @@ def from_zmq(frames: list[Blob], signer: Signer) -> RawMessage:
     parts = frames[split + 2 : split + 6]
     if len(parts) < 4:
         raise WireError("too few frames")
-    if not signer.verify(frames[split + 1], parts):
-        raise WireError("bad signature")
+    return frames[split + 1], parts, frames[split + 6 :]
+
+
+def signed_size(frames: list[Blob]) -> int:
+    """How many bytes of a kernel's multipart message its signature covers (0 if it is malformed)."""
+    try:
+        split = frames.index(_DELIMITER)
+    except ValueError:
+        return 0
+    total = 0
+    for part in frames[split + 2 : split + 6]:
+        total += len(part)
+    return total
+
+
+def _message(parts: list[Blob], buffers: list[Blob]) -> RawMessage:
     header = _small(parts[0])
     msg_id, msg_type = _parse_header(header)
-    return RawMessage(header, _small(parts[1]), _small(parts[2]), parts[3], frames[split + 6 :], msg_id, msg_type)
+    return RawMessage(header, _small(parts[1]), _small(parts[2]), parts[3], buffers, msg_id, msg_type)
+
+
+def parse_zmq(frames: list[Blob]) -> SignedMessage:
+    """Split a kernel's multipart message and parse its header, without checking the signature yet (for a
+    large output, which egd checks in a thread while it starts sending; see ``egd.kernels.channels``)."""
+    signature, parts, buffers = _split(frames)
+    return SignedMessage(_message(parts, buffers), signature, parts)
+
+
+def from_zmq(frames: list[Blob], signer: Signer) -> RawMessage:
+    """Split a kernel's multipart message, verify its signature, parse the header."""
+    signature, parts, buffers = _split(frames)
+    if not signer.verify(signature, parts):
+        raise WireError("bad signature")
+    return _message(parts, buffers)
 
 
 def to_zmq(message: RawMessage, signer: Signer) -> list[Blob]:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorThreads, IReactorTime
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory
 
 from egd.kernels.wire import Blob
@@ -32,6 +33,8 @@ _RECV_HWM = 10_000
 _ZERO_COPY_FROM = 64 * 1024
 #: Reconnect quickly while a kernel is still binding its ports: start latency is the user's first wait.
 _RECONNECT_IVL_MS = 20
+#: Threads that check the signatures of large messages (hashing runs outside the GIL; two cores' worth).
+_CHECKER_THREADS = 2
 
 
 class QueueFull(Exception):
@@ -55,6 +58,22 @@ class ReactorZmqFactory(ZmqFactory):
         # A context option (Context.setsockopt would only set a default for new sockets): without it libzmq stops
         # at 1023 sockets, about 250 kernels.
         self.context.set(zmq.MAX_SOCKETS, self.context.get(zmq.SOCKET_LIMIT))
+        self._checkers: ThreadPool | None = None
+
+    def checker_threads(self) -> ThreadPool | None:
+        """The threads that check large messages' signatures: egd's own, so that no other work on the reactor's
+        pool can hold a kernel's output up (None if the reactor runs no threads, as a test's clock)."""
+        if self._checkers is None and IReactorThreads.providedBy(self.reactor):
+            self._checkers = ThreadPool(0, _CHECKER_THREADS, name="egd-signature-check")
+            self._checkers.start()
+        return self._checkers
+
+    def shutdown(self) -> None:
+        """Close every socket, terminate the context, stop the checking threads."""
+        super().shutdown()
+        if self._checkers is not None:
+            self._checkers.stop()
+            self._checkers = None
 
 
 class ZmqSocket(ZmqConnection):
