@@ -60,6 +60,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=group)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Install the Kubernetes cluster's tools before the first test when a selected test needs the cluster: a
+    first build takes longer than one test's timeout."""
+    if session.config.option.collectonly:
+        return
+    if any("kube_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        kubecluster.install_before_tests(
+            lambda line: reporter.write_line(f"egd tests: {line}") if reporter is not None else None)
+
+
 HERE = Path(__file__).resolve().parent
 KERNELSPECS = HERE / "kernelspecs"
 #: A secret in the gateway's environment that must never reach a kernel.

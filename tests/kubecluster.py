@@ -137,6 +137,29 @@ def tools_missing(bin_dir: Path | None = None) -> list[str]:
     return missing
 
 
+#: Why the install before the tests failed (see :func:`install_before_tests`): the cluster's tests report it
+#: instead of trying again, each within its own timeout.
+_install_failure: KubeClusterError | None = None
+
+
+def install_before_tests(say: Callable[[str], None]) -> None:
+    """Install or build what the cluster needs before any test runs, when something is missing (as root on
+    Linux): on a fresh machine Kubernetes is built from source, about 10 minutes on 2 cores, longer than one
+    test's timeout. A failure is kept for :meth:`KubeCluster.start` to report."""
+    global _install_failure
+    if sys.platform != "linux" or os.geteuid() != 0 or not tools_missing():
+        return
+    say(f"installing the Kubernetes test cluster's tools ({INSTALLER.name}; a first build takes about 10 minutes)")
+    started = time.monotonic()
+    try:
+        install()
+    except KubeClusterError as e:
+        _install_failure = e
+        say(f"the install failed; the Kubernetes tests will report it: {e.step}")
+        return
+    say(f"installed in {time.monotonic() - started:.0f} s")
+
+
 def install(timeout: float = 1800) -> Path:
     """Run ``tests/services/install-kubernetes.sh``; the bin directory it prints."""
     try:
@@ -412,6 +435,8 @@ class KubeCluster:
         """Install what is missing, record the host, then start every part; KubeClusterError on a failure."""
         t = time.monotonic()
         if tools_missing(self.bin_dir):
+            if _install_failure is not None and self.bin_dir == default_bin_dir():
+                raise _install_failure
             self.bin_dir = install()
             self.timings["install"] = round(time.monotonic() - t, 2)
         missing = tools_missing(self.bin_dir)
