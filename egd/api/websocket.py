@@ -235,7 +235,8 @@ class KernelWebSocket(WebSocketServerProtocol):
             log.warn("kernel {kernel_id}: dropping the connection of session {session}: {reason}",
                      kernel_id=self.kernel.id, session=self.session_key, reason=reason)
             transport: Any = self.transport
-            transport.abortConnection()
+            if transport is not None:
+                transport.abortConnection()
         elif self.state == self.STATE_OPEN:
             self.sendClose(code, reason)
 
