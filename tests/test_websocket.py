@@ -65,17 +65,18 @@ def test_legacy_binary_frames_for_buffers(client: GatewayClient, kernel: str) ->
 @pytest.mark.parametrize("v1", [True, False], ids=["v1", "legacy"])
 def test_large_buffers_arrive_intact(client: GatewayClient, kernel: str, v1: bool) -> None:
     """Buffers and content large enough to be relayed from ZeroMQ's frames without a copy (an image, a widget's
-    array) arrive byte for byte, in both protocols, next to a small buffer."""
+    array) arrive byte for byte, in both protocols, next to a small buffer; the content is large enough (2 MiB) for
+    the frame to be sent while its signature is checked."""
     sock = client.connect(kernel, v1=v1)
     code = ("from comm import create_comm\n"
             "big = bytes(range(256)) * 16384\n"
-            "create_comm(target_name='egd-test', data={'text': 'y' * 300000}, buffers=[big, b'small', big[::-1]])")
+            "create_comm(target_name='egd-test', data={'text': 'y' * 2097152}, buffers=[big, b'small', big[::-1]])")
     msg = sock.request("execute_request", {"code": code, "silent": False, "store_history": False,
                                            "user_expressions": {}, "allow_stdin": False})
     comm_open = next_matching(sock, lambda m: m["msg_type"] == "comm_open")
     big = bytes(range(256)) * 16384
     assert comm_open["parent_header"]["msg_id"] == msg["header"]["msg_id"]
-    assert comm_open["content"]["data"] == {"text": "y" * 300000}
+    assert comm_open["content"]["data"] == {"text": "y" * 2097152}
     assert [bytes(b) for b in comm_open["buffers"]] == [big, b"small", big[::-1]]
     sock.close()
 
