@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -31,19 +31,18 @@ _MessageHandler = Callable[[str, wire.RawMessage], None]
 #: clients then overlap, instead of adding up. Below it the thread hand-off costs more than it saves.
 CUT_THROUGH_FROM = 1024 * 1024
 
-_P = TypeVar("_P")
 
+class Previewer(Protocol):
+    """Who shows a large iopub message to clients before its signature is checked (the kernel, with its hub).
+    What :meth:`preview` returns is handed back, unlooked at, to :meth:`confirm` or :meth:`reject`."""
 
-class Previewer(Protocol, Generic[_P]):
-    """Who shows a large iopub message to clients before its signature is checked (the kernel, with its hub)."""
+    def preview(self, message: wire.RawMessage) -> Any:
+        """Start sending ``message`` (not checked yet)."""
 
-    def preview(self, channel: str, message: wire.RawMessage) -> _P | None:
-        """Start sending ``message`` (not checked yet); what :meth:`confirm` or :meth:`reject` then needs."""
-
-    def confirm(self, channel: str, message: wire.RawMessage, preview: _P | None) -> None:
+    def confirm(self, message: wire.RawMessage, preview: Any) -> None:
         """The signature is right: handle ``message`` as any other, finishing the preview."""
 
-    def reject(self, preview: _P | None) -> None:
+    def reject(self, preview: Any) -> None:
         """The signature is wrong: take back what the preview started."""
 
 
@@ -61,7 +60,7 @@ class KernelChannels:
     """Connected sockets to one kernel; delivers verified messages to ``on_message(channel, message)``."""
 
     def __init__(self, factory: ReactorZmqFactory, connection_info: dict[str, Any], kernel_id: str,
-                 on_message: _MessageHandler, previewer: Previewer[Any] | None = None) -> None:
+                 on_message: _MessageHandler, previewer: Previewer | None = None) -> None:
         """``previewer``: if given, large iopub messages are checked in a thread (see :data:`CUT_THROUGH_FROM`)
         and handed to it instead of ``on_message``."""
         key = connection_info.get("key", "")
@@ -71,8 +70,9 @@ class KernelChannels:
         self._on_message = on_message
         self._bad_signatures = 0
         self._reactor = factory.reactor
-        self._checkers = factory.checker_threads() if previewer is not None else None
-        self._previewer = previewer if self._checkers is not None else None
+        checkers = factory.checker_threads() if previewer is not None else None
+        #: Who previews large iopub messages and the threads that check them; None: every message is checked here.
+        self._cut_through = (previewer, checkers) if previewer is not None and checkers is not None else None
         #: While a large message's signature is being checked, every message received after it waits here, so
         #: that nothing overtakes it.
         self._waiting: deque[tuple[str, list[wire.Blob]]] | None = None
@@ -101,12 +101,11 @@ class KernelChannels:
 
     def _receive(self, channel: str, frames: list[wire.Blob]) -> None:
         try:
-            previewer, checkers = self._previewer, self._checkers
-            if (previewer is not None and checkers is not None and channel == "iopub"
-                    and wire.signed_size(frames) >= CUT_THROUGH_FROM):
-                self._check_in_thread(channel, wire.parse_zmq(frames), previewer, checkers)
+            signed = wire.split_zmq(frames)
+            if self._cut_through is not None and channel == "iopub" and signed.signed_size >= CUT_THROUGH_FROM:
+                self._check_in_thread(signed, *self._cut_through)
                 return
-            message = wire.from_zmq(frames, self.signer)
+            message = signed.checked(self.signer)
         except wire.WireError as exc:
             self._dropped(channel, str(exc))
             return
@@ -118,10 +117,11 @@ class KernelChannels:
             log.warn("kernel {kernel_id}: dropped a {channel} message: {why} ({count} so far)",
                      kernel_id=self._kernel_id, channel=channel, why=why, count=self._bad_signatures)
 
-    def _check_in_thread(self, channel: str, signed: wire.SignedMessage, previewer: Previewer[Any],
-                         checkers: ThreadPool) -> None:
-        """Preview ``signed`` and check its signature in a thread; what arrives meanwhile waits."""
-        preview = previewer.preview(channel, signed.message)
+    def _check_in_thread(self, signed: wire.SignedMessage, previewer: Previewer, checkers: ThreadPool) -> None:
+        """Preview the iopub message ``signed`` and check its signature in a thread; what arrives meanwhile waits
+        (:class:`WireError` if its header cannot be parsed: then nothing was started)."""
+        message = signed.parse()
+        preview = previewer.preview(message)
         self._waiting = deque()
         reactor: Any = self._reactor
         checked = deferToThreadPool(reactor, checkers, signed.verify, self.signer)
@@ -129,10 +129,10 @@ class KernelChannels:
         def settle(good: bool) -> None:
             # Also after close(): clients held by the preview (the kernel restarting) must be let go.
             if good:
-                previewer.confirm(channel, signed.message, preview)
+                previewer.confirm(message, preview)
             else:
                 previewer.reject(preview)
-                self._dropped(channel, "bad signature")
+                self._dropped("iopub", "bad signature")
 
         def failed(failure: Any) -> None:
             log.failure("kernel {kernel_id}: checking a large message's signature", failure,

@@ -708,16 +708,16 @@ class _OutputPreviewer:
     def __init__(self, kernel: Kernel) -> None:
         self._kernel = kernel
 
-    def preview(self, channel: str, message: wire.RawMessage) -> Preview | None:
+    def preview(self, message: wire.RawMessage) -> Preview | None:
         """Clients' output only: egd's own requests and status messages wait for the check."""
         kernel = self._kernel
-        if channel != "iopub" or message.msg_type == "status" or kernel._is_internal(message):
+        if message.msg_type == "status" or kernel._is_internal(message):
             return None
-        return kernel.hub.preview(channel, message)
+        return kernel.hub.preview("iopub", message)
 
-    def confirm(self, channel: str, message: wire.RawMessage, preview: Preview | None) -> None:
-        """Handle the checked message as any other; the preview's clients get its last bytes."""
-        self._kernel._on_message(channel, message, preview)
+    def confirm(self, message: wire.RawMessage, preview: Preview | None) -> None:
+        """Handle the checked iopub message as any other; the preview's clients get its last bytes."""
+        self._kernel._on_message("iopub", message, preview)
 
     def reject(self, preview: Preview | None) -> None:
         """Drop the connections that got part of a forged message."""

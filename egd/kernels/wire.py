@@ -126,20 +126,41 @@ def _small(frame: Blob) -> bytes:
 
 @dataclass(slots=True)
 class SignedMessage:
-    """A kernel's message whose signature is not checked yet: the parsed message, the signature and the four
-    signed parts (what :meth:`Signer.verify` takes)."""
+    """A kernel's multipart message split at its delimiter, its signature not checked yet: the signature, the four
+    signed parts and the buffers."""
 
-    message: RawMessage
     signature: Blob
     parts: list[Blob]
+    buffers: list[Blob]
+
+    @property
+    def signed_size(self) -> int:
+        """How many bytes the signature covers."""
+        total = 0
+        for part in self.parts:
+            total += len(part)
+        return total
 
     def verify(self, signer: Signer) -> bool:
         """Whether the kernel's key signed this message (may run in a thread: hashing releases the GIL)."""
         return signer.verify(self.signature, self.parts)
 
+    def parse(self) -> RawMessage:
+        """The message, its header parsed (:class:`WireError` if it is not a JSON object with a ``msg_type``)."""
+        parts = self.parts
+        header = _small(parts[0])
+        msg_id, msg_type = _parse_header(header)
+        return RawMessage(header, _small(parts[1]), _small(parts[2]), parts[3], self.buffers, msg_id, msg_type)
 
-def _split(frames: list[Blob]) -> tuple[Blob, list[Blob], list[Blob]]:
-    """``(signature, signed parts, buffers)`` of a kernel's multipart message."""
+    def checked(self, signer: Signer) -> RawMessage:
+        """The message once its signature is verified (:class:`WireError` otherwise), header parsed."""
+        if not self.verify(signer):
+            raise WireError("bad signature")
+        return self.parse()
+
+
+def split_zmq(frames: list[Blob]) -> SignedMessage:
+    """Split a kernel's multipart message at its delimiter (nothing is checked or parsed yet)."""
     try:
         split = frames.index(_DELIMITER)
     except ValueError:
@@ -147,40 +168,12 @@ def _split(frames: list[Blob]) -> tuple[Blob, list[Blob], list[Blob]]:
     parts = frames[split + 2 : split + 6]
     if len(parts) < 4:
         raise WireError("too few frames")
-    return frames[split + 1], parts, frames[split + 6 :]
-
-
-def signed_size(frames: list[Blob]) -> int:
-    """How many bytes of a kernel's multipart message its signature covers (0 if it is malformed)."""
-    try:
-        split = frames.index(_DELIMITER)
-    except ValueError:
-        return 0
-    total = 0
-    for part in frames[split + 2 : split + 6]:
-        total += len(part)
-    return total
-
-
-def _message(parts: list[Blob], buffers: list[Blob]) -> RawMessage:
-    header = _small(parts[0])
-    msg_id, msg_type = _parse_header(header)
-    return RawMessage(header, _small(parts[1]), _small(parts[2]), parts[3], buffers, msg_id, msg_type)
-
-
-def parse_zmq(frames: list[Blob]) -> SignedMessage:
-    """Split a kernel's multipart message and parse its header, without checking the signature yet (for a
-    large output, which egd checks in a thread while it starts sending; see ``egd.kernels.channels``)."""
-    signature, parts, buffers = _split(frames)
-    return SignedMessage(_message(parts, buffers), signature, parts)
+    return SignedMessage(frames[split + 1], parts, frames[split + 6 :])
 
 
 def from_zmq(frames: list[Blob], signer: Signer) -> RawMessage:
     """Split a kernel's multipart message, verify its signature, parse the header."""
-    signature, parts, buffers = _split(frames)
-    if not signer.verify(signature, parts):
-        raise WireError("bad signature")
-    return _message(parts, buffers)
+    return split_zmq(frames).checked(signer)
 
 
 def to_zmq(message: RawMessage, signer: Signer) -> list[Blob]:
