@@ -8,7 +8,6 @@ one ZeroMQ identity, because a kernel sends ``input_request`` to the identity th
 from __future__ import annotations
 
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -73,9 +72,6 @@ class KernelChannels:
         checkers = factory.checker_threads() if previewer is not None else None
         #: Who previews large iopub messages and the threads that check them; None: every message is checked here.
         self._cut_through = (previewer, checkers) if previewer is not None and checkers is not None else None
-        #: While a large message's signature is being checked, every message received after it waits here, so
-        #: that nothing overtakes it.
-        self._waiting: deque[tuple[str, list[wire.Blob]]] | None = None
         self._closed = False
         identity = f"egd-{uuid.uuid4().hex}".encode()
         self._sockets: dict[str, ZmqSocket] = {}
@@ -91,13 +87,7 @@ class KernelChannels:
                                      "limit (LimitNOFILE=) or lower kernels.max_kernels") from None
 
     def _receiver(self, channel: str) -> Callable[[list[wire.Blob]], None]:
-        def receive(frames: list[wire.Blob]) -> None:
-            if self._waiting is not None:
-                self._waiting.append((channel, frames))
-            else:
-                self._receive(channel, frames)
-
-        return receive
+        return lambda frames: self._receive(channel, frames)
 
     def _receive(self, channel: str, frames: list[wire.Blob]) -> None:
         try:
@@ -118,11 +108,16 @@ class KernelChannels:
                      kernel_id=self._kernel_id, channel=channel, why=why, count=self._bad_signatures)
 
     def _check_in_thread(self, signed: wire.SignedMessage, previewer: Previewer, checkers: ThreadPool) -> None:
-        """Preview the iopub message ``signed`` and check its signature in a thread; what arrives meanwhile waits
-        (:class:`WireError` if its header cannot be parsed: then nothing was started)."""
+        """Preview the iopub message ``signed`` and check its signature in a thread (:class:`WireError` if its header
+        cannot be parsed: then nothing was started).
+
+        Meanwhile none of the kernel's sockets is read: nothing the kernel sends later can overtake the message,
+        and what it sends waits in ZeroMQ's bounded queues, so a kernel that floods large messages faster than they
+        are checked costs egd no memory beyond them."""
         message = signed.parse()
         preview = previewer.preview(message)
-        self._waiting = deque()
+        for socket in self._sockets.values():
+            socket.pause_reading()
         reactor: Any = self._reactor
         checked = deferToThreadPool(reactor, checkers, signed.verify, self.signer)
 
@@ -144,14 +139,10 @@ class KernelChannels:
         checked.addBoth(lambda _: self._resume())
 
     def _resume(self) -> None:
-        """Handle what waited behind a checked message, in order, until another one must be checked."""
-        waiting, self._waiting = self._waiting, None
-        while waiting and not self._closed:
-            channel, frames = waiting.popleft()
-            self._receive(channel, frames)
-            if self._waiting is not None:  # another large message: the rest waits behind it (nothing new can
-                self._waiting = waiting   # have arrived meanwhile: the reactor did not turn)
-                return
+        """Read the kernel's sockets again, iopub first: what queued up behind the checked message follows it."""
+        if not self._closed:
+            for socket in self._sockets.values():
+                socket.resume_reading()
 
     def send(self, channel: str, message: wire.RawMessage) -> None:
         """Sign and send ``message`` on a client channel; ``QueueFull`` if the kernel is not reading."""
@@ -160,7 +151,6 @@ class KernelChannels:
     def close(self) -> None:
         """Close every socket (a message still being checked is dropped)."""
         self._closed = True
-        self._waiting = None
         for socket in self._sockets.values():
             socket.close()
 

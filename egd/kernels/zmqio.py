@@ -2,8 +2,10 @@
 
 What we add to txzmq: the reactor is injected (txzmq schedules on the global one), linger is short, and both
 queues are bounded: the outbound queue of a DEALER, so a kernel that stops reading cannot make egd grow without
-limit, and the inbound queue of every socket. egd never stops reading a socket (a slow WebSocket client gets a
-bounded queue of its own, see ``egd.kernels.hub``), so the inbound queue fills only while the reactor is busy.
+limit, and the inbound queue of every socket. A slow WebSocket client does not stop egd reading (it gets a bounded
+queue of its own, see ``egd.kernels.hub``); only a large message whose signature is being checked does, for that
+kernel's sockets and for the few milliseconds of the check (:meth:`ZmqSocket.pause_reading`). So the inbound
+queue fills only while the reactor is busy or a check runs.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class ZmqSocket(ZmqConnection):
                  on_message: Callable[[list[Blob]], None], identity: bytes | None = None) -> None:
         self.socketType = socket_type
         self._on_message = on_message
+        self._paused = False
         self._reactor: IReactorTime = factory.reactor
         super().__init__(factory, None, identity)
         self.socket.set(zmq.RCVHWM, _RECV_HWM)
@@ -109,7 +112,7 @@ class ZmqSocket(ZmqConnection):
             self.read_scheduled = None
         socket = self.socket
         recv = socket.recv
-        while self.factory is not None:
+        while self.factory is not None and not self._paused:
             # Drain until EAGAIN (the descriptor only signals a change). Frame.more avoids a getsockopt call
             # per frame, which pyzmq wraps in enum conversions.
             try:
@@ -124,6 +127,18 @@ class ZmqSocket(ZmqConnection):
                 self._on_message(frames)
             except Exception:
                 log.failure("handling a message from a kernel socket")
+
+    def pause_reading(self) -> None:
+        """Read nothing more until :meth:`resume_reading`: what the kernel sends meanwhile stays in ZeroMQ's queues,
+        bounded by their high-water marks, not in egd's memory (a message being handled when this is called is the
+        last one read)."""
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        """Read again, from what queued up meanwhile (the edge-triggered descriptor would not signal it)."""
+        self._paused = False
+        if self.factory is not None and self.read_scheduled is None:
+            self.read_scheduled = self._reactor.callLater(0, self.doRead)
 
     def send(self, frames: list[Blob]) -> None:
         """Queue a multipart message; :class:`QueueFull` when the bounded outbound queue is full."""

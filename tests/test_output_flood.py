@@ -1,0 +1,167 @@
+"""A kernel that sends large outputs faster than egd checks them: what it sends meanwhile stays in ZeroMQ's bounded
+queues, not in egd's memory, and nothing overtakes the message being checked.
+
+Real ZeroMQ sockets: the kernel's side is a PUB socket publishing messages signed by jupyter_client's Session. The
+test holds egd's signature check back by giving it a pool of threads that is not started yet: a check slower
+than the kernel's output is what a flooding kernel produces, and this machine cannot make one on cue. The clock
+plays the reactor, so the test decides when egd reads.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+from jupyter_client.session import Session
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from egd.kernels import wire
+from egd.kernels.channels import CUT_THROUGH_FROM, KernelChannels
+from egd.kernels.zmqio import ReactorZmqFactory, ZmqSocket, shutdown_factory
+
+pytestmark = pytest.mark.security
+
+KEY = b"0123456789abcdef"
+BIG = CUT_THROUGH_FROM + 1024
+
+
+@implementer(IReactorThreads)
+class ClockWithThreads(MemoryReactorClock):
+    """A clock whose ``callFromThread`` queues the call for the test to run on its own thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue ``f`` (threads hand their results back this way)."""
+        self.from_threads.put((lambda: f(*args, **kwargs), ()))
+
+    def run_from_threads(self, timeout: float = 10.0) -> None:
+        """Run the next call a thread handed back."""
+        call, _ = self.from_threads.get(timeout=timeout)
+        call()
+
+    def getThreadPool(self) -> ThreadPool:
+        """Not used: egd's checks run in a pool of their own."""
+        raise NotImplementedError
+
+    def callInThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Not used."""
+        raise NotImplementedError
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        """Not used."""
+
+
+class Recorder:
+    """What egd hands on, in order: small messages as they come, large ones once their check confirms them."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.previewed: list[str] = []
+
+    def on_message(self, channel: str, message: wire.RawMessage) -> None:
+        """A message checked on the reactor."""
+        self.seen.append(message.json_content()["text"][:12].strip())
+
+    def preview(self, message: wire.RawMessage) -> str:
+        """A large message, not checked yet."""
+        label = message.json_content()["text"][:12].strip()
+        self.previewed.append(label)
+        return label
+
+    def confirm(self, message: wire.RawMessage, preview: Any) -> None:
+        """The large message's signature is right."""
+        self.seen.append(preview)
+
+    def reject(self, preview: Any) -> None:
+        """Not expected here."""
+        raise AssertionError(f"{preview} was rejected")
+
+
+@pytest.fixture()
+def kernel_side() -> Iterator[tuple[zmq.Socket, int]]:
+    """The kernel's iopub: a PUB socket on a free loopback port."""
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.linger = 0
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    yield pub, port
+    pub.close()
+    context.term()
+
+
+def text(label: str, size: int = 100) -> str:
+    """A stream text of ``size`` characters that starts with ``label``."""
+    return label.ljust(12) + "x" * (size - 12)
+
+
+def read_all(reactor: ClockWithThreads) -> None:
+    """What the reactor does when the sockets are readable: each one reads what it can."""
+    for reader in list(reactor.readers):
+        reader.doRead()  # type: ignore[attr-defined]
+    reactor.advance(0)  # reads scheduled by resume_reading
+
+
+def unread(socket: ZmqSocket) -> bool:
+    """Whether ZeroMQ still holds a message egd has not read from ``socket``."""
+    return bool(socket.socket.get(zmq.EVENTS) & zmq.POLLIN)
+
+
+def test_a_flooding_kernel_waits_in_zeromq_while_its_large_message_is_checked(
+        kernel_side: tuple[zmq.Socket, int]) -> None:
+    """While a large message is checked, egd reads nothing more from the kernel: the messages behind it stay in
+    ZeroMQ (still unread there), then follow it in order once it is confirmed; the next large message stops the
+    reading again."""
+    pub, port = kernel_side
+    session = Session(key=KEY)
+    reactor = ClockWithThreads()
+    factory = ReactorZmqFactory(reactor)
+    gated = ThreadPool(1, 1, name="test-gated-checker")  # not started: every check waits for gated.start()
+    factory._checkers = gated  # the pool egd would start itself, here started when the test says
+    recorder = Recorder()
+    info = {"transport": "tcp", "ip": "127.0.0.1", "key": KEY.decode(), "signature_scheme": "hmac-sha256",
+            "iopub_port": port, "shell_port": 1, "control_port": 2, "stdin_port": 3, "hb_port": 4}
+    channels = KernelChannels(factory, info, "flood", recorder.on_message, previewer=recorder)
+    iopub = next(r for r in reactor.readers if isinstance(r, ZmqSocket) and r.socketType == zmq.SUB)
+    try:
+        # ZeroMQ's slow joiner: publish until the subscription is in place.
+        deadline = time.monotonic() + 10
+        while not recorder.seen:
+            assert time.monotonic() < deadline, "the subscription never arrived"
+            session.send(pub, "stream", {"name": "stdout", "text": text("hello")})
+            time.sleep(0.02)
+            read_all(reactor)
+        recorder.seen.clear()
+
+        sent = ["big-1", *(f"small-{i}" for i in range(50)), "big-2", *(f"tail-{i}" for i in range(10))]
+        for label in sent:
+            size = BIG if label.startswith("big") else 100
+            session.send(pub, "stream", {"name": "stdout", "text": text(label, size)})
+        time.sleep(0.5)  # in the SUB socket's queue by now (loopback)
+
+        read_all(reactor)
+        assert recorder.previewed == ["big-1"] and recorder.seen == []
+        assert unread(iopub), "egd read on behind a message being checked (into its own memory)"
+
+        gated.start()
+        reactor.run_from_threads()  # big-1 checked: confirmed, reading resumes
+        reactor.advance(0)
+        assert recorder.seen == sent[:51] and recorder.previewed == ["big-1", "big-2"]
+        assert unread(iopub), "egd read on behind the second large message"
+
+        reactor.run_from_threads()  # big-2
+        reactor.advance(0)
+        assert recorder.seen == sent
+        assert not unread(iopub)
+    finally:
+        channels.close()
+        shutdown_factory(factory)
