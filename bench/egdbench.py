@@ -20,9 +20,13 @@ Targets
     direct-eg  (optional, ``--targets``) the direct client against the EG
             venv's ipykernel 6: separates kernel effects from gateway effects.
 
-Both gateways are driven by the same WebSocket client (websocket-client,
-``enable_multithread=False``, ``skip_utf8_validation=True``; legacy JSON text
-protocol, no subprotocol), so the client-side cost is identical for egd and EG.
+Both gateways are driven by the same WebSocket client, so the client-side cost
+is identical for egd and EG: by default (``--ws-client lean``) the lean client of
+bench/leanws.py, which reads a frame's payload in one piece as the lean ZeroMQ
+client does; ``--ws-client websocket-client`` uses websocket-client
+(``enable_multithread=False``, ``skip_utf8_validation=True``), whose 16 KiB reads
+cost 12-20 ms per 10 MiB frame (bench/README.rst).  Legacy JSON text protocol,
+no subprotocol, except in ``buffers``.
 
 Sections (``--only``, comma separated)
     start   N sequential kernel starts: POST /api/kernels -> WS connect ->
@@ -91,6 +95,7 @@ from typing import Any, Protocol
 
 import websocket  # websocket-client
 import zmq
+from leanws import OP_BINARY, OP_CLOSE, OP_TEXT, LeanWebSocket
 
 PROTOCOL_VERSION = "5.3"
 DELIM = b"<IDS|MSG>"
@@ -484,7 +489,7 @@ def http_request(port: int, method: str, path: str, body: Any = None,
         conn.close()
 
 
-def decode_binary_frame(data: bytes) -> tuple[dict, int]:
+def decode_binary_frame(data: bytes | bytearray) -> tuple[dict, int]:
     """Legacy binary frame: u32 nbufs, u32 offsets (big-endian), JSON, buffers -> (message, buffer bytes)."""
     nbufs = struct.unpack_from("!I", data)[0]
     offsets = struct.unpack_from(f"!{nbufs}I", data, 4)
@@ -492,7 +497,7 @@ def decode_binary_frame(data: bytes) -> tuple[dict, int]:
     return json.loads(data[offsets[0]:end]), len(data) - end
 
 
-def decode_v1_frame(data: bytes) -> tuple[dict, int]:
+def decode_v1_frame(data: bytes | bytearray) -> tuple[dict, int]:
     """v1 frame: u64le n, u64le offsets[n], channel, header, parent, metadata, content, buffers ->
     (message, buffer bytes)."""
     n = struct.unpack_from("<Q", data)[0]
@@ -515,58 +520,90 @@ def encode_v1_frame(channel: str, header: dict, content: dict) -> bytes:
 
 class WSConn(HeaderFactory):
     """One /api/kernels/{id}/channels WebSocket: the legacy JSON text protocol, or with ``v1`` the
-    ``v1.kernel.websocket.jupyter.org`` binary protocol when the gateway accepts it (``self.v1`` says)."""
+    ``v1.kernel.websocket.jupyter.org`` binary protocol when the gateway accepts it (``self.v1`` says).
 
-    def __init__(self, port: int, kernel_id: str, timeout: float, v1: bool = False) -> None:
+    ``client`` is ``lean`` (bench/leanws.py: a frame's payload read in one piece, the WebSocket counterpart of
+    the lean ZeroMQ client) or ``websocket-client`` (the library most Python clients use)."""
+
+    def __init__(self, port: int, kernel_id: str, timeout: float, v1: bool = False,
+                 client: str = "lean") -> None:
         super().__init__()
-        url = f"ws://{LOCALHOST}:{port}/api/kernels/{kernel_id}/channels?session_id={self.session}"
-        # websocket-client sets TCP_NODELAY by default; the UTF-8 check and the
-        # per-call locks would only make the client slower.
-        self.ws = websocket.create_connection(url, timeout=timeout, skip_utf8_validation=True,
-                                              enable_multithread=False,
-                                              subprotocols=[V1_PROTOCOL] if v1 else None)
-        self.v1 = self.ws.getsubprotocol() == V1_PROTOCOL
+        path = f"/api/kernels/{kernel_id}/channels?session_id={self.session}"
+        subprotocols = [V1_PROTOCOL] if v1 else None
+        self.ws: LeanWebSocket | WebSocketClient
+        if client == "lean":
+            self.ws = LeanWebSocket(LOCALHOST, port, path, timeout, subprotocols)
+        else:
+            self.ws = WebSocketClient(f"ws://{LOCALHOST}:{port}{path}", timeout, subprotocols)
+        self.v1 = self.ws.subprotocol == V1_PROTOCOL
 
     def send(self, channel: str, msg_type: str, content: dict) -> str:
         """Send one message as a JSON text frame (v1: a binary frame)."""
         hdr = self.header(msg_type)
         if self.v1:
-            self.ws.send_binary(encode_v1_frame(channel, hdr, content))
+            self.ws.send(OP_BINARY, encode_v1_frame(channel, hdr, content))
         else:
-            self.ws.send(json.dumps({"header": hdr, "parent_header": {}, "metadata": {},
-                                     "content": content, "buffers": [], "channel": channel}))
+            self.ws.send(OP_TEXT, json.dumps({"header": hdr, "parent_header": {}, "metadata": {},
+                                              "content": content, "buffers": [], "channel": channel}).encode())
         return hdr["msg_id"]
 
     def recv(self, timeout: float) -> Msg:
         """Next message; ping/pong frames do not extend the deadline."""
-        deadline = time.monotonic() + timeout
+        try:
+            opcode, data = self.ws.recv(time.monotonic() + timeout)
+        except (TimeoutError, websocket.WebSocketTimeoutException):
+            raise TimeoutError("no WebSocket message before the deadline") from None
+        if opcode == OP_TEXT:
+            m = json.loads(data)
+        elif opcode == OP_BINARY:
+            m, buffer_bytes = (decode_v1_frame if self.v1 else decode_binary_frame)(data)
+            self.buffer_bytes += buffer_bytes
+        else:
+            raise ConnectionError("the gateway closed the WebSocket")
+        if m["header"]["msg_type"] == "execute_reply":
+            note_kernel_time(m["content"], m["header"], m.get("metadata") or {})
+        return (m.get("channel", "?"), m["header"]["msg_type"],
+                (m.get("parent_header") or {}).get("msg_id"), m["content"])
+
+    def close(self) -> None:
+        """Close the WebSocket (bounded)."""
+        self.ws.settimeout(2)
+        self.ws.close()
+
+
+class WebSocketClient:
+    """websocket-client behind LeanWebSocket's interface (``send``, ``recv``, ``settimeout``, ``close``)."""
+
+    def __init__(self, url: str, timeout: float, subprotocols: list[str] | None) -> None:
+        # websocket-client sets TCP_NODELAY by default; the UTF-8 check and the
+        # per-call locks would only make the client slower.
+        self.ws = websocket.create_connection(url, timeout=timeout, skip_utf8_validation=True,
+                                              enable_multithread=False, subprotocols=subprotocols)
+        self.subprotocol = self.ws.getsubprotocol()
+
+    def settimeout(self, timeout: float) -> None:
+        """Timeout of each blocking read and write."""
+        self.ws.settimeout(timeout)
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        """One frame."""
+        self.ws.send(payload, opcode=opcode)
+
+    def recv(self, deadline: float) -> tuple[int, bytes]:
+        """The next data message or a CLOSE before ``deadline`` (``time.monotonic()``); control_frame=True hands
+        pings back here, so that they do not restart websocket-client's timeout."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no WebSocket message before the deadline")
             self.ws.settimeout(left)
-            try:
-                opcode, data = self.ws.recv_data(control_frame=True)
-            except websocket.WebSocketTimeoutException:
-                raise TimeoutError("no WebSocket message before the deadline") from None
-            if opcode == websocket.ABNF.OPCODE_TEXT:
-                m = json.loads(data)
-            elif opcode == websocket.ABNF.OPCODE_BINARY:
-                m, buffer_bytes = (decode_v1_frame if self.v1 else decode_binary_frame)(data)
-                self.buffer_bytes += buffer_bytes
-            elif opcode == websocket.ABNF.OPCODE_CLOSE:
-                raise ConnectionError("the gateway closed the WebSocket")
-            else:
-                continue
-            if m["header"]["msg_type"] == "execute_reply":
-                note_kernel_time(m["content"], m["header"], m.get("metadata") or {})
-            return (m.get("channel", "?"), m["header"]["msg_type"],
-                    (m.get("parent_header") or {}).get("msg_id"), m["content"])
+            opcode, data = self.ws.recv_data(control_frame=True)
+            if opcode in (OP_TEXT, OP_BINARY, OP_CLOSE):
+                return opcode, data
 
     def close(self) -> None:
-        """Close the WebSocket (bounded)."""
+        """Close (bounded by the timeout); on error just shut the socket."""
         try:
-            self.ws.settimeout(2)
             self.ws.close(timeout=2)
         except ERRORS:
             self.ws.shutdown()
@@ -781,9 +818,9 @@ class GatewayTarget(Target):
     """A gateway subprocess speaking the kernel gateway REST + WS API."""
 
     def __init__(self, name: str, description: str, cmd: list[str], port: int,
-                 env: dict[str, str], log_path: Path, kernel_name: str) -> None:
+                 env: dict[str, str], log_path: Path, kernel_name: str, ws_client: str = "lean") -> None:
         super().__init__(name, description)
-        self.cmd, self.port, self.env = cmd, port, env
+        self.cmd, self.port, self.env, self.ws_client = cmd, port, env, ws_client
         self.log_path, self.kernel_name = log_path, kernel_name
         self.proc: subprocess.Popen | None = None
         self.kernels: set[str] = set()
@@ -852,7 +889,7 @@ class GatewayTarget(Target):
         with self.lock:
             self.kernels.add(kid)
         try:
-            conn = WSConn(self.port, kid, timeout, v1=v1)
+            conn = WSConn(self.port, kid, timeout, v1=v1, client=self.ws_client)
             t2 = time.perf_counter()
             try:
                 wait_kernel_info(conn, timeout)
@@ -1414,8 +1451,10 @@ def print_report(meta: dict, summary: dict, checks: list[dict], names: list[str]
         t = meta["targets"].get(name, {})
         print(f"  {name:<9} {t.get('description', '')}" +
               (f"  [ERROR: {t['error']}]" if t.get("error") else ""), file=out)
+    ws_client = meta["params"].get("ws_client", "websocket-client")
     print("  client: direct = lean pyzmq client; egd and EG = the SAME WebSocket client "
-          "(websocket-client, enable_multithread=False, skip_utf8_validation=True)", file=out)
+          + ("(bench/leanws.py, a payload read in one piece)" if ws_client == "lean" else
+             "(websocket-client, enable_multithread=False, skip_utf8_validation=True)"), file=out)
     ratio_cols = []
     if "egd" in names and "direct" in names:
         ratio_cols.append(("egd/direct", "egd", "direct"))
@@ -1492,6 +1531,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eg-venv", type=Path, default=CACHE_DIR / "eg-venv",
                    help="venv for EG 3.x + ipykernel<7 (created on first use)")
     p.add_argument("--kernel-name", default="python3", help="kernelspec to start on gateways")
+    p.add_argument("--ws-client", choices=("lean", "websocket-client"), default="lean",
+                   help="WebSocket client for both gateways: lean (bench/leanws.py, a payload read in one piece) "
+                        "or websocket-client (16 KiB reads)")
     p.add_argument("--n-start", type=int, default=5, help="start: sequential starts")
     p.add_argument("--n-rtt", type=int, default=200, help="rtt: round trips")
     p.add_argument("--warmup", type=int, default=10, help="rtt: warm-up executes")
@@ -1555,7 +1597,7 @@ def build_targets(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                     jpath = kernelspec_dir(workdir / "egd-jupyter", sys.executable, args.kernel_name,
                                            "Python 3 (egdbench)", extra)
                     t = GatewayTarget(name, shlex.join(cmd), cmd, port, dict(base_env, JUPYTER_PATH=str(jpath)),
-                                      logp, args.kernel_name)
+                                      logp, args.kernel_name, args.ws_client)
                 elif eg_versions is None:
                     raise BenchError("EG venv not available")
                 else:
@@ -1568,7 +1610,7 @@ def build_targets(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                     env.pop("VIRTUAL_ENV", None)
                     t = GatewayTarget(name, f"EG {eg_versions.get('jupyter_enterprise_gateway')}"
                                       f" ({shlex.join(cmd[1:])})", cmd, port, env, logp,
-                                      args.kernel_name)
+                                      args.kernel_name, args.ws_client)
             except BenchError as e:
                 t = Target(name, name, error=str(e))
                 log(f"{name}: NOT AVAILABLE: {e}")
@@ -1661,10 +1703,12 @@ def run_benchmark(args: argparse.Namespace, ctx: zmq.Context, workdir: Path,
                     except ERRORS as e:
                         log(f"{name}: delete of main kernel failed: {e}")
         paced = functools.partial(sec_conc, rate=args.paced_rate)
-        for section, fn in (("buffers", sec_buffers), ("conc", sec_conc), ("paced", paced)):
+        target_sections: tuple[tuple[str, Callable[[Target, argparse.Namespace], dict]], ...] = (
+            ("buffers", sec_buffers), ("conc", sec_conc), ("paced", paced))
+        for section, target_fn in target_sections:
             if section in args.only:
                 for t in order:
-                    run(t, section, functools.partial(fn, t, args), res)
+                    run(t, section, functools.partial(target_fn, t, args), res)
         res["loadavg_after"] = os.getloadavg()
         for n, pid in gws.items():
             res[n]["rss_after_rep_kib"] = proc_status_kib(pid)
