@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import zmq
@@ -40,9 +40,9 @@ class ClockWithThreads(MemoryReactorClock):
         super().__init__()
         self.from_threads: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
 
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Queue ``f`` (threads hand their results back this way)."""
-        self.from_threads.put((lambda: f(*args, **kwargs), ()))
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        """Queue ``callable`` (threads hand their results back this way)."""
+        self.from_threads.put((lambda: callable(*args, **kwargs), ()))
 
     def run_from_threads(self, timeout: float = 10.0) -> None:
         """Run the next call a thread handed back."""
@@ -53,7 +53,7 @@ class ClockWithThreads(MemoryReactorClock):
         """Not used: egd's checks run in a pool of their own."""
         raise NotImplementedError
 
-    def callInThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def callInThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
         """Not used."""
         raise NotImplementedError
 
@@ -104,10 +104,34 @@ def text(label: str, size: int = 100) -> str:
     return label.ljust(12) + "x" * (size - 12)
 
 
+class Gated(NamedTuple):
+    """egd's side of one kernel, as :func:`gated_channels` makes it."""
+
+    reactor: ClockWithThreads
+    factory: ReactorZmqFactory
+    pool: ThreadPool
+    recorder: Recorder
+    channels: KernelChannels
+
+
+def gated_channels(port: int) -> Gated:
+    """egd's channels to a kernel whose iopub is on ``port``, read when the test says, with a signature check
+    that waits until the test starts its pool."""
+    reactor = ClockWithThreads()
+    factory = ReactorZmqFactory(reactor)  # type: ignore[arg-type]  # a clock, with threads
+    gated = ThreadPool(1, 1, name="test-gated-checker")  # not started: every check waits for gated.start()
+    factory._checkers = gated  # the pool egd would start itself, here started when the test says
+    recorder = Recorder()
+    info = {"transport": "tcp", "ip": "127.0.0.1", "key": KEY.decode(), "signature_scheme": "hmac-sha256",
+            "iopub_port": port, "shell_port": 1, "control_port": 2, "stdin_port": 3, "hb_port": 4}
+    return Gated(reactor, factory, gated, recorder,
+                 KernelChannels(factory, info, "flood", recorder.on_message, previewer=recorder))
+
+
 def read_all(reactor: ClockWithThreads) -> None:
     """What the reactor does when the sockets are readable: each one reads what it can."""
     for reader in list(reactor.readers):
-        reader.doRead()  # type: ignore[attr-defined]
+        reader.doRead()
     reactor.advance(0)  # reads scheduled by resume_reading
 
 
@@ -123,14 +147,7 @@ def test_a_flooding_kernel_waits_in_zeromq_while_its_large_message_is_checked(
     reading again."""
     pub, port = kernel_side
     session = Session(key=KEY)
-    reactor = ClockWithThreads()
-    factory = ReactorZmqFactory(reactor)
-    gated = ThreadPool(1, 1, name="test-gated-checker")  # not started: every check waits for gated.start()
-    factory._checkers = gated  # the pool egd would start itself, here started when the test says
-    recorder = Recorder()
-    info = {"transport": "tcp", "ip": "127.0.0.1", "key": KEY.decode(), "signature_scheme": "hmac-sha256",
-            "iopub_port": port, "shell_port": 1, "control_port": 2, "stdin_port": 3, "hb_port": 4}
-    channels = KernelChannels(factory, info, "flood", recorder.on_message, previewer=recorder)
+    reactor, factory, gated, recorder, channels = gated_channels(port)
     iopub = next(r for r in reactor.readers if isinstance(r, ZmqSocket) and r.socketType == zmq.SUB)
     try:
         # ZeroMQ's slow joiner: publish until the subscription is in place.
@@ -162,6 +179,31 @@ def test_a_flooding_kernel_waits_in_zeromq_while_its_large_message_is_checked(
         reactor.advance(0)
         assert recorder.seen == sent
         assert not unread(iopub)
+    finally:
+        channels.close()
+        shutdown_factory(factory)
+
+
+def test_channels_closed_during_a_check_let_the_previewed_clients_go(kernel_side: tuple[zmq.Socket, int]) -> None:
+    """The kernel restarts (its channels close) while a large message is checked: the check still settles, so
+    the clients that got part of the message are not left holding it, and the closed sockets stay unread."""
+    pub, port = kernel_side
+    session = Session(key=KEY)
+    reactor, factory, gated, recorder, channels = gated_channels(port)
+    try:
+        deadline = time.monotonic() + 10
+        while not recorder.previewed:
+            assert time.monotonic() < deadline, "the subscription never arrived"
+            session.send(pub, "stream", {"name": "stdout", "text": text("big-1", BIG)})
+            time.sleep(0.05)
+            read_all(reactor)
+        assert recorder.previewed == ["big-1"]
+        channels.close()
+        gated.start()
+        reactor.run_from_threads()
+        reactor.advance(0)
+        assert recorder.seen == ["big-1"]  # confirmed: the held clients got the rest of it
+        assert recorder.previewed == ["big-1"] and not reactor.readers
     finally:
         channels.close()
         shutdown_factory(factory)
