@@ -135,6 +135,9 @@ class KernelsConfig:
     runtime_dir: str | None = None
     max_kernels: int | None = None
     max_kernels_per_user: int | None = None
+    #: The largest frame egd accepts from a kernel (bytes); ZeroMQ resets the connection of a kernel that sends a
+    #: larger one before egd holds any of it.
+    max_message_size: int = 256 * 1024 * 1024
     authorized_users: tuple[str, ...] = ()
     unauthorized_users: tuple[str, ...] = ()
     #: Culling (Jupyter Server's cull_*): seconds idle / busy before a kernel is shut down (0 = never), whether
@@ -435,6 +438,7 @@ _SCHEMA: dict[type, dict[str, Checker]] = {
         "runtime_dir": optional(string),
         "max_kernels": optional(number(1, integer=True)),
         "max_kernels_per_user": optional(number(1, integer=True)),
+        "max_message_size": number(1024 * 1024, integer=True),
         "authorized_users": strings,
         "unauthorized_users": strings,
         "cull_idle_timeout": number(0),

@@ -1,17 +1,21 @@
-"""A kernel that sends large outputs faster than egd checks them: what it sends meanwhile stays in ZeroMQ's bounded
-queues, not in egd's memory, and nothing overtakes the message being checked.
+"""A kernel that floods egd with output: large outputs faster than egd checks them (what the kernel sends meanwhile
+stays in ZeroMQ's bounded queues, not in egd's memory, and nothing overtakes the message being checked), and a
+single output larger than ``kernels.max_message_size`` (never held by egd at all).
 
-Real ZeroMQ sockets: the kernel's side is a PUB socket publishing messages signed by jupyter_client's Session. The
-test holds egd's signature check back by giving it a pool of threads that is not started yet: a check slower
-than the kernel's output is what a flooding kernel produces, and this machine cannot make one on cue. The clock
-plays the reactor, so the test decides when egd reads.
+For the checks, real ZeroMQ sockets: the kernel's side is a PUB socket publishing messages signed by
+jupyter_client's Session. The test holds egd's signature check back by giving it a pool of threads that is not
+started yet: a check slower than the kernel's output is what a flooding kernel produces, and this machine cannot
+make one on cue. The clock plays the reactor, so the test decides when egd reads. The limit is tested with a real
+egd and a real ipykernel.
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -25,6 +29,7 @@ from zope.interface import implementer
 from egd.kernels import wire
 from egd.kernels.channels import CUT_THROUGH_FROM, KernelChannels
 from egd.kernels.zmqio import ReactorZmqFactory, ZmqSocket, shutdown_factory
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.security
 
@@ -207,3 +212,50 @@ def test_channels_closed_during_a_check_let_the_previewed_clients_go(kernel_side
     finally:
         channels.close()
         shutdown_factory(factory)
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """A process's peak resident memory so far (KiB)."""
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmHWM:"):
+            return int(row.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_an_output_over_the_limit_never_enters_egds_memory(make_gateway: Any) -> None:
+    """A real ipykernel writes 200 MB in one output with ``kernels.max_message_size`` at 1 MiB: egd's peak memory
+    does not grow by it (with the default limit it would hold it twice: the frame and the WebSocket frame), egd
+    logs the reset and reconnects (ZeroMQ does not, after a protocol error), so the kernel's next output reaches
+    the client; a restart's loss of the connection is not logged as a reset."""
+    gw = make_gateway({"kernels": {"max_message_size": 1024 * 1024}})
+    kernel_id = gw.client.start_kernel()
+    sock = gw.client.connect(kernel_id)
+    try:
+        assert sock.execute("print('before')").stdout == "before\n"
+        peak_before = vm_hwm_kib(gw.proc.pid)
+        request = sock.request("execute_request", {
+            "code": "import sys; sys.stdout.write('x' * 200_000_000); sys.stdout.flush()", "silent": False,
+            "store_history": False, "user_expressions": {}, "allow_stdin": False})
+        deadline = time.monotonic() + 60
+        while True:  # the execute's reply comes on shell; its iopub may lose the idle status with the reset
+            m = sock.recv(max(0.1, deadline - time.monotonic()))
+            if m.get("parent_header", {}).get("msg_id") == request["header"]["msg_id"]:
+                assert not (m["msg_type"] == "stream" and len(m["content"]["text"]) > 1024 * 1024), "got through"
+                if m["msg_type"] == "execute_reply":
+                    assert m["content"]["status"] == "ok"
+                    break
+        wait_until(lambda: re.search(rf"kernel {kernel_id}: its iopub connection was reset and not restored "
+                                     r"\(1 so far\).*kernels.max_message_size \(1048576 bytes\)", gw.log()), 15, 0.1,
+                   "the log line of the reset")
+        grown_mib = (vm_hwm_kib(gw.proc.pid) - peak_before) / 1024
+        assert grown_mib < 50, f"egd's peak memory grew by {grown_mib:.0f} MiB"
+        after = wait_until(lambda: sock.execute("print('after')").stdout, 15, 0.2, "output after the reset")
+        assert after == "after\n"
+        # A kernel that ends (here: restarted) loses its connection too; that is not told as a reset.
+        assert gw.client.request("POST", f"/api/kernels/{kernel_id}/restart").status == 200
+        time.sleep(2)
+        log = gw.log()
+        assert len(re.findall("its iopub connection was reset", log)) == 1, log[-3000:]
+        assert "Traceback" not in log
+    finally:
+        sock.close()

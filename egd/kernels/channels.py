@@ -29,6 +29,9 @@ _MessageHandler = Callable[[str, wire.RawMessage], None]
 #: clients already receive all of it but the last bytes: the check (about 0.7 ms per MiB) and the copy to the
 #: clients then overlap, instead of adding up. Below it the thread hand-off costs more than it saves.
 CUT_THROUGH_FROM = 1024 * 1024
+#: How long after its iopub connection was reset a kernel that is still there is told about in the log (a kernel
+#: that ended has its channels closed by then, unless it is remote and its end not noticed yet).
+_RESET_SETTLE_SECONDS = 1.0
 
 
 class Previewer(Protocol):
@@ -68,17 +71,24 @@ class KernelChannels:
         self._kernel_id = kernel_id
         self._on_message = on_message
         self._bad_signatures = 0
+        self._resets = 0
+        self._max_message_size = factory.max_message_size
         self._reactor = factory.reactor
         checkers = factory.checker_threads() if previewer is not None else None
         #: Who previews large iopub messages and the threads that check them; None: every message is checked here.
         self._cut_through = (previewer, checkers) if previewer is not None and checkers is not None else None
         self._closed = False
+        self._checking = False
+        self._factory = factory
+        self._iopub_address = _channel_address(connection_info, "iopub")
+        self._iopub_connected = False
         identity = f"egd-{uuid.uuid4().hex}".encode()
         self._sockets: dict[str, ZmqSocket] = {}
         try:
-            for channel, kind in (("iopub", "sub"), ("shell", "dealer"), ("control", "dealer"), ("stdin", "dealer")):
+            self._open_iopub()
+            for channel in ("shell", "control", "stdin"):
                 self._sockets[channel] = open_socket(
-                    factory, kind, _channel_address(connection_info, channel), self._receiver(channel),
+                    factory, "dealer", _channel_address(connection_info, channel), self._receiver(channel),
                     identity if channel in ("shell", "stdin") else None)
         except SocketUnavailable as exc:
             self.close()
@@ -101,6 +111,38 @@ class KernelChannels:
             return
         self._on_message(channel, message)
 
+    def _open_iopub(self) -> None:
+        """(Re)open the iopub socket, watched: ZeroMQ reconnects a connection that broke by itself, but not one it
+        reset for a protocol error, such as a frame over ``kernels.max_message_size``."""
+        socket = open_socket(self._factory, "sub", self._iopub_address, self._receiver("iopub"))
+        self._sockets = {"iopub": socket, **self._sockets}  # first: read first after a check
+        if self._checking:
+            socket.pause_reading()
+        socket.watch_connection(self._iopub_connection)
+
+    def _iopub_connection(self, connected: bool) -> None:
+        self._iopub_connected = connected
+        if not connected:
+            self._reactor.callLater(_RESET_SETTLE_SECONDS, self._after_iopub_loss)
+
+    def _after_iopub_loss(self) -> None:
+        # Reconnected by ZeroMQ meanwhile (a network hiccup), or the kernel ended and its channels are closed: fine.
+        if self._closed or self._iopub_connected:
+            return
+        self._resets += 1
+        if self._resets <= 10 or self._resets % 1000 == 0:
+            log.warn("kernel {kernel_id}: its iopub connection was reset and not restored ({count} so far): ZeroMQ "
+                     "does that when the kernel sends a frame over kernels.max_message_size ({limit} bytes), and "
+                     "that output is lost, with what the kernel published until egd reconnected; or the kernel is "
+                     "unreachable. egd reconnects.", kernel_id=self._kernel_id, count=self._resets,
+                     limit=self._max_message_size)
+        try:
+            self._sockets.pop("iopub").close()
+            self._open_iopub()
+        except SocketUnavailable as exc:
+            log.error("kernel {kernel_id}: cannot reopen its iopub socket: {error}", kernel_id=self._kernel_id,
+                      error=str(exc))
+
     def _dropped(self, channel: str, why: str) -> None:
         self._bad_signatures += 1
         if self._bad_signatures <= 10 or self._bad_signatures % 1000 == 0:
@@ -116,6 +158,7 @@ class KernelChannels:
         are checked costs egd no memory beyond them."""
         message = signed.parse()
         preview = previewer.preview(message)
+        self._checking = True
         for socket in self._sockets.values():
             socket.pause_reading()
         reactor: Any = self._reactor
@@ -140,6 +183,7 @@ class KernelChannels:
 
     def _resume(self) -> None:
         """Read the kernel's sockets again, iopub first: what queued up behind the checked message follows it."""
+        self._checking = False
         if not self._closed:
             for socket in self._sockets.values():
                 socket.resume_reading()

@@ -87,7 +87,7 @@ class KernelManager(Service):
         self.specs = specs
         self._drivers = drivers
         self._environ = dict(os.environ if environ is None else environ)
-        self._zmq = ReactorZmqFactory(reactor)
+        self._zmq = ReactorZmqFactory(reactor, max_message_size=config.kernels.max_message_size)
         self.kernels: dict[str, Kernel] = {}
         self._launches: dict[str, Deferred[Any]] = {}
         self._accepting = True

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorThreads, IReactorTime, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory
+from zmq.utils.monitor import recv_monitor_message
+from zope.interface import implementer
 
 from egd.kernels.wire import Blob
 
@@ -53,9 +55,11 @@ class ReactorZmqFactory(ZmqFactory):
 
     lingerPeriod = _LINGER_MS
 
-    def __init__(self, reactor: IKernelReactor) -> None:
-        """A ZeroMQ context whose sockets are read on ``reactor``."""
+    def __init__(self, reactor: IKernelReactor, max_message_size: int | None = None) -> None:
+        """A ZeroMQ context whose sockets are read on ``reactor`` and take no frame over ``max_message_size``
+        bytes (None: any size)."""
         self.reactor = reactor
+        self.max_message_size = max_message_size
         super().__init__()
         # A context option (Context.setsockopt would only set a default for new sockets): without it libzmq stops
         # at 1023 sockets, about 250 kernels.
@@ -90,9 +94,14 @@ class ZmqSocket(ZmqConnection):
         self.socketType = socket_type
         self._on_message = on_message
         self._paused = False
+        self._watch: _ConnectionWatch | None = None
         self._reactor: IReactorTime = factory.reactor
         super().__init__(factory, None, identity)
         self.socket.set(zmq.RCVHWM, _RECV_HWM)
+        if factory.max_message_size is not None:
+            # Checked as a frame's header arrives: a larger frame is never allocated; its sender is disconnected
+            # (and reconnected), what it sent meanwhile is lost.
+            self.socket.set(zmq.MAXMSGSIZE, factory.max_message_size)
         if socket_type != zmq.SUB:
             self.socket.set(zmq.SNDHWM, _SEND_HWM)
         if socket_type == zmq.SUB:
@@ -152,10 +161,72 @@ class ZmqSocket(ZmqConnection):
             # Sending can consume the descriptor's edge; look for input once more.
             self.read_scheduled = self._reactor.callLater(0, self.doRead)
 
+    def watch_connection(self, on_change: Callable[[bool], None]) -> None:
+        """Call ``on_change(True)`` when ZeroMQ connects to the peer, ``on_change(False)`` when it loses the
+        connection; :class:`SocketUnavailable` if ZeroMQ cannot open the monitor's socket."""
+        if self._watch is None and self.factory is not None:
+            try:
+                self._watch = _ConnectionWatch(self.factory.reactor, self.socket, on_change)
+            except zmq.ZMQError as exc:
+                raise SocketUnavailable(str(exc)) from None
+
+    def shutdown(self) -> None:
+        """Close the socket and its watch (txzmq's factory calls this for every socket before it ends the context,
+        which waits for every socket of it, the watch's too)."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        super().shutdown()
+
     def close(self) -> None:
         """Close the socket (idempotent)."""
         if self.factory is not None:
             self.shutdown()
+
+
+@implementer(IReadDescriptor)
+class _ConnectionWatch:
+    """A socket's ZeroMQ monitor, read on the reactor for connections made and lost."""
+
+    def __init__(self, reactor: IReactorFDSet, socket: zmq.Socket, on_change: Callable[[bool], None]) -> None:
+        self._reactor = reactor
+        self._socket = socket
+        self._on_change = on_change
+        self._monitor: zmq.Socket | None = socket.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        reactor.addReader(self)
+        self.doRead()  # the descriptor is edge-triggered: take what is there already
+
+    def fileno(self) -> int:
+        """The monitor socket's descriptor (-1 once closed)."""
+        return -1 if self._monitor is None else int(self._monitor.get(zmq.FD))
+
+    def doRead(self) -> None:  # noqa: N802 - Twisted's IReadDescriptor
+        """Take every event the monitor has."""
+        while self._monitor is not None:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._on_change(event["event"] == zmq.EVENT_CONNECTED)
+            except Exception:
+                log.failure("handling a kernel socket's connection event")
+
+    def connectionLost(self, reason: object) -> None:  # noqa: N802 - Twisted's IReadDescriptor
+        """Nothing to do: :meth:`close` ends the watch."""
+
+    def logPrefix(self) -> str:  # noqa: N802 - Twisted's ILoggingContext
+        """How Twisted names this descriptor in its logs."""
+        return "zmq-monitor"
+
+    def close(self) -> None:
+        """Stop watching (before the socket closes)."""
+        if self._monitor is not None:
+            self._reactor.removeReader(self)
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
 
 
 class SocketUnavailable(Exception):
