@@ -118,16 +118,18 @@ class KernelChannels:
         self._sockets = {"iopub": socket, **self._sockets}  # first: read first after a check
         if self._checking:
             socket.pause_reading()
-        socket.watch_connection(self._iopub_connection)
+        self._iopub_connected = False
+        socket.watch_connection(lambda connected: self._iopub_connection(socket, connected))
 
-    def _iopub_connection(self, connected: bool) -> None:
+    def _iopub_connection(self, socket: ZmqSocket, connected: bool) -> None:
         self._iopub_connected = connected
         if not connected:
-            self._reactor.callLater(_RESET_SETTLE_SECONDS, self._after_iopub_loss)
+            self._reactor.callLater(_RESET_SETTLE_SECONDS, self._after_iopub_loss, socket)
 
-    def _after_iopub_loss(self) -> None:
-        # Reconnected by ZeroMQ meanwhile (a network hiccup), or the kernel ended and its channels are closed: fine.
-        if self._closed or self._iopub_connected:
+    def _after_iopub_loss(self, socket: ZmqSocket) -> None:
+        # Reconnected by ZeroMQ meanwhile (a network hiccup), the kernel ended (its channels are closed), or this
+        # socket was replaced already: nothing to do.
+        if self._closed or self._iopub_connected or self._sockets.get("iopub") is not socket:
             return
         self._resets += 1
         if self._resets <= 10 or self._resets % 1000 == 0:

@@ -99,8 +99,8 @@ class ZmqSocket(ZmqConnection):
         super().__init__(factory, None, identity)
         self.socket.set(zmq.RCVHWM, _RECV_HWM)
         if factory.max_message_size is not None:
-            # Checked as a frame's header arrives: a larger frame is never allocated; its sender is disconnected
-            # (and reconnected), what it sent meanwhile is lost.
+            # Checked as a frame's header arrives: a larger frame is never allocated. The connection is reset, and
+            # ZeroMQ does not reconnect after such a protocol error (egd reopens iopub, see KernelChannels).
             self.socket.set(zmq.MAXMSGSIZE, factory.max_message_size)
         if socket_type != zmq.SUB:
             self.socket.set(zmq.SNDHWM, _SEND_HWM)
