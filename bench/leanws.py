@@ -24,6 +24,14 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _READ_SIZE = 1 << 16
 
 
+def _masked(payload: bytes | bytearray, mask: bytes) -> bytes:
+    """``payload`` XORed with the repeated 4-byte ``mask`` (masking and unmasking are the same), as one
+    big-integer operation: C speed, no per-byte Python loop."""
+    n = len(payload)
+    repeated = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
+
+
 class HandshakeError(ConnectionError):
     """The server did not switch to the WebSocket protocol."""
 
@@ -98,10 +106,7 @@ class LeanWebSocket:
         else:
             head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
         mask = os.urandom(4)
-        # XOR with the repeated mask as one big-integer operation: C speed, no per-byte Python loop.
-        repeated = (mask * (n // 4 + 1))[:n]
-        masked = (int.from_bytes(payload, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
-        self.sock.sendall(head + mask + masked)
+        self.sock.sendall(head + mask + _masked(payload, mask))
 
     def recv(self, deadline: float) -> tuple[int, bytes | bytearray]:
         """The next data message (opcode TEXT or BINARY, fragments joined) or a CLOSE; pings are answered.
@@ -122,9 +127,7 @@ class LeanWebSocket:
             mask = self._take(4) if second & 0x80 else None
             payload = self._take(n) if n else b""
             if mask is not None:  # a server must not mask, but a tolerant reader unmasks
-                repeated = (mask * (n // 4 + 1))[:n]
-                payload = (int.from_bytes(payload, "little") ^ int.from_bytes(repeated, "little")).to_bytes(
-                    n, "little")
+                payload = _masked(payload, mask)
             if op == OP_PING:
                 self.send(OP_PONG, bytes(payload))
                 continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def cmdline(pid: int) -> str:
     """The process's command line, arguments joined by spaces ("" when it is gone or unreadable)."""
@@ -24,3 +26,11 @@ def is_zombie_or_gone(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except (OSError, IndexError):
         return True
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A memory field of the process's /proc status, in KiB (``VmRSS``: resident now, ``VmHWM``: the peak)."""
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith(field + ":"):
+            return int(row.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from egd.kernels import wire
 from egd.kernels.hub import TOO_SLOW, ClientHub, ReplayLimits, anonymous_key
 from tests.client import GatewayClient, new_message
 from tests.conftest import GatewayProcess, wait_until
+from tests.procs import status_kib
 
 pytestmark = pytest.mark.security
 
@@ -277,13 +277,6 @@ def printer(seconds: float) -> tuple[str, int]:
     return PRINTER.format(batches=batches, per=per, pause=pause), batches * per
 
 
-def vm_rss_kib(pid: int) -> int:
-    """A process's resident memory (KiB)."""
-    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if row.startswith("VmRSS:"):
-            return int(row.split()[1])
-    raise AssertionError("no VmRSS")
-
 
 def ws_url(gw: GatewayProcess, kernel_id: str, session_id: str | None = None) -> str:
     """The kernel's WebSocket URL (without session_id unless given)."""
@@ -356,11 +349,11 @@ def run_slow_client(gw: GatewayProcess, seconds: float) -> dict[str, Any]:
             "bench")))
         driver.close()
         pid = gw.proc.pid
-        before = peak = vm_rss_kib(pid)
+        before = peak = status_kib(pid, "VmRSS")
         deadline = time.monotonic() + seconds + 60
         while len(reader.numbers) < count and time.monotonic() < deadline and reader.error is None:
             time.sleep(0.2)
-            peak = max(peak, vm_rss_kib(pid))
+            peak = max(peak, status_kib(pid, "VmRSS"))
         result = {"before_kib": before, "peak_kib": peak, "lines": count, "received": len(reader.numbers),
                   "reader_error": reader.error}
         reader.close()
@@ -496,10 +489,10 @@ def test_anonymous_connection_that_left_holds_no_memory(make_gateway: Any) -> No
                     return received
 
         run("big = 'y' * 2**20")
-        before = vm_rss_kib(gw.proc.pid)
+        before = status_kib(gw.proc.pid, "VmRSS")
         assert run("import sys, time\n"
                    "for _ in range(32): sys.stdout.write(big); sys.stdout.flush(); time.sleep(0.05)") == 32 * 2**20
-        grown_mib = (vm_rss_kib(gw.proc.pid) - before) / 1024
+        grown_mib = (status_kib(gw.proc.pid, "VmRSS") - before) / 1024
         driver.close()
         assert grown_mib < 12, grown_mib
     finally:

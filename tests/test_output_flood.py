@@ -15,7 +15,6 @@ import queue
 import re
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -30,6 +29,7 @@ from egd.kernels import wire
 from egd.kernels.channels import CUT_THROUGH_FROM, KernelChannels
 from egd.kernels.zmqio import ReactorZmqFactory, ZmqSocket, shutdown_factory
 from tests.conftest import wait_until
+from tests.procs import status_kib
 
 pytestmark = pytest.mark.security
 
@@ -214,13 +214,6 @@ def test_channels_closed_during_a_check_let_the_previewed_clients_go(kernel_side
         shutdown_factory(factory)
 
 
-def vm_hwm_kib(pid: int) -> int:
-    """A process's peak resident memory so far (KiB)."""
-    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if row.startswith("VmHWM:"):
-            return int(row.split()[1])
-    raise AssertionError("no VmHWM")
-
 
 def test_an_output_over_the_limit_never_enters_egds_memory(make_gateway: Any) -> None:
     """A real ipykernel writes 200 MB in one output with ``kernels.max_message_size`` at 1 MiB: egd's peak memory
@@ -232,7 +225,7 @@ def test_an_output_over_the_limit_never_enters_egds_memory(make_gateway: Any) ->
     sock = gw.client.connect(kernel_id)
     try:
         assert sock.execute("print('before')").stdout == "before\n"
-        peak_before = vm_hwm_kib(gw.proc.pid)
+        peak_before = status_kib(gw.proc.pid, "VmHWM")
         request = sock.request("execute_request", {
             "code": "import sys; sys.stdout.write('x' * 200_000_000); sys.stdout.flush()", "silent": False,
             "store_history": False, "user_expressions": {}, "allow_stdin": False})
@@ -247,7 +240,7 @@ def test_an_output_over_the_limit_never_enters_egds_memory(make_gateway: Any) ->
         wait_until(lambda: re.search(rf"kernel {kernel_id}: its iopub connection was reset and not restored "
                                      r"\(1 so far\).*kernels.max_message_size \(1048576 bytes\)", gw.log()), 15, 0.1,
                    "the log line of the reset")
-        grown_mib = (vm_hwm_kib(gw.proc.pid) - peak_before) / 1024
+        grown_mib = (status_kib(gw.proc.pid, "VmHWM") - peak_before) / 1024
         assert grown_mib < 50, f"egd's peak memory grew by {grown_mib:.0f} MiB"
         after = wait_until(lambda: sock.execute("print('after')").stdout, 15, 0.2, "output after the reset")
         assert after == "after\n"

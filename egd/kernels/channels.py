@@ -34,6 +34,11 @@ CUT_THROUGH_FROM = 1024 * 1024
 _RESET_SETTLE_SECONDS = 1.0
 
 
+def _worth_a_line(count: int) -> bool:
+    """Whether the ``count``-th occurrence of a repeated event is logged: the first ten, then every thousandth."""
+    return count <= 10 or count % 1000 == 0
+
+
 class Previewer(Protocol):
     """Who shows a large iopub message to clients before its signature is checked (the kernel, with its hub).
     What :meth:`preview` returns is handed back, unlooked at, to :meth:`confirm` or :meth:`reject`."""
@@ -72,7 +77,6 @@ class KernelChannels:
         self._on_message = on_message
         self._bad_signatures = 0
         self._resets = 0
-        self._max_message_size = factory.max_message_size
         self._reactor = factory.reactor
         checkers = factory.checker_threads() if previewer is not None else None
         #: Who previews large iopub messages and the threads that check them; None: every message is checked here.
@@ -132,12 +136,12 @@ class KernelChannels:
         if self._closed or self._iopub_connected or self._sockets.get("iopub") is not socket:
             return
         self._resets += 1
-        if self._resets <= 10 or self._resets % 1000 == 0:
+        if _worth_a_line(self._resets):
             log.warn("kernel {kernel_id}: its iopub connection was reset and not restored ({count} so far): ZeroMQ "
                      "does that when the kernel sends a frame over kernels.max_message_size ({limit} bytes), and "
                      "that output is lost, with what the kernel published until egd reconnected; or the kernel is "
                      "unreachable. egd reconnects.", kernel_id=self._kernel_id, count=self._resets,
-                     limit=self._max_message_size)
+                     limit=self._factory.max_message_size)
         try:
             self._sockets.pop("iopub").close()
             self._open_iopub()
@@ -147,7 +151,7 @@ class KernelChannels:
 
     def _dropped(self, channel: str, why: str) -> None:
         self._bad_signatures += 1
-        if self._bad_signatures <= 10 or self._bad_signatures % 1000 == 0:
+        if _worth_a_line(self._bad_signatures):
             log.warn("kernel {kernel_id}: dropped a {channel} message: {why} ({count} so far)",
                      kernel_id=self._kernel_id, channel=channel, why=why, count=self._bad_signatures)
 
